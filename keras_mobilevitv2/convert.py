@@ -1,0 +1,336 @@
+"""Loading official PyTorch MobileViTv2 checkpoints into the Keras models.
+
+ml-cvnets, timm and Hugging Face name the same 269 tensors differently. Each
+Keras layer below is listed once with its name in all three conventions;
+the convention of a checkpoint is detected from its stem tensor.
+
+Command line (writes a Keras `.weights.h5`):
+
+    python -m keras_mobilevitv2.convert --checkpoint mobilevitv2-1.0.pt \
+        --output mobilevitv2_100.weights.h5
+"""
+
+import os
+import sys
+
+import numpy as np
+
+from keras_mobilevitv2.checkpoint_io import read_checkpoint
+from keras_mobilevitv2.checkpoint_io import unwrap_state_dict
+
+NAMINGS = ("cvnets", "timm", "hf")
+_STEM_KEYS = {
+    "cvnets": "conv_1.block.conv.weight",
+    "timm": "stem.conv.weight",
+    "hf": "mobilevitv2.conv_stem.convolution.weight",
+}
+# Tensors that carry no model state.
+_IGNORED_SUFFIXES = ("num_batches_tracked",)
+
+# Keras variable attribute <- (checkpoint parameter name, layout transform).
+_PARAMETERS = {
+    "conv": {"kernel": ("weight", (2, 3, 1, 0)), "bias": ("bias", None)},
+    "depthwise": {"kernel": ("weight", (2, 3, 0, 1))},
+    "batchnorm": {
+        "gamma": ("weight", None),
+        "beta": ("bias", None),
+        "moving_mean": ("running_mean", None),
+        "moving_variance": ("running_var", None),
+    },
+    "groupnorm": {"gamma": ("weight", None), "beta": ("bias", None)},
+    "linear": {"kernel": ("weight", (1, 0)), "bias": ("bias", None)},
+}
+
+
+def _names(cvnets, timm, hf):
+    return {"cvnets": cvnets, "timm": timm, "hf": hf}
+
+
+def _inverted_residual_entries(layer, names):
+    subs = (
+        ("expand_conv", "expand_bn", "exp_1x1", "conv1_1x1", "expand_1x1"),
+        ("depthwise_conv", "depthwise_bn", "conv_3x3", "conv2_kxk", "conv_3x3"),
+        ("project_conv", "project_bn", "red_1x1", "conv3_1x1", "reduce_1x1"),
+    )
+    for conv_attr, bn_attr, cvnets, timm, hf in subs:
+        conv = getattr(layer, conv_attr)
+        if conv is None:
+            continue
+        kind = "depthwise" if conv_attr == "depthwise_conv" else "conv"
+        yield conv, kind, _names(
+            f"{names['cvnets']}.block.{cvnets}.block.conv",
+            f"{names['timm']}.{timm}.conv",
+            f"{names['hf']}.{hf}.convolution",
+        )
+        yield getattr(layer, bn_attr), "batchnorm", _names(
+            f"{names['cvnets']}.block.{cvnets}.block.norm",
+            f"{names['timm']}.{timm}.bn",
+            f"{names['hf']}.{hf}.normalization",
+        )
+
+
+def _mobilevit_block_entries(layer, names):
+    c, t, h = names["cvnets"], names["timm"], names["hf"]
+    yield layer.local_depthwise_conv, "depthwise", _names(
+        f"{c}.local_rep.0.block.conv", f"{t}.conv_kxk.conv", f"{h}.conv_kxk.convolution"
+    )
+    yield layer.local_bn, "batchnorm", _names(
+        f"{c}.local_rep.0.block.norm", f"{t}.conv_kxk.bn", f"{h}.conv_kxk.normalization"
+    )
+    yield layer.local_pointwise_conv, "conv", _names(
+        f"{c}.local_rep.1.block.conv", f"{t}.conv_1x1", f"{h}.conv_1x1.convolution"
+    )
+    for j, block in enumerate(layer.transformer_blocks):
+        cj, tj, hj = f"{c}.global_rep.{j}", f"{t}.transformer.{j}", f"{h}.transformer.layer.{j}"
+        yield block.attn_norm, "groupnorm", _names(
+            f"{cj}.pre_norm_attn.0", f"{tj}.norm1", f"{hj}.layernorm_before"
+        )
+        yield block.attention.qkv_proj, "conv", _names(
+            f"{cj}.pre_norm_attn.1.qkv_proj.block.conv",
+            f"{tj}.attn.qkv_proj",
+            f"{hj}.attention.qkv_proj.convolution",
+        )
+        yield block.attention.out_proj, "conv", _names(
+            f"{cj}.pre_norm_attn.1.out_proj.block.conv",
+            f"{tj}.attn.out_proj",
+            f"{hj}.attention.out_proj.convolution",
+        )
+        yield block.ffn_norm, "groupnorm", _names(
+            f"{cj}.pre_norm_ffn.0", f"{tj}.norm2", f"{hj}.layernorm_after"
+        )
+        yield block.ffn_expand, "conv", _names(
+            f"{cj}.pre_norm_ffn.1.block.conv", f"{tj}.mlp.fc1", f"{hj}.ffn.conv1.convolution"
+        )
+        yield block.ffn_project, "conv", _names(
+            f"{cj}.pre_norm_ffn.3.block.conv", f"{tj}.mlp.fc2", f"{hj}.ffn.conv2.convolution"
+        )
+    yield layer.final_norm, "groupnorm", _names(
+        f"{c}.global_rep.{layer.num_blocks}", f"{t}.norm", f"{h}.layernorm"
+    )
+    yield layer.project_conv, "conv", _names(
+        f"{c}.conv_proj.block.conv", f"{t}.conv_proj.conv", f"{h}.conv_projection.convolution"
+    )
+    yield layer.project_bn, "batchnorm", _names(
+        f"{c}.conv_proj.block.norm", f"{t}.conv_proj.bn", f"{h}.conv_projection.normalization"
+    )
+
+
+def _model_entries(model):
+    """Yields (keras layer, kind, {naming: tensor-name prefix}) for `model`."""
+    layer_names = {layer.name for layer in model.layers}
+    if "stem_conv" not in layer_names:
+        raise ValueError(
+            f"Model {model.name!r} is not a keras_mobilevitv2 MobileViTv2 "
+            "model (it has no 'stem_conv' layer)."
+        )
+    hf_encoder = "mobilevitv2.encoder.layer"
+    yield model.get_layer("stem_conv"), "conv", _names(
+        "conv_1.block.conv", "stem.conv", "mobilevitv2.conv_stem.convolution"
+    )
+    yield model.get_layer("stem_bn"), "batchnorm", _names(
+        "conv_1.block.norm", "stem.bn", "mobilevitv2.conv_stem.normalization"
+    )
+    # (keras layer, ml-cvnets stage, index within the stage)
+    inverted_residuals = [("stage1_ir1", 1, 0), ("stage2_ir1", 2, 0), ("stage2_ir2", 2, 1)]
+    inverted_residuals += [(f"stage{s}_ir", s, 0) for s in (3, 4, 5)]
+    for layer_name, stage, index in inverted_residuals:
+        hf = (
+            f"{hf_encoder}.{stage - 1}.layer.{index}"
+            if stage <= 2
+            else f"{hf_encoder}.{stage - 1}.downsampling_layer"
+        )
+        names = _names(f"layer_{stage}.{index}", f"stages.{stage - 1}.{index}", hf)
+        yield from _inverted_residual_entries(model.get_layer(layer_name), names)
+    for stage in (3, 4, 5):
+        names = _names(
+            f"layer_{stage}.1", f"stages.{stage - 1}.1", f"{hf_encoder}.{stage - 1}"
+        )
+        yield from _mobilevit_block_entries(model.get_layer(f"stage{stage}_mvit"), names)
+    if "logits" in layer_names:
+        yield model.get_layer("logits"), "linear", _classifier_names()
+
+
+def _classifier_names():
+    return _names("classifier.1", "head.fc", "classifier")
+
+
+def detect_naming(state_dict):
+    """'cvnets', 'timm' or 'hf', from the name of the stem convolution."""
+    found = [naming for naming, key in _STEM_KEYS.items() if key in state_dict]
+    if len(found) != 1:
+        sample = ", ".join(sorted(state_dict)[:5])
+        raise ValueError(
+            "Could not recognise the checkpoint's tensor names as ml-cvnets, "
+            "timm or Hugging Face MobileViTv2 (looked for one of "
+            f"{sorted(_STEM_KEYS.values())}). First names in the checkpoint: {sample}"
+        )
+    return found[0]
+
+
+def _strip_wrapper_prefix(state_dict):
+    # DistributedDataParallel saves every name with a "module." prefix.
+    if state_dict and all(name.startswith("module.") for name in state_dict):
+        return {name[len("module."):]: value for name, value in state_dict.items()}
+    return state_dict
+
+
+def load_pytorch_weights(model, state_dict_or_path):
+    """Assigns an official PyTorch MobileViTv2 checkpoint to a Keras model.
+
+    Args:
+        model: A model built by `keras_mobilevitv2` (any width; with or without
+            the top).
+        state_dict_or_path: A path to a `.safetensors`, `.pt`, `.pth` or
+            `.bin` checkpoint, or a mapping of tensor name -> array (numpy or
+            torch), named as ml-cvnets, timm or Hugging Face name them.
+
+    Every Keras weight is assigned and every checkpoint tensor is used;
+    classifier tensors are skipped when the model has no top, and
+    BatchNorm's `num_batches_tracked` counters are ignored. A tensor that
+    does not fit raises `ValueError` naming it and both shapes.
+
+    Returns:
+        The naming convention found: "cvnets", "timm" or "hf".
+    """
+    if isinstance(state_dict_or_path, (str, os.PathLike)):
+        state_dict = read_checkpoint(state_dict_or_path)
+    else:
+        state_dict = unwrap_state_dict(dict(state_dict_or_path), source="state_dict")
+    state_dict = _strip_wrapper_prefix(state_dict)
+    naming = detect_naming(state_dict)
+
+    unused = {name for name in state_dict if not name.endswith(_IGNORED_SUFFIXES)}
+    has_top = any(layer.name == "logits" for layer in model.layers)
+    if not has_top:
+        prefix = _classifier_names()[naming] + "."
+        unused = {name for name in unused if not name.startswith(prefix)}
+
+    assignments = []
+    for layer, kind, prefixes in _model_entries(model):
+        prefix = prefixes[naming]
+        for attribute, (parameter, permutation) in _PARAMETERS[kind].items():
+            variable = getattr(layer, attribute, None)
+            if variable is None:  # e.g. a conv without bias
+                continue
+            key = f"{prefix}.{parameter}"
+            if key not in state_dict:
+                raise ValueError(
+                    f"The checkpoint has no tensor {key!r} ({naming} naming) for "
+                    f"the Keras weight {variable.path} of shape "
+                    f"{tuple(variable.shape)}. Is it a MobileViTv2 checkpoint "
+                    "of the same width?"
+                )
+            value = np.asarray(state_dict[key])
+            converted = value.transpose(permutation) if permutation else value
+            if tuple(converted.shape) != tuple(variable.shape):
+                raise ValueError(
+                    f"Checkpoint tensor {key!r} has shape {tuple(value.shape)} "
+                    f"(PyTorch layout; {tuple(converted.shape)} after conversion) "
+                    f"but the Keras weight {variable.path} has shape "
+                    f"{tuple(variable.shape)}. Check the width multiplier and "
+                    "`classes` of the model."
+                )
+            assignments.append((variable, converted))
+            unused.discard(key)
+    if unused:
+        raise ValueError(
+            f"{len(unused)} checkpoint tensors have no place in model "
+            f"{model.name!r}: {sorted(unused)[:10]}. Is it a MobileViTv2 "
+            "classification checkpoint of the same width?"
+        )
+    # Assign only after every tensor was checked, so a bad checkpoint leaves
+    # the model untouched.
+    for variable, value in assignments:
+        variable.assign(value.astype(variable.dtype))
+    return naming
+
+
+def infer_architecture(state_dict):
+    """(width_multiplier, num_classes or None) of a checkpoint's tensors."""
+    from keras_mobilevitv2.config import WIDTHS
+    from keras_mobilevitv2.config import config_for_width
+
+    naming = detect_naming(state_dict)
+    stem_channels = np.shape(state_dict[_STEM_KEYS[naming]])[0]
+    last_key = _classifier_names()[naming] + ".weight"
+    num_classes = np.shape(state_dict[last_key])[0] if last_key in state_dict else None
+    last_channels = (
+        np.shape(state_dict[last_key])[1] if last_key in state_dict else None
+    )
+    for width in WIDTHS.values():
+        config = config_for_width(width)
+        if config.stem_channels == stem_channels and last_channels in (
+            None,
+            config.last_channels,
+        ):
+            return width, num_classes
+    raise ValueError(
+        f"No MobileViTv2 width has a {stem_channels}-channel stem; widths "
+        f"supported: {sorted(WIDTHS.values())}."
+    )
+
+
+def main(argv=None):
+    """`mobilevitv2-convert`: PyTorch checkpoint -> Keras `.weights.h5`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="mobilevitv2-convert",
+        description=(
+            "Convert an official MobileViTv2 PyTorch checkpoint (ml-cvnets .pt, "
+            "timm or Hugging Face .safetensors/.bin) to a Keras .weights.h5 "
+            "file for keras_mobilevitv2."
+        ),
+    )
+    parser.add_argument("--checkpoint", required=True, help="Input checkpoint file.")
+    parser.add_argument(
+        "--output", required=True, help="Output file; must end in .weights.h5."
+    )
+    parser.add_argument(
+        "--width",
+        type=float,
+        default=None,
+        help="Width multiplier (0.5 ... 2.0); inferred from the checkpoint if omitted.",
+    )
+    parser.add_argument(
+        "--no_top",
+        action="store_true",
+        help="Write the weights of the model without its classifier.",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Replace an existing output file."
+    )
+    args = parser.parse_args(argv)
+
+    if not args.output.endswith(".weights.h5"):
+        parser.error(f"--output must end in .weights.h5; got {args.output!r}.")
+    if os.path.exists(args.output) and not args.overwrite:
+        parser.error(f"{args.output} exists; pass --overwrite to replace it.")
+
+    from keras_mobilevitv2.mobilevitv2 import MobileViTv2
+
+    state_dict = _strip_wrapper_prefix(read_checkpoint(args.checkpoint))
+    width, num_classes = infer_architecture(state_dict)
+    if args.width is not None and args.width != width:
+        parser.error(
+            f"--width {args.width} does not match the checkpoint, which is "
+            f"MobileViTv2-{width}."
+        )
+    include_top = not args.no_top and num_classes is not None
+    model = MobileViTv2(
+        width,
+        include_top=include_top,
+        weights=None,
+        classes=num_classes or 1000,
+    )
+    naming = load_pytorch_weights(model, state_dict)
+    model.save_weights(args.output)
+    print(
+        f"Converted {args.checkpoint} ({naming} naming, MobileViTv2-{width}, "
+        f"{'with' if include_top else 'without'} classifier) -> {args.output}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""keras_mobilevitv2: MobileViTv2 for Keras 3 / TensorFlow."""
+
+import os
+
+from setuptools import find_packages
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version():
+    with open(os.path.join(HERE, "keras_mobilevitv2", "__init__.py")) as f:
+        for line in f:
+            if line.startswith("__version__"):
+                return line.split("=")[1].strip().strip('"')
+    raise RuntimeError("__version__ not found")
+
+
+with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+    LONG_DESCRIPTION = f.read()
+
+# PyTorch is only needed to read .pt/.pth checkpoints and to run the parity
+# tests; it is never imported by the models themselves.
+CONVERT = ["torch>=2.1", "safetensors"]
+TEST = CONVERT + ["pytest", "timm>=1.0", "transformers>=4.40", "torchvision"]
+
+setup(
+    name="keras_mobilevitv2",
+    version=_version(),
+    description="MobileViTv2 (separable self-attention) for Keras 3 and TensorFlow, "
+    "with official-checkpoint loading, tf.distribute training and int8 TFLite export.",
+    long_description=LONG_DESCRIPTION,
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["keras_mobilevitv2", "keras_mobilevitv2.*"]),
+    package_data={"keras_mobilevitv2": ["data/*.json"]},
+    include_package_data=True,
+    install_requires=["tensorflow>=2.16", "keras>=3.3", "absl-py"],
+    extras_require={"convert": CONVERT, "test": TEST},
+    entry_points={
+        "console_scripts": [
+            "mobilevitv2-convert=keras_mobilevitv2.convert:main",
+            "mobilevitv2-demo=keras_mobilevitv2.demo:main",
+        ]
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Framework :: Keras",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

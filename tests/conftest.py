@@ -1,0 +1,79 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# torchvision (imported by timm) segfaults when loaded after TensorFlow in
+# this stack (TF 2.21, torch 2.14); the reference implementations therefore
+# load first, when they are installed.
+try:
+    import timm  # noqa: F401
+    import torch  # noqa: F401
+except ImportError:
+    pass
+
+import numpy as np
+import pytest
+
+
+def randomize_torch_model(model, seed=0):
+    """Gives every tensor of a PyTorch model non-trivial random values.
+
+    Includes BatchNorm running statistics and norm affine parameters, so a
+    wrong epsilon, a swapped mean/variance or a dropped affine is visible.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                continue
+            if name.endswith("running_var"):
+                value = torch.rand(tensor.shape, generator=generator) + 0.5
+            elif name.endswith("running_mean"):
+                value = torch.randn(tensor.shape, generator=generator) * 0.2
+            elif tensor.ndim == 1:
+                offset = 1.0 if name.endswith("weight") else 0.0
+                value = torch.randn(tensor.shape, generator=generator) * 0.2 + offset
+            else:
+                fan_in = int(np.prod(tensor.shape[1:]))
+                value = torch.randn(tensor.shape, generator=generator) / np.sqrt(fan_in)
+            tensor.copy_(value)
+    return model.eval()
+
+
+def randomize_keras_model(model, seed=0):
+    """Keras counterpart of `randomize_torch_model`: activations stay O(1)."""
+    rng = np.random.RandomState(seed)
+    for variable in model.weights:
+        shape = tuple(variable.shape)
+        name = variable.path
+        if name.endswith("moving_variance"):
+            value = rng.rand(*shape) + 0.5
+        elif name.endswith("moving_mean"):
+            value = rng.randn(*shape) * 0.2
+        elif len(shape) == 1:
+            offset = 1.0 if name.endswith("gamma") else 0.0
+            value = rng.randn(*shape) * 0.2 + offset
+        else:
+            fan_in = int(np.prod(shape[:-1])) if "depthwise" not in name else int(np.prod(shape[:2]))
+            value = rng.randn(*shape) / np.sqrt(fan_in)
+        variable.assign(value.astype(variable.dtype))
+    return model
+
+
+_TIMM_CACHE = {}
+
+
+@pytest.fixture
+def timm_reference():
+    """timm `mobilevitv2_XXX` with random weights, cached per width."""
+    timm = pytest.importorskip("timm")
+
+    def build(suffix):
+        if suffix not in _TIMM_CACHE:
+            model = timm.create_model(f"mobilevitv2_{suffix}", pretrained=False)
+            _TIMM_CACHE[suffix] = randomize_torch_model(model, seed=int(suffix))
+        return _TIMM_CACHE[suffix]
+
+    return build
