@@ -1,6 +1,6 @@
 # Two entry points, each doing its own set-up on a fresh machine:
 #   make demo   - the main job (see README)
-#   make test   - the test suite
+#   make test   - the test suite, against the package installed from its wheel
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,17 +9,29 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 # `torch` requirement would download several GB of CUDA libraries instead.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+SOURCES := setup.py MANIFEST.in $(shell find keras_mobilevitv2 training -name '*.py' -o -name '*.json')
 
-.PHONY: demo test venv venv-test clean
+.PHONY: demo test wheel venv venv-test clean
 
-$(VENV)/.runtime: setup.py
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -e .
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# The package is installed from its wheel (not in editable mode), so the
+# tests exercise exactly what `pip install` gives a user.
+wheel: dist/.built
+dist/.built: $(SOURCES) $(PY)
+	rm -rf dist build *.egg-info
+	$(PIP) wheel --no-deps -w dist .
 	touch $@
 
-$(VENV)/.test: $(VENV)/.runtime setup.py
+$(VENV)/.runtime: dist/.built
+	$(PIP) install --force-reinstall --no-deps dist/keras_mobilevitv2-*.whl
+	$(PIP) install dist/keras_mobilevitv2-*.whl
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime
 	$(PIP) install $(TORCH_PINS)
-	$(PIP) install -e ".[test]" $(TORCH_PINS)
+	$(PIP) install "$$(ls dist/keras_mobilevitv2-*.whl)[test]" $(TORCH_PINS)
 	touch $@
 
 venv: $(VENV)/.runtime
@@ -29,7 +41,8 @@ demo: $(VENV)/.runtime
 	$(PY) -m keras_mobilevitv2.demo
 
 test: $(VENV)/.test
-	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+	cd / && $(abspath $(PY)) -c "import keras_mobilevitv2, training; print('installed:', keras_mobilevitv2.__file__)"
+	KERAS_MOBILEVITV2_TEST_INSTALLED=1 $(VENV)/bin/pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info demo_output

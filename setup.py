@@ -33,7 +33,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["keras_mobilevitv2", "keras_mobilevitv2.*"]),
+    packages=find_packages(include=["keras_mobilevitv2", "keras_mobilevitv2.*", "training", "training.*"]),
     package_data={"keras_mobilevitv2": ["data/*.json"]},
     include_package_data=True,
     install_requires=["tensorflow>=2.16", "keras>=3.3", "absl-py"],
@@ -42,6 +42,7 @@ setup(
         "console_scripts": [
             "mobilevitv2-convert=keras_mobilevitv2.convert:main",
             "mobilevitv2-demo=keras_mobilevitv2.demo:main",
+            "mobilevitv2-train=training.train:run",
         ]
     },
     classifiers=[

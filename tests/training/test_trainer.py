@@ -1,0 +1,260 @@
+"""The trainer end to end: real data pipeline, real processes, real checkpoints."""
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import keras
+
+import keras_mobilevitv2  # noqa: F401  (registers the layers for load_model)
+from training import TrainConfig
+from training import Trainer
+from training.data import embedded_source
+
+HARNESS = os.path.join(os.path.dirname(__file__), "run_trainer.py")
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("datasets"))
+    embedded_source(path)  # generate once for the module
+    return path
+
+
+def fast_config(model_dir, dataset_dir, **overrides):
+    """Small, quick settings: 64x64, light augmentation."""
+    values = dict(
+        model="mobilevitv2_050",
+        data="embedded",
+        dataset_dir=dataset_dir,
+        model_dir=str(model_dir),
+        image_size=64,
+        batch_size=16,
+        epochs=1,
+        steps=6,
+        lr=2e-3,
+        min_lr=2e-4,
+        warmup_steps=2,
+        randaugment=False,
+        mixup_alpha=0.0,
+        cutmix_alpha=0.0,
+        random_erasing=0.0,
+        max_eval_images=64,
+        checkpoint_every=1000,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def run_harness(config, *extra, env=None, timeout=600):
+    command = [sys.executable, HARNESS, "--config", json.dumps(config.__dict__), *extra]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_short_run_lowers_the_loss_and_writes_its_outputs(tmp_path, dataset_dir):
+    config = fast_config(tmp_path / "run", dataset_dir, steps=40, batch_size=32, checkpoint_every=20)
+    trainer = Trainer(config, verbose=False)
+    summary = trainer.run()
+
+    losses = trainer.step_losses
+    assert len(losses) == 40
+    assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.1, losses
+
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert summary["final_step"] == 40 and summary["images_per_second"] > 0
+    assert set(summary["eval"]) >= {"top1", "top5", "ema_top1", "ema_top5"}
+    assert sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "run/checkpoints/*.index"))) == [
+        "ckpt-20.index",
+        "ckpt-40.index",
+    ]
+    assert glob.glob(str(tmp_path / "run/logs/train/events.out.tfevents.*"))
+
+    exported = keras.models.load_model(tmp_path / "run" / "model.keras")
+    probabilities = exported.predict_on_batch(np.random.rand(2, 64, 64, 3).astype("float32") * 255)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    # the exported model carries the EMA weights
+    for exported_weight, ema in zip(exported.weights, trainer.ema_weights):
+        np.testing.assert_array_equal(exported_weight.numpy(), ema)
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_train_the_same_steps_to_identical_weights(tmp_path, dataset_dir):
+    config = fast_config(tmp_path / "run", dataset_dir, strategy="multi_worker", steps=4, max_eval_images=32)
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    processes = []
+    for index in range(2):
+        env = dict(os.environ)
+        env["TF_CONFIG"] = json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        )
+        command = [
+            sys.executable, HARNESS, "--config", json.dumps(config.__dict__),
+            "--save_weights", str(tmp_path / f"worker{index}.npz"),
+        ]
+        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+
+    first, second = np.load(tmp_path / "worker0.npz"), np.load(tmp_path / "worker1.npz")
+    assert len(first.files) == len(second.files) > 100
+    for name in first.files:
+        np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+    losses = [json.loads(out.strip().splitlines()[-1])["losses"] for out, _ in outputs]
+    assert len(losses[0]) == len(losses[1]) == 4
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)  # globally reduced loss
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["final_step"] == 4 and summary["num_replicas"] == 2
+    assert not (tmp_path / "run" / ".workers").exists()  # non-chief copies are removed
+
+
+def test_killed_run_resumes_from_its_checkpoint(tmp_path, dataset_dir):
+    config = fast_config(tmp_path / "run", dataset_dir, steps=14, checkpoint_every=3, max_eval_images=16)
+    command = [sys.executable, HARNESS, "--config", json.dumps(config.__dict__)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint_index = tmp_path / "run" / "checkpoints" / "ckpt-6.index"
+    deadline = time.time() + 300
+    while not checkpoint_index.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = json.loads(result.stdout.strip().splitlines()[-1])["losses"]
+    # resumed at step >= 6: at most `checkpoint_every` steps were redone
+    assert 1 <= len(losses) <= 14 - 6
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["final_step"] == 14
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_runs_on_cpu(tmp_path, dataset_dir, policy):
+    trainer = Trainer(fast_config(tmp_path / "run", dataset_dir, steps=3, mixed_precision=policy), verbose=False)
+    summary = trainer.run()
+    assert summary["final_step"] == 3
+    assert all(np.isfinite(trainer.step_losses))
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored
+
+
+def test_mirrored_replicas_and_an_impossible_batch(tmp_path, dataset_dir):
+    good = fast_config(tmp_path / "good", dataset_dir, strategy="mirrored", steps=2, max_eval_images=16)
+    result = run_harness(good, "--logical_cpus", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "good" / "summary.json").read_text())["num_replicas"] == 2
+
+    bad = fast_config(tmp_path / "bad", dataset_dir, strategy="mirrored", batch_size=15)
+    result = run_harness(bad, "--logical_cpus", "2")
+    assert result.returncode == 2
+    assert "--batch_size 15 cannot be split evenly over 2 replicas" in result.stderr
+
+
+def _write_png(path, value=128, size=40):
+    import tensorflow as tf
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    image = np.full((size, size, 3), value, np.uint8)
+    tf.io.write_file(str(path), tf.io.encode_png(image))
+
+
+def _image_folder(root, classes=("a", "b"), per_class=8):
+    for split in ("train", "val"):
+        for index, name in enumerate(classes):
+            for i in range(per_class):
+                _write_png(root / split / name / f"{i}.png", value=40 + 150 * index + i)
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    data = tmp_path / "data"
+    _image_folder(data)
+    (data / "train" / "a" / "broken.png").write_bytes(b"this is not an image")
+    config = fast_config(tmp_path / "run", "", data=str(data), batch_size=4, steps=8, max_eval_images=0)
+    summary = Trainer(config, verbose=False).run()
+    assert summary["final_step"] == 8  # two epochs of 4 steps
+    # the undecodable file is met once per pass over the data, and skipped
+    assert 1 <= summary["skipped_images"] <= 2
+
+
+def test_bad_data_gives_clear_errors(tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        Trainer(fast_config(tmp_path / "r1", "", data=str(empty)), verbose=False).run()
+
+    no_images = tmp_path / "no_images"
+    (no_images / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no image files"):
+        Trainer(fast_config(tmp_path / "r2", "", data=str(no_images)), verbose=False).run()
+
+    mismatch = tmp_path / "mismatch"
+    _image_folder(mismatch)
+    _write_png(mismatch / "val" / "c" / "0.png")
+    with pytest.raises(ValueError, match=r"missing in eval \[\].*not in train \['c'\]"):
+        Trainer(fast_config(tmp_path / "r3", "", data=str(mismatch)), verbose=False).run()
+
+    with pytest.raises(ValueError, match="does not exist"):
+        Trainer(fast_config(tmp_path / "r4", "", data=str(tmp_path / "nowhere")), verbose=False).run()
+
+    small = tmp_path / "small"
+    _image_folder(small, per_class=2)
+    with pytest.raises(ValueError, match="fewer than one optimizer step"):
+        Trainer(fast_config(tmp_path / "r5", "", data=str(small), batch_size=8), verbose=False).run()
+
+
+def test_an_incompatible_model_dir_is_refused_and_kept(tmp_path, dataset_dir):
+    Trainer(fast_config(tmp_path / "run", dataset_dir, steps=2, max_eval_images=16), verbose=False).run()
+    before = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+    with pytest.raises(ValueError, match="holds a different run.*image_size: 64 there, 96 now"):
+        Trainer(fast_config(tmp_path / "run", dataset_dir, image_size=96), verbose=False).run()
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == before
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty and has no run_config.json"):
+        Trainer(fast_config(foreign, dataset_dir), verbose=False).run()
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path, dataset_dir):
+    trainer = Trainer(
+        fast_config(tmp_path / "run", dataset_dir, steps=3, batch_size=8, grad_accum_steps=2, max_eval_images=16),
+        verbose=False,
+    )
+    summary = trainer.run()
+    assert summary["final_step"] == 3 and len(trainer.step_losses) == 3
+
+
+def test_command_line_help_and_errors(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "training.train", "--helpfull"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode in (0, 1)  # absl exits 1 after printing help
+    for flag in ("--model", "--data", "--strategy", "--batch_size", "--grad_accum_steps", "--init_weights"):
+        assert flag in result.stdout
+    result = subprocess.run(
+        [sys.executable, "-m", "training.train", "--data", str(tmp_path / "missing"),
+         "--model_dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2 and "does not exist" in result.stderr

@@ -1,0 +1,8 @@
+"""tf.distribute trainer for keras_mobilevitv2 models (ml-cvnets recipe)."""
+
+from training.recipe import RECIPES
+from training.recipe import TrainConfig
+from training.trainer import Trainer
+from training.trainer import train
+
+__all__ = ["RECIPES", "TrainConfig", "Trainer", "train"]

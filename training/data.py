@@ -1,0 +1,382 @@
+"""Datasets for the trainer: image folders, ImageNet TFRecords, TFDS, and an
+embedded dataset that is generated locally (no download).
+
+Every source is reduced to records of (encoded image bytes or file path,
+label); one pipeline decodes, augments, shards per worker and batches.
+"""
+
+import dataclasses
+import glob
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+from keras_mobilevitv2.imagenet import eval_transform
+from training.augment import TrainAugmentation
+from training.augment import mixup_or_cutmix
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+EMBEDDED_NAME = "embedded"
+EMBEDDED_CLASSES = (
+    "disc", "square", "triangle", "ring", "cross",
+    "striped_disc", "striped_square", "striped_triangle", "striped_ring", "striped_cross",
+)
+
+
+@dataclasses.dataclass
+class Split:
+    """One split: either file paths or a TFRecord/TFDS dataset of bytes."""
+
+    num_examples: int
+    paths: list = None  # folder source
+    labels: list = None
+    records: object = None  # callable(shuffle_seed) -> tf.data of (bytes, label)
+
+    def dataset(self, shuffle_seed=None):
+        """(bytes or path, label) records, shuffled deterministically by seed."""
+        if self.paths is not None:
+            order = np.arange(self.num_examples)
+            if shuffle_seed is not None:
+                order = np.random.RandomState(shuffle_seed).permutation(self.num_examples)
+            paths = tf.constant([self.paths[i] for i in order])
+            labels = tf.constant([self.labels[i] for i in order], tf.int32)
+            files = tf.data.Dataset.from_tensor_slices((paths, labels))
+            return files.map(
+                lambda path, label: (tf.io.read_file(path), label),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+        return self.records(shuffle_seed)
+
+
+@dataclasses.dataclass
+class DataSource:
+    name: str
+    class_names: list
+    train: Split
+    eval: Split = None
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+
+# ---------------------------------------------------------------- folders
+
+
+def _list_class_folder(split_dir):
+    try:
+        entries = sorted(os.listdir(split_dir))
+    except OSError as error:
+        raise ValueError(f"Cannot read the data folder {split_dir}: {error}") from None
+    classes = [e for e in entries if os.path.isdir(os.path.join(split_dir, e))]
+    if not classes:
+        raise ValueError(
+            f"The data folder {split_dir} has no class sub-folders. Expected an "
+            "ImageNet-style layout: <data>/train/<class_name>/<image files>."
+        )
+    paths, labels, empty = [], [], []
+    for label, name in enumerate(classes):
+        class_dir = os.path.join(split_dir, name)
+        try:
+            files = sorted(
+                f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS)
+            )
+        except OSError as error:
+            raise ValueError(f"Cannot read the class folder {class_dir}: {error}") from None
+        if not files:
+            empty.append(name)
+        paths += [os.path.join(class_dir, f) for f in files]
+        labels += [label] * len(files)
+    if not paths:
+        raise ValueError(
+            f"The data folder {split_dir} has {len(classes)} class folders but no "
+            f"image files ({', '.join(IMAGE_EXTENSIONS)})."
+        )
+    if empty:
+        raise ValueError(
+            f"{len(empty)} class folders of {split_dir} hold no images: {empty[:10]}."
+        )
+    return classes, paths, labels
+
+
+def folder_source(root):
+    train_dir = os.path.join(root, "train")
+    if not os.path.isdir(train_dir):
+        raise ValueError(
+            f"No 'train' folder in {root}. Expected <data>/train/<class>/... and "
+            "optionally <data>/val/<class>/... (or validation/)."
+        )
+    classes, paths, labels = _list_class_folder(train_dir)
+    source = DataSource(
+        name=root,
+        class_names=classes,
+        train=Split(len(paths), paths=paths, labels=labels),
+    )
+    for eval_name in ("val", "validation"):
+        eval_dir = os.path.join(root, eval_name)
+        if os.path.isdir(eval_dir):
+            eval_classes, eval_paths, eval_labels = _list_class_folder(eval_dir)
+            if eval_classes != classes:
+                missing = sorted(set(classes) - set(eval_classes))
+                extra = sorted(set(eval_classes) - set(classes))
+                raise ValueError(
+                    f"The class folders of {eval_dir} do not match those of "
+                    f"{train_dir}: missing in eval {missing[:10]}, not in train "
+                    f"{extra[:10]}."
+                )
+            source.eval = Split(len(eval_paths), paths=eval_paths, labels=eval_labels)
+            break
+    return source
+
+
+# --------------------------------------------------------------- TFRecords
+
+
+def _tfrecord_split(files, label_offset):
+    feature_spec = {
+        "image/encoded": tf.io.FixedLenFeature((), tf.string),
+        "image/class/label": tf.io.FixedLenFeature((), tf.int64),
+    }
+
+    def parse(record):
+        features = tf.io.parse_single_example(record, feature_spec)
+        label = tf.cast(features["image/class/label"], tf.int32) - label_offset
+        return features["image/encoded"], label
+
+    count = int(tf.data.TFRecordDataset(files).reduce(np.int64(0), lambda n, _: n + 1))
+
+    def records(shuffle_seed):
+        dataset = tf.data.Dataset.from_tensor_slices(files)
+        if shuffle_seed is not None:
+            dataset = dataset.shuffle(len(files), seed=shuffle_seed)
+        dataset = dataset.interleave(
+            tf.data.TFRecordDataset, cycle_length=8, num_parallel_calls=tf.data.AUTOTUNE
+        )
+        if shuffle_seed is not None:
+            dataset = dataset.shuffle(10_000, seed=shuffle_seed)
+        return dataset.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+
+    return Split(count, records=records)
+
+
+def tfrecord_source(root, num_classes, label_offset=0):
+    train_files = sorted(glob.glob(os.path.join(root, "train-*")))
+    eval_files = sorted(glob.glob(os.path.join(root, "validation-*")))
+    if not train_files:
+        raise ValueError(f"No train-* TFRecord files in {root}.")
+    if num_classes < 1:
+        raise ValueError("ImageNet TFRecords carry no class list: give --num_classes.")
+    return DataSource(
+        name=root,
+        class_names=[str(i) for i in range(num_classes)],
+        train=_tfrecord_split(train_files, label_offset),
+        eval=_tfrecord_split(eval_files, label_offset) if eval_files else None,
+    )
+
+
+# -------------------------------------------------------------------- TFDS
+
+
+def tfds_source(name, data_dir=None):
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise ValueError(
+            f"--data=tfds:{name} needs tensorflow-datasets (pip install "
+            "tensorflow-datasets) and the prepared data."
+        ) from None
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not os.path.isdir(builder.data_dir):
+        raise ValueError(
+            f"TFDS dataset {name} is not prepared in {builder.data_dir}; run "
+            "`tfds build` for it first (the trainer never downloads)."
+        )
+    splits = builder.info.splits
+    eval_split = next((s for s in ("validation", "test") if s in splits), None)
+
+    def make(split):
+        def records(shuffle_seed):
+            dataset = builder.as_dataset(
+                split=split,
+                shuffle_files=shuffle_seed is not None,
+                decoders={"image": tfds.decode.SkipDecoding()},
+                read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed),
+            )
+            return dataset.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
+
+        return Split(splits[split].num_examples, records=records)
+
+    return DataSource(
+        name=f"tfds:{name}",
+        class_names=list(builder.info.features["label"].names),
+        train=make("train"),
+        eval=make(eval_split) if eval_split else None,
+    )
+
+
+# ---------------------------------------------------------------- embedded
+
+
+def _draw_shape(rng, size, class_index):
+    """One image of the embedded dataset: a coloured shape on a noisy field."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    background = rng.uniform(0.0, 0.6, 3)[None, None] + 0.25 * rng.uniform(-1, 1, 3)[None, None] * x[..., None]
+    image = np.clip(background + rng.normal(0, 0.06, (size, size, 3)), 0, 1)
+    cy, cx = rng.uniform(0.35, 0.65, 2)
+    radius = rng.uniform(0.18, 0.3)
+    dy, dx = y - cy, x - cx
+    kind = class_index % 5
+    if kind == 0:
+        mask = dy**2 + dx**2 < radius**2
+    elif kind == 1:
+        mask = (np.abs(dy) < radius * 0.85) & (np.abs(dx) < radius * 0.85)
+    elif kind == 2:
+        mask = (dy < radius * 0.7) & (dy > -radius) & (np.abs(dx) < (dy + radius) * 0.6)
+    elif kind == 3:
+        distance = np.sqrt(dy**2 + dx**2)
+        mask = (distance < radius) & (distance > radius * 0.6)
+    else:
+        mask = ((np.abs(dy) < radius * 0.3) | (np.abs(dx) < radius * 0.3)) & (
+            np.maximum(np.abs(dy), np.abs(dx)) < radius
+        )
+    if class_index >= 5:  # striped variants
+        angle = rng.uniform(0, np.pi)
+        stripes = np.sin((np.cos(angle) * x + np.sin(angle) * y) * 2 * np.pi * 8) > 0
+        mask = mask & stripes
+    colour = rng.uniform(0.5, 1.0, 3) * (1 - 0.7 * rng.uniform(0, 1, 3) * (rng.rand() < 0.5))
+    image[mask] = colour
+    return (image * 255).astype(np.uint8)
+
+
+def embedded_source(dataset_dir=None, image_size=72, train_per_class=160, eval_per_class=40, seed=1234):
+    """Generates (once) and returns the embedded 10-class 'shapes' dataset.
+
+    Written as PNG files in an ImageNet-style folder, so training on it runs
+    the same folder pipeline (file reading, decoding) as real data.
+    """
+    if not dataset_dir:
+        dataset_dir = os.path.join(
+            os.path.expanduser(os.environ.get("KERAS_HOME", "~/.keras")), "datasets"
+        )
+    root = os.path.join(
+        dataset_dir, f"mobilevitv2_shapes_{image_size}px_{train_per_class}_{eval_per_class}_v1"
+    )
+    if not os.path.isdir(root):
+        os.makedirs(dataset_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".shapes-", dir=dataset_dir)
+        rng = np.random.RandomState(seed)
+        for split, per_class in (("train", train_per_class), ("val", eval_per_class)):
+            for index, name in enumerate(EMBEDDED_CLASSES):
+                class_dir = os.path.join(staging, split, name)
+                os.makedirs(class_dir)
+                for i in range(per_class):
+                    png = tf.io.encode_png(_draw_shape(rng, image_size, index))
+                    tf.io.write_file(os.path.join(class_dir, f"{i:05d}.png"), png)
+        try:
+            os.rename(staging, root)  # atomic: a half-written dataset is never used
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)  # another process won
+    source = folder_source(root)
+    source.name = f"embedded ({root})"
+    return source
+
+
+def resolve_source(data, num_classes=0, label_offset=0, dataset_dir=None):
+    """`--data` value -> DataSource."""
+    if data == EMBEDDED_NAME:
+        return embedded_source(dataset_dir)
+    if data.startswith("tfds:"):
+        return tfds_source(data[len("tfds:"):], data_dir=dataset_dir or None)
+    if not os.path.exists(data):
+        raise ValueError(
+            f"--data {data!r} does not exist. Give an ImageNet-style folder, a "
+            "folder of ImageNet TFRecords (train-*, validation-*), tfds:NAME, or "
+            f"'{EMBEDDED_NAME}'."
+        )
+    if glob.glob(os.path.join(data, "train-*")):
+        return tfrecord_source(data, num_classes, label_offset)
+    return folder_source(data)
+
+
+# ---------------------------------------------------------------- pipelines
+
+
+def _decode(encoded):
+    return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+
+
+def _count_skipped(dataset):
+    """Adds to each element how many records were dropped before it.
+
+    Elements carry their record index; `ignore_errors` drops undecodable
+    ones, and the gaps in the indices count them.
+    """
+
+    def step(state, element):
+        last_index, skipped = state
+        index = element[0]
+        skipped = skipped + index - last_index - 1
+        return (index, skipped), element[1:] + (skipped,)
+
+    return dataset.scan((tf.constant(-1, tf.int64), tf.constant(0, tf.int64)), step)
+
+
+def train_dataset(source, config, input_context, epoch, skip_batches=0):
+    """The training stream of one input pipeline for one epoch.
+
+    Repeats without end: the trainer takes exactly `steps_per_epoch` batches,
+    so every worker runs the same number of steps whatever its shard size.
+    """
+    per_replica_batch = input_context.get_per_replica_batch_size(config.batch_size)
+    augmentation = TrainAugmentation(
+        config.image_size,
+        randaugment=config.randaugment,
+        magnitude=config.randaugment_magnitude,
+        erasing=config.random_erasing,
+        seed=config.seed,
+    )
+    epoch_seed = config.seed * 1_000_003 + epoch
+    records = source.train.dataset(shuffle_seed=epoch_seed)
+    records = records.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    records = records.repeat().enumerate()
+    num_classes = source.num_classes
+
+    def load(index, record):
+        encoded, label = record
+        seed = tf.stack([tf.constant(epoch_seed, tf.int64), index])
+        image = augmentation(_decode(encoded), seed)
+        return index, image, tf.one_hot(label, num_classes)
+
+    images = records.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    images = _count_skipped(images.ignore_errors(log_warning=True))
+    batches = images.batch(per_replica_batch, drop_remainder=True)
+
+    def mix(batch_index, batch):
+        images, labels, skipped = batch
+        seed = tf.stack([tf.constant(epoch_seed + 7, tf.int64), batch_index])
+        images, labels = mixup_or_cutmix(
+            images, labels, seed, config.mixup_alpha, config.cutmix_alpha
+        )
+        return images, labels, tf.reduce_max(skipped)
+
+    batches = batches.enumerate().map(mix, num_parallel_calls=tf.data.AUTOTUNE)
+    if skip_batches:
+        batches = batches.skip(skip_batches)
+    return batches.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(source, config, batch_size):
+    """Evaluation: resize the shorter side by 1/ratio (bicubic), center crop."""
+    resize = int(round(config.image_size / config.eval_resize_ratio))
+    records = source.eval.dataset(shuffle_seed=None)
+    if config.max_eval_images:
+        records = records.take(config.max_eval_images)
+
+    def load(encoded, label):
+        return eval_transform(_decode(encoded), config.image_size, resize), label
+
+    images = records.map(load, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
+    return images.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,71 @@
+"""Choosing the tf.distribute strategy from `--strategy`."""
+
+import json
+import os
+
+import tensorflow as tf
+
+
+def _tf_config():
+    raw = os.environ.get("TF_CONFIG", "")
+    if not raw:
+        return {}
+    try:
+        return json.loads(raw)
+    except ValueError as error:
+        raise ValueError(f"TF_CONFIG is not valid JSON: {error}") from None
+
+
+def make_strategy(name, tpu_address=""):
+    """`auto|one_device|mirrored|multi_worker|tpu` -> a tf.distribute.Strategy."""
+    # Physical devices: listing logical ones would initialise the runtime, and
+    # MultiWorkerMirroredStrategy must configure collectives before that.
+    gpus = tf.config.list_physical_devices("GPU")
+    if name == "auto":
+        cluster = _tf_config().get("cluster", {})
+        if sum(len(v) for v in cluster.values()) > 1:
+            name = "multi_worker"
+        elif len(gpus) > 1:
+            name = "mirrored"
+        else:
+            name = "one_device"
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+    if name == "mirrored":
+        cpus = tf.config.list_logical_devices("CPU") if not gpus else []
+        if not gpus and len(cpus) > 1:  # logical CPU devices configured by the user
+            return tf.distribute.MirroredStrategy([d.name for d in cpus])
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        config = _tf_config()
+        if not config.get("cluster") or "task" not in config:
+            raise ValueError(
+                "--strategy=multi_worker reads the cluster from the TF_CONFIG "
+                'environment variable, e.g. {"cluster": {"worker": ["host1:port", '
+                '"host2:port"]}, "task": {"type": "worker", "index": 0}}; it is '
+                "unset or has no cluster/task."
+            )
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_address)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(f"Unknown strategy {name!r}.")
+
+
+def is_chief(strategy):
+    """True on the worker that writes checkpoints, summaries and exports."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if task_type in (None, "chief"):
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "worker" and task_id == 0 and not has_chief
+
+
+def worker_index(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return getattr(resolver, "task_id", 0) or 0

@@ -1,0 +1,511 @@
+"""The training loop: one custom `strategy.run` loop for every tf.distribute strategy.
+
+Keras 3's `model.fit` fails under MultiWorkerMirroredStrategy in these
+versions, so the loop is written out: forward/backward per replica, an
+explicit all-reduce so that gradient-norm clipping sees the true global
+gradient, gradient accumulation, AdamW, an EMA of every model weight (BN
+statistics included, as ml-cvnets), and checkpoints that resume at the exact
+data position.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_mobilevitv2.mobilevitv2 import MobileViTv2
+from training.data import eval_dataset
+from training.data import resolve_source
+from training.data import train_dataset
+from training.distribution import is_chief
+from training.distribution import make_strategy
+from training.distribution import worker_index
+from training.progress import Progress
+from training.recipe import TrainConfig
+from training.schedule import WarmupCosine
+from training.summaries import ScalarWriter
+
+RUN_CONFIG = "run_config.json"
+SUMMARY = "summary.json"
+EXPORT_NAME = "model.keras"
+# Settings whose change makes an existing checkpoint meaningless.
+COMPATIBILITY_FIELDS = ("model", "image_size", "num_classes", "data", "batch_size", "grad_accum_steps")
+
+
+def _write_json_atomically(path, payload):
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def build_model(config, num_classes, weights=None, classifier_activation=None):
+    """The MobileViTv2 of `config`, optionally initialised from `weights`."""
+    model = MobileViTv2(
+        config.width,
+        weights=None,
+        input_shape=(config.image_size, config.image_size, 3),
+        classes=num_classes,
+        classifier_activation=classifier_activation,
+        name=config.model,
+    )
+    if weights:
+        _load_init_weights(model, config, weights)
+    return model
+
+
+def _load_init_weights(model, config, weights):
+    """Fine-tuning start: any weights the models accept; a classifier of
+    another size is dropped (the backbone is kept)."""
+    path = str(weights)
+    if path.endswith((".h5", ".keras")):
+        try:
+            model.load_weights(path)
+        except ValueError as error:
+            raise ValueError(
+                f"--init_weights {path} does not fit {config.model} with "
+                f"{model.output_shape[-1]} classes: {error}"
+            ) from None
+        return
+    backbone = MobileViTv2(
+        config.width,
+        weights=weights,
+        include_top=False,
+        input_shape=(config.image_size, config.image_size, 3),
+    )
+    for layer in backbone.layers:
+        if layer.weights:
+            model.get_layer(layer.name).set_weights(layer.get_weights())
+
+
+class Trainer:
+    """Runs one training job described by a `TrainConfig`.
+
+    After `run()`, `model` holds the trained weights and `ema_weights` their
+    moving average (what is evaluated and exported).
+    """
+
+    def __init__(self, config, progress_stream=None, verbose=True):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        self.config = config
+        self.progress_stream = progress_stream
+        self.verbose = verbose
+        self.model = None
+        self.ema_weights = None
+        self.step_losses = []  # training loss of every optimizer step run here
+
+    # ------------------------------------------------------------ set-up
+
+    def _prepare_model_dir(self, num_classes, chief):
+        config = self.config
+        current = dataclasses.asdict(config)
+        current["num_classes"] = num_classes
+        path = os.path.join(config.model_dir, RUN_CONFIG)
+        if os.path.exists(path):
+            with open(path) as f:
+                previous = json.load(f)
+            changed = {
+                field: (previous.get(field), current[field])
+                for field in COMPATIBILITY_FIELDS
+                if previous.get(field) != current[field]
+            }
+            if changed:
+                details = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
+                raise ValueError(
+                    f"--model_dir {config.model_dir} holds a different run ({details}). "
+                    "Its checkpoints cannot be resumed with these settings and are "
+                    "not overwritten: use another --model_dir, or the same settings."
+                )
+            return True
+        if not chief:
+            return False
+        if os.path.isdir(config.model_dir) and os.listdir(config.model_dir):
+            raise ValueError(
+                f"--model_dir {config.model_dir} is not empty and has no {RUN_CONFIG}: "
+                "it is not a run of this trainer. Refusing to write into it; use a "
+                "new or empty directory."
+            )
+        os.makedirs(config.model_dir, exist_ok=True)
+        _write_json_atomically(path, current)
+        return False
+
+    def _log(self, text):
+        if self.verbose and self._chief:
+            self._progress.message(text)
+
+    # -------------------------------------------------------------- run
+
+    def run(self):
+        config = self.config
+        previous_policy = keras.mixed_precision.global_policy().name
+        keras.mixed_precision.set_global_policy(config.mixed_precision)
+        try:
+            return self._run()
+        finally:
+            keras.mixed_precision.set_global_policy(previous_policy)
+
+    def _run(self):
+        config = self.config
+        strategy = make_strategy(config.strategy)
+        self._chief = chief = is_chief(strategy)
+        replicas = strategy.num_replicas_in_sync
+        if config.batch_size % replicas:
+            raise ValueError(
+                f"--batch_size {config.batch_size} cannot be split evenly over "
+                f"{replicas} replicas; use a multiple of {replicas}."
+            )
+
+        source = resolve_source(
+            config.data, config.num_classes, config.tfrecord_label_offset, config.dataset_dir
+        )
+        num_classes = source.num_classes
+        if config.num_classes and config.num_classes != num_classes:
+            raise ValueError(
+                f"--num_classes {config.num_classes} does not match the data, which "
+                f"has {num_classes} classes."
+            )
+        steps_per_epoch = source.train.num_examples // config.effective_batch_size
+        if steps_per_epoch < 1:
+            raise ValueError(
+                f"The training data has {source.train.num_examples} images, fewer "
+                f"than one optimizer step ({config.effective_batch_size} = batch "
+                f"{config.batch_size} x {config.grad_accum_steps} accumulation steps)."
+            )
+        total_steps = config.steps or config.epochs * steps_per_epoch
+        epochs = math.ceil(total_steps / steps_per_epoch)
+        warmup_steps = (
+            config.warmup_steps if config.warmup_steps is not None else min(20_000, total_steps // 10)
+        )
+        resuming = self._prepare_model_dir(num_classes, chief)
+
+        self._progress = Progress(
+            total_steps, steps_per_epoch, stream=self.progress_stream, enabled=self.verbose and chief
+        )
+        self._log(
+            f"{config.model}: {source.name}, {num_classes} classes, "
+            f"{source.train.num_examples} train / "
+            f"{source.eval.num_examples if source.eval else 0} eval images; "
+            f"{type(strategy).__name__} with {replicas} replica(s); batch "
+            f"{config.batch_size} x {config.grad_accum_steps} = {config.effective_batch_size}; "
+            f"{total_steps} steps ({epochs} epochs of {steps_per_epoch}); "
+            f"lr {config.lr} -> {config.min_lr}, warm-up {warmup_steps}; wd {config.weight_decay}; "
+            f"{config.mixed_precision}"
+        )
+
+        with strategy.scope():
+            model = build_model(config, num_classes, weights=config.init_weights or None)
+            if replicas > 1:
+                for layer in model._flatten_layers():
+                    if isinstance(layer, keras.layers.BatchNormalization):
+                        layer.synchronized = True  # one set of BN statistics
+            schedule = WarmupCosine(
+                config.lr, config.min_lr, warmup_steps, config.warmup_init_lr, steps_per_epoch, epochs
+            )
+            optimizer = keras.optimizers.AdamW(
+                learning_rate=schedule,
+                weight_decay=config.weight_decay,
+                beta_1=0.9,
+                beta_2=0.999,
+                epsilon=1e-8,  # PyTorch's default
+            )
+            # ml-cvnets `no_decay_bn_filter_bias`: no decay on 1-D parameters.
+            optimizer.exclude_from_weight_decay(
+                var_list=[v for v in model.trainable_variables if len(v.shape) <= 1]
+            )
+            loss_scaling = config.mixed_precision == "mixed_float16"
+            if loss_scaling:
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            trainable = model.trainable_variables
+            optimizer.build(trainable)
+            only_first = tf.VariableAggregation.ONLY_FIRST_REPLICA
+            ema = [
+                tf.Variable(tf.zeros(w.shape, w.dtype), trainable=False, aggregation=only_first)
+                for w in model.weights
+            ]
+            accumulators = [
+                tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, aggregation=only_first)
+                for v in trainable
+            ] if config.grad_accum_steps > 1 else []
+            state = {
+                name: tf.Variable(0, dtype=tf.int64, trainable=False, aggregation=only_first)
+                for name in ("step", "epoch", "step_in_epoch", "skipped", "skipped_before_epoch")
+            }
+
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, ema=ema, state=state)
+        checkpoint_dir = os.path.join(config.model_dir, "checkpoints")
+        if not chief:  # every worker must save; only the chief's copy is kept
+            checkpoint_dir = os.path.join(config.model_dir, ".workers", f"worker_{worker_index(strategy)}")
+        manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=config.keep_checkpoints)
+        latest = tf.train.latest_checkpoint(os.path.join(config.model_dir, "checkpoints"))
+        if latest:
+            checkpoint.restore(latest).assert_existing_objects_matched()
+            self._log(f"Resumed from {latest} at step {int(state['step'].numpy())}.")
+        else:
+            if resuming:
+                self._log("model_dir has a run configuration but no checkpoint yet: starting anew.")
+            for average, weight in zip(ema, model.weights):
+                average.assign(weight.value)
+
+        global_micro_batch = config.batch_size
+        smoothing = config.label_smoothing
+        clip = config.grad_clip_norm
+        accum = config.grad_accum_steps
+        decay = config.ema_decay
+
+        def replica_gradients(images, labels):
+            with tf.GradientTape() as tape:
+                logits = tf.cast(model(images, training=True), tf.float32)
+                per_example = keras.losses.categorical_crossentropy(
+                    labels, logits, from_logits=True, label_smoothing=smoothing
+                )
+                loss = tf.reduce_sum(per_example) / global_micro_batch
+                scaled = optimizer.scale_loss(loss) if loss_scaling else loss
+            gradients = tape.gradient(scaled, trainable)
+            correct = tf.reduce_sum(
+                tf.cast(tf.argmax(logits, -1) == tf.argmax(labels, -1), tf.float32)
+            )
+            # The true global gradient (every replica gets the sum).
+            gradients = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, gradients
+            )
+            return loss, correct, gradients
+
+        def accumulate_replica(images, labels, skipped):
+            loss, correct, gradients = replica_gradients(images, labels)
+            for accumulator, gradient in zip(accumulators, gradients):
+                accumulator.assign_add(gradient)
+            return loss, correct, skipped
+
+        def apply_replica(images, labels, skipped):
+            loss, correct, gradients = replica_gradients(images, labels)
+            if accum > 1:
+                gradients = [(g + a) / accum for g, a in zip(gradients, accumulators)]
+            if clip > 0:
+                # Scaled gradients are clipped at the scaled threshold: the same
+                # as clipping the true gradients at `clip`.
+                threshold = clip * optimizer.dynamic_scale if loss_scaling else clip
+                gradients, _ = tf.clip_by_global_norm(gradients, threshold)
+            # The optimizer sums over replicas again; every replica already
+            # holds the full gradient.
+            optimizer.apply([g / replicas for g in gradients], trainable)
+            for average, weight in zip(ema, model.weights):
+                average.assign(decay * average + (1.0 - decay) * tf.cast(weight.value, average.dtype))
+            for accumulator in accumulators:
+                accumulator.assign(tf.zeros_like(accumulator))
+            return loss, correct, skipped
+
+        def reduce(per_replica):
+            loss, correct, skipped = per_replica
+            skipped = tf.reduce_max(tf.stack(strategy.experimental_local_results(skipped)))
+            return (
+                strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
+                strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None),
+                skipped,
+            )
+
+        @tf.function
+        def accumulate_step(iterator):
+            return reduce(strategy.run(accumulate_replica, args=next(iterator)))
+
+        @tf.function
+        def apply_step(iterator):
+            return reduce(strategy.run(apply_replica, args=next(iterator)))
+
+        writers = {}
+        if chief:
+            logs = os.path.join(config.model_dir, "logs")
+            writers = {
+                "train": ScalarWriter(os.path.join(logs, "train")),
+                "eval": ScalarWriter(os.path.join(logs, "eval")),
+            }
+
+        eval_model = None
+        if chief and source.eval is not None:
+            eval_model = build_model(config, num_classes)
+
+        def save_checkpoint():
+            manager.save(checkpoint_number=int(state["step"].numpy()))
+            if not chief:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+        self.model = model
+        step = int(state["step"].numpy())
+        epoch = int(state["epoch"].numpy())
+        step_in_epoch = int(state["step_in_epoch"].numpy())
+        images_per_step = config.effective_batch_size
+        train_time, timed_steps = 0.0, 0
+        history = {"train": {}, "eval": {}}
+        self._progress.start(step)
+
+        while step < total_steps:
+            dataset = strategy.distribute_datasets_from_function(
+                lambda context, e=epoch, s=step_in_epoch * accum: train_dataset(
+                    source, config, context, e, skip_batches=s
+                )
+            )
+            iterator = iter(dataset)
+            epoch_loss, epoch_correct, epoch_images = 0.0, 0.0, 0
+            while step_in_epoch < steps_per_epoch and step < total_steps:
+                started = time.perf_counter()
+                loss_sum, correct_sum = 0.0, 0.0
+                for _ in range(accum - 1):
+                    loss, correct, _ = accumulate_step(iterator)
+                    loss_sum += float(loss)
+                    correct_sum += float(correct)
+                loss, correct, skipped = apply_step(iterator)
+                loss_sum += float(loss)
+                correct_sum += float(correct)
+                elapsed = time.perf_counter() - started
+                if step > int(self._progress._start_step):  # the first step traces
+                    train_time += elapsed
+                    timed_steps += 1
+                step += 1
+                step_in_epoch += 1
+                state["step"].assign(step)
+                state["step_in_epoch"].assign(step_in_epoch)
+                state["skipped"].assign(int(state["skipped_before_epoch"].numpy()) + int(skipped))
+                batch_loss = loss_sum / accum
+                self.step_losses.append(batch_loss)
+                epoch_loss += batch_loss
+                epoch_correct += correct_sum
+                epoch_images += images_per_step
+                rate = timed_steps * images_per_step / train_time if train_time else 0.0
+                learning_rate = float(schedule(step - 1))
+                self._progress.update(
+                    step,
+                    epoch,
+                    step_in_epoch,
+                    {"loss": batch_loss, "acc": correct_sum / images_per_step, "lr": learning_rate},
+                    rate,
+                )
+                if chief and (step % 10 == 0 or step == total_steps):
+                    writers["train"].write(
+                        step,
+                        {
+                            "loss": batch_loss,
+                            "accuracy": correct_sum / images_per_step,
+                            "learning_rate": learning_rate,
+                            "images_per_second": rate,
+                        },
+                    )
+                if step % config.checkpoint_every == 0:
+                    save_checkpoint()
+
+            history["train"] = {
+                "loss": epoch_loss / max(epoch_images / images_per_step, 1),
+                "accuracy": epoch_correct / max(epoch_images, 1),
+            }
+            if step_in_epoch >= steps_per_epoch:
+                epoch += 1
+                step_in_epoch = 0
+                state["skipped_before_epoch"].assign(state["skipped"])
+                state["epoch"].assign(epoch)
+                state["step_in_epoch"].assign(0)
+                if eval_model is not None:
+                    history["eval"] = self._evaluate(eval_model, model, ema, source, writers, step)
+                    self._progress.message(
+                        f"epoch {epoch}/{epochs}: train loss {history['train']['loss']:.4f} "
+                        f"acc {history['train']['accuracy']:.4f} | eval "
+                        + "  ".join(f"{k} {v:.4f}" for k, v in history["eval"].items())
+                    )
+                save_checkpoint()
+
+        latest = tf.train.latest_checkpoint(os.path.join(config.model_dir, "checkpoints"))
+        if latest is None or int(latest.rsplit("-", 1)[-1]) != step:
+            save_checkpoint()
+        if eval_model is not None and not history["eval"]:
+            history["eval"] = self._evaluate(eval_model, model, ema, source, writers, step)
+        self.ema_weights = [v.numpy() for v in ema]
+
+        summary = None
+        if chief:
+            summary = self._finish(
+                model, source, num_classes, history, step, epoch, total_steps,
+                timed_steps * images_per_step / train_time if train_time else 0.0,
+                int(state["skipped"].numpy()), strategy,
+            )
+        shutil.rmtree(os.path.join(config.model_dir, ".workers"), ignore_errors=True) if chief else None
+        return summary
+
+    # -------------------------------------------------------- evaluation
+
+    def _evaluate(self, eval_model, model, ema, source, writers, step):
+        results = {}
+        for label, weights in (("", [w.numpy() for w in model.weights]), ("ema_", [v.numpy() for v in ema])):
+            eval_model.set_weights(weights)
+            results.update({label + k: v for k, v in evaluate(eval_model, source, self.config).items()})
+        if writers:
+            writers["eval"].write(step, results)
+        return results
+
+    # ------------------------------------------------------------ finish
+
+    def _finish(self, model, source, num_classes, history, step, epoch, total_steps, rate, skipped, strategy):
+        config = self.config
+        previous = keras.mixed_precision.global_policy().name
+        keras.mixed_precision.set_global_policy("float32")
+        try:
+            exported = build_model(config, num_classes, classifier_activation="softmax")
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
+        exported.set_weights(self.ema_weights)
+        export_path = os.path.join(config.model_dir, EXPORT_NAME)
+        temporary = os.path.join(config.model_dir, f".tmp-{os.getpid()}-{EXPORT_NAME}")
+        exported.save(temporary)
+        os.replace(temporary, export_path)
+        with open(os.path.join(config.model_dir, "class_names.json"), "w") as f:
+            json.dump(source.class_names, f)
+        summary = {
+            "model": config.model,
+            "final_step": step,
+            "total_steps": total_steps,
+            "epochs_completed": epoch,
+            "train": history["train"],
+            "eval": history["eval"],
+            "images_per_second": rate,
+            "skipped_images": skipped,
+            "num_replicas": strategy.num_replicas_in_sync,
+            "strategy": type(strategy).__name__,
+            "exported_model": export_path,
+            "exported_weights": "ema",
+        }
+        _write_json_atomically(os.path.join(config.model_dir, SUMMARY), summary)
+        self._progress.message(f"Done: step {step}; summary in {os.path.join(config.model_dir, SUMMARY)}")
+        return summary
+
+
+def evaluate(model, source, config, batch_size=64):
+    """top-1, top-5 and cross-entropy of `model` (logits) on the eval split."""
+    predict = tf.function(lambda images: tf.cast(model(images, training=False), tf.float32))
+    top1 = top5 = loss = 0.0
+    count = 0
+    for images, labels in eval_dataset(source, config, batch_size):
+        logits = predict(images)
+        top1 += float(tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, 1), tf.float32)))
+        top5 += float(tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, min(5, logits.shape[-1])), tf.float32)))
+        loss += float(tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)))
+        count += int(images.shape[0])
+    if count == 0:
+        raise ValueError("The evaluation split yielded no decodable image.")
+    return {"top1": top1 / count, "top5": top5 / count, "loss": loss / count}
+
+
+def train(config=None, **overrides):
+    """Python API: `train(TrainConfig(...))` or `train(model=..., data=..., ...)`.
+
+    Returns the run summary (also written to `model_dir/summary.json`).
+    """
+    if config is None:
+        config = TrainConfig(**overrides)
+    elif overrides:
+        config = dataclasses.replace(config, **overrides)
+    return Trainer(config).run()
