@@ -1,5 +1,5 @@
 # Two entry points, each doing its own set-up on a fresh machine:
-#   make demo   - the main job (see README)
+#   make demo   - the main job: train -> QAT -> int8 TFLite -> audit -> accuracy table
 #   make test   - the test suite, against the package installed from its wheel
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 # `torch` requirement would download several GB of CUDA libraries instead.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
-SOURCES := setup.py MANIFEST.in $(shell find keras_mobilevitv2 training -name '*.py' -o -name '*.json')
+SOURCES := setup.py MANIFEST.in $(shell find keras_mobilevitv2 training quantization -name '*.py' -o -name '*.json')
 
 .PHONY: demo test wheel venv venv-test clean
 
@@ -38,11 +38,11 @@ venv: $(VENV)/.runtime
 venv-test: $(VENV)/.test
 
 demo: $(VENV)/.runtime
-	$(PY) -m keras_mobilevitv2.demo
+	$(PY) -m quantization.pipeline
 
 test: $(VENV)/.test
-	cd / && $(abspath $(PY)) -c "import keras_mobilevitv2, training; print('installed:', keras_mobilevitv2.__file__)"
+	cd / && $(abspath $(PY)) -c "import keras_mobilevitv2, training, quantization; print('installed:', keras_mobilevitv2.__file__)"
 	KERAS_MOBILEVITV2_TEST_INSTALLED=1 $(VENV)/bin/pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info demo_output
+	rm -rf $(VENV) build dist *.egg-info demo_output runs/pipeline

@@ -22,7 +22,19 @@ with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
 # PyTorch is only needed to read .pt/.pth checkpoints and to run the parity
 # tests; it is never imported by the models themselves.
 CONVERT = ["torch>=2.1", "safetensors"]
-TEST = CONVERT + ["pytest", "timm>=1.0", "transformers>=4.40", "torchvision"]
+TEST = CONVERT + [
+    "pytest",
+    "timm>=1.0",
+    "transformers>=4.40",
+    "torchvision",
+    # the reference QAT scheme, run in a subprocess (it switches to legacy Keras)
+    "tensorflow-model-optimization==0.8.1",
+    "tf_keras",
+    # bundles a small real image dataset (handwritten digits)
+    "scikit-learn",
+]
+# Deployment targets (later): LiteRT interpreter, ONNX, TFLite Micro.
+DEPLOY = ["ai-edge-litert", "tf2onnx", "onnxruntime", "tflite-micro"]
 
 setup(
     name="keras_mobilevitv2",
@@ -33,16 +45,19 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["keras_mobilevitv2", "keras_mobilevitv2.*", "training", "training.*"]),
+    packages=find_packages(include=["keras_mobilevitv2", "keras_mobilevitv2.*", "training", "training.*", "quantization", "quantization.*"]),
     package_data={"keras_mobilevitv2": ["data/*.json"]},
     include_package_data=True,
     install_requires=["tensorflow>=2.16", "keras>=3.3", "absl-py"],
-    extras_require={"convert": CONVERT, "test": TEST},
+    extras_require={"convert": CONVERT, "test": TEST, "deploy": DEPLOY, "train": ["tensorboard"]},
     entry_points={
         "console_scripts": [
             "mobilevitv2-convert=keras_mobilevitv2.convert:main",
             "mobilevitv2-demo=keras_mobilevitv2.demo:main",
             "mobilevitv2-train=training.train:run",
+            "mobilevitv2-qat=quantization.qat:run",
+            "mobilevitv2-export=quantization.export:main",
+            "mobilevitv2-pipeline=quantization.pipeline:main",
         ]
     },
     classifiers=[

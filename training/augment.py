@@ -121,8 +121,10 @@ def mixup_or_cutmix(images, labels, seed, mixup_alpha=0.2, cutmix_alpha=1.0, pro
 class TrainAugmentation:
     """The per-image training transform, from decoded uint8 to float32."""
 
-    def __init__(self, image_size, randaugment=True, magnitude=9, num_bins=31, erasing=0.25, seed=None):
+    def __init__(self, image_size, randaugment=True, magnitude=9, num_bins=31, erasing=0.25, seed=None,
+                 crop_min_scale=0.08):
         self.image_size = image_size
+        self.crop_scale = (crop_min_scale, 1.0)
         self.erasing = erasing
         # torchvision magnitude m of `num_bins` bins -> Keras' normalised factor.
         self.randaugment = (
@@ -135,7 +137,7 @@ class TrainAugmentation:
 
     def __call__(self, image, seed):
         seeds = tf.random.experimental.stateless_split(seed, 3)
-        image = random_resized_crop(image, self.image_size, seeds[0])
+        image = random_resized_crop(image, self.image_size, seeds[0], scale=self.crop_scale)
         image = tf.ensure_shape(image, (self.image_size, self.image_size, 3))
         image = tf.image.stateless_random_flip_left_right(image, seeds[1])
         if self.randaugment is not None:

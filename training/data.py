@@ -337,6 +337,7 @@ def train_dataset(source, config, input_context, epoch, skip_batches=0):
         magnitude=config.randaugment_magnitude,
         erasing=config.random_erasing,
         seed=config.seed,
+        crop_min_scale=config.crop_min_scale,
     )
     epoch_seed = config.seed * 1_000_003 + epoch
     records = source.train.dataset(shuffle_seed=epoch_seed)

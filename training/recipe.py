@@ -53,6 +53,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     ema_decay: float = 0.9995  # ml-cvnets EMA momentum 0.0005
     grad_clip_norm: float = 10.0
+    crop_min_scale: float = 0.08  # random resized crop area range (min, 1)
     randaugment: bool = True
     randaugment_magnitude: int = 9  # of 31 bins, torchvision's default
     mixup_alpha: float = 0.2

@@ -86,6 +86,11 @@ def _load_init_weights(model, config, weights):
             model.get_layer(layer.name).set_weights(layer.get_weights())
 
 
+def default_model_fn(config, num_classes, source, classifier_activation, initialize):
+    weights = config.init_weights or None if initialize else None
+    return build_model(config, num_classes, weights=weights, classifier_activation=classifier_activation)
+
+
 class Trainer:
     """Runs one training job described by a `TrainConfig`.
 
@@ -93,10 +98,16 @@ class Trainer:
     moving average (what is evaluated and exported).
     """
 
-    def __init__(self, config, progress_stream=None, verbose=True):
+    def __init__(self, config, progress_stream=None, verbose=True, model_fn=None):
+        """`model_fn(config, num_classes, source, classifier_activation,
+        initialize)` builds the model; `initialize` is True for the model that
+        is trained (load `init_weights`, calibrate...), False for the copies
+        that receive its weights (evaluation, export). Default: `build_model`.
+        """
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.config = config
+        self.model_fn = model_fn or default_model_fn
         self.progress_stream = progress_stream
         self.verbose = verbose
         self.model = None
@@ -202,7 +213,7 @@ class Trainer:
         )
 
         with strategy.scope():
-            model = build_model(config, num_classes, weights=config.init_weights or None)
+            model = self.model_fn(config, num_classes, source, None, True)
             if replicas > 1:
                 for layer in model._flatten_layers():
                     if isinstance(layer, keras.layers.BatchNormalization):
@@ -330,7 +341,7 @@ class Trainer:
 
         eval_model = None
         if chief and source.eval is not None:
-            eval_model = build_model(config, num_classes)
+            eval_model = self.model_fn(config, num_classes, source, None, False)
 
         def save_checkpoint():
             manager.save(checkpoint_number=int(state["step"].numpy()))
@@ -454,7 +465,7 @@ class Trainer:
         previous = keras.mixed_precision.global_policy().name
         keras.mixed_precision.set_global_policy("float32")
         try:
-            exported = build_model(config, num_classes, classifier_activation="softmax")
+            exported = self.model_fn(config, num_classes, source, "softmax", False)
         finally:
             keras.mixed_precision.set_global_policy(previous)
         exported.set_weights(self.ema_weights)

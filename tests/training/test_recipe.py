@@ -55,3 +55,17 @@ def test_crop_and_erasing():
     assert float(tf.reduce_min(random_erasing(x, 0.0, tf.constant([3, 4], tf.int64)))) == 100.0
     erased = random_erasing(x, 1.0, tf.constant([3, 4], tf.int64))
     assert 0 < float(tf.reduce_mean(tf.cast(erased == 0, tf.float32))) < 0.5
+
+
+def test_prepare_digits_writes_a_real_image_folder(tmp_path):
+    pytest.importorskip("sklearn")
+    from training.data import folder_source
+    from training.prepare_digits import write_digits
+
+    counts = write_digits(str(tmp_path / "digits"), size=16)
+    assert counts == {"train": 1438, "val": 359}
+    source = folder_source(str(tmp_path / "digits"))
+    assert source.class_names == [str(i) for i in range(10)]
+    assert source.train.num_examples == 1438 and source.eval.num_examples == 359
+    with pytest.raises(SystemExit, match="not empty"):
+        write_digits(str(tmp_path / "digits"))

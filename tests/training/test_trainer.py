@@ -126,24 +126,36 @@ def test_two_workers_train_the_same_steps_to_identical_weights(tmp_path, dataset
     assert not (tmp_path / "run" / ".workers").exists()  # non-chief copies are removed
 
 
+def _latest_checkpoint_step(model_dir):
+    """Step of the checkpoint the 'checkpoint' state file names (0 if none)."""
+    state = model_dir / "checkpoints" / "checkpoint"
+    if not state.exists():
+        return 0
+    for line in state.read_text().splitlines():
+        if line.startswith("model_checkpoint_path:"):
+            return int(line.split("ckpt-")[-1].strip().strip('"'))
+    return 0
+
+
 def test_killed_run_resumes_from_its_checkpoint(tmp_path, dataset_dir):
     config = fast_config(tmp_path / "run", dataset_dir, steps=14, checkpoint_every=3, max_eval_images=16)
     command = [sys.executable, HARNESS, "--config", json.dumps(config.__dict__)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    checkpoint_index = tmp_path / "run" / "checkpoints" / "ckpt-6.index"
     deadline = time.time() + 300
-    while not checkpoint_index.exists() and process.poll() is None and time.time() < deadline:
+    while _latest_checkpoint_step(tmp_path / "run") < 6 and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert process.poll() is None, "the run ended before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
+    saved_step = _latest_checkpoint_step(tmp_path / "run")
+    assert 6 <= saved_step < 14
     assert not (tmp_path / "run" / "summary.json").exists()
 
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     losses = json.loads(result.stdout.strip().splitlines()[-1])["losses"]
-    # resumed at step >= 6: at most `checkpoint_every` steps were redone
-    assert 1 <= len(losses) <= 14 - 6
+    # resumed exactly at the last complete checkpoint: nothing redone, nothing lost
+    assert len(losses) == 14 - saved_step
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["final_step"] == 14
 

@@ -1,0 +1,190 @@
+"""Export to TFLite: float32, float16, dynamic-range, PTQ int8 and QAT int8.
+
+Every export is audited (see `audit.py`); the audit is printed and written as
+JSON beside the model, and a model that fails it is not written.
+"""
+
+import json
+import os
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from quantization.audit import audit as audit_flatbuffer
+from quantization.audit import format_report
+from quantization.fake_quant import ActivationQuantizer
+
+MODES = ("float32", "float16", "dynamic", "ptq_int8", "qat_int8")
+IO_TYPES = ("int8", "uint8", "float32")
+
+
+def _is_qat(model):
+    return any(isinstance(layer, ActivationQuantizer) for layer in model._flatten_layers())
+
+
+def _check_images(images, shape, what):
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape):
+        raise ValueError(
+            f"{what} must be float32 images of shape (N, {', '.join(map(str, shape))}); "
+            f"got shape {images.shape} and dtype {np.asarray(images).dtype}."
+        )
+    if len(images) == 0:
+        raise ValueError(f"{what} is empty.")
+    return images
+
+
+def convert(model, mode, io_type="int8", representative_images=None, batch_size=1):
+    """Returns the TFLite flatbuffer (bytes) of `model` in `mode`."""
+    if mode not in MODES:
+        raise ValueError(f"Unknown mode {mode!r}; choose one of {MODES}.")
+    if io_type not in IO_TYPES:
+        raise ValueError(f"Unknown io_type {io_type!r}; choose one of {IO_TYPES}.")
+    integer = mode in ("ptq_int8", "qat_int8")
+    if io_type != "float32" and not integer:
+        raise ValueError(f"io_type={io_type!r} needs an int8 mode (ptq_int8 or qat_int8); {mode} has float I/O.")
+    shape = tuple(model.inputs[0].shape[1:])
+    if None in shape:
+        raise ValueError(
+            f"TFLite export needs a static input size; the model's input is {shape}. "
+            "Build the model with input_shape=(H, W, 3)."
+        )
+    qat = _is_qat(model)
+    if mode == "qat_int8":
+        if not qat:
+            raise ValueError("mode='qat_int8' needs a model from quantization.quantize_model.")
+        from quantization.quantize import uncalibrated_quantizers
+
+        missing = uncalibrated_quantizers(model)
+        if missing:
+            raise ValueError(
+                f"{len(missing)} activation ranges of the QAT model were never set (e.g. "
+                f"{missing[:3]}): run quantization.calibrate(model, images) first."
+            )
+    elif qat:
+        raise ValueError(f"mode={mode!r} takes the float model; this is a QAT model (use 'qat_int8').")
+    if mode == "ptq_int8" and representative_images is None:
+        raise ValueError("mode='ptq_int8' needs representative_images (about 100 typical inputs).")
+    if representative_images is not None:
+        representative_images = _check_images(representative_images, shape, "representative_images")
+
+    with tempfile.TemporaryDirectory() as saved_model:
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint(
+            "serve",
+            lambda images: model(images, training=False),
+            input_signature=[tf.TensorSpec((batch_size,) + shape, tf.float32, name="image")],
+        )
+        archive.write_out(saved_model, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if mode != "float32":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if mode == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        if integer:
+            if representative_images is not None:
+                def dataset():
+                    for image in representative_images:
+                        yield [image[None].repeat(batch_size, 0)]
+
+                converter.representative_dataset = dataset
+                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            io_dtype = {"int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}[io_type]
+            converter.inference_input_type = io_dtype
+            converter.inference_output_type = io_dtype
+        return converter.convert()
+
+
+def export_tflite(model, path, mode, io_type=None, representative_images=None, sample_images=None,
+                  batch_size=1, allow_float=False, verbose=True):
+    """Converts, audits and writes `model` to `path` (a .tflite file).
+
+    Args:
+        model: A float Keras model (modes float32, float16, dynamic, ptq_int8)
+            or a calibrated QAT model from `quantize_model` (qat_int8).
+        path: Output file; the audit goes to `<path without .tflite>.audit.json`.
+        mode: One of float32, float16, dynamic, ptq_int8, qat_int8.
+        io_type: int8, uint8 or float32 input/output; int8 modes default to
+            int8, the others are float32.
+        representative_images: Float images in the model's input range; needed
+            for ptq_int8, used by qat_int8 to let the converter check that
+            everything is int8.
+        sample_images: Images to compare TFLite with Keras on (the audit).
+        batch_size: Static batch of the exported model (1 by default).
+        allow_float: Accept float tensors inside an int8 model.
+
+    Returns:
+        The audit dict. Raises ValueError (and writes no model) when the audit
+        finds non-builtin ops, a tensor of rank > 4, or float tensors inside
+        an int8 model.
+    """
+    if not str(path).endswith(".tflite"):
+        raise ValueError(f"path must end in .tflite; got {path!r}")
+    if io_type is None:
+        io_type = "int8" if mode in ("ptq_int8", "qat_int8") else "float32"
+    flatbuffer = convert(model, mode, io_type, representative_images, batch_size)
+    if sample_images is not None:
+        sample_images = _check_images(sample_images, model.inputs[0].shape[1:], "sample_images")
+    report = audit_flatbuffer(flatbuffer, mode, model, sample_images, allow_float=allow_float)
+    report["path"] = str(path)
+    report["io_type"] = io_type
+    if verbose:
+        print(format_report(report))
+    if report["errors"]:
+        raise ValueError(f"The {mode} export of {model.name} failed its audit: " + "; ".join(report["errors"]))
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    with open(temporary, "wb") as f:
+        f.write(flatbuffer)
+    os.replace(temporary, path)
+    with open(str(path)[: -len(".tflite")] + ".audit.json", "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+def main(argv=None):
+    """`mobilevitv2-export`: a saved Keras model -> audited TFLite."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="mobilevitv2-export", description="Export a keras_mobilevitv2 model "
+                                     "(float or QAT .keras file) to TFLite, with an audit beside it.")
+    parser.add_argument("--model", required=True, help="A .keras file (a trainer's model.keras, float or QAT).")
+    parser.add_argument("--mode", required=True, choices=MODES)
+    parser.add_argument("--io_type", default=None, choices=IO_TYPES, help="Default: int8 for int8 modes, else float32.")
+    parser.add_argument("--output", required=True, help="Output .tflite path.")
+    parser.add_argument("--data", default="embedded", help="Images for calibration and the audit (as --data of the trainer).")
+    parser.add_argument("--dataset_dir", default="")
+    parser.add_argument("--num_images", type=int, default=128, help="Representative / sample images.")
+    parser.add_argument("--allow_float", action="store_true", help="Accept float tensors in an int8 model.")
+    args = parser.parse_args(argv)
+
+    import keras_mobilevitv2  # noqa: F401  (registers the layers)
+    import quantization  # noqa: F401
+    from quantization.qat import sample_images
+    from training import TrainConfig
+    from training.data import resolve_source
+
+    model = keras.models.load_model(args.model, compile=False)
+    size = model.inputs[0].shape[1]
+    source = resolve_source(args.data, dataset_dir=args.dataset_dir or None)
+    config = TrainConfig(data=args.data, image_size=size, dataset_dir=args.dataset_dir)
+    images = sample_images(source, config, args.num_images)
+    try:
+        export_tflite(model, args.output, args.mode, io_type=args.io_type, representative_images=images,
+                      sample_images=images[:64], allow_float=args.allow_float)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""Quantization-aware counterparts of the MobileViTv2 layers.
+
+Each layer computes what the int8 TFLite model computes: BatchNorm is folded
+into the preceding convolution (as the converter folds it), the affine part of
+every GroupNorm(1) is folded into the 1x1 convolution that follows it, and an
+`ActivationQuantizer` sits on every tensor that is int8 in the converted
+graph - including the internals of the norm (mean, centred values, squares,
+variance, rsqrt) and of the attention (scores, products, sums). Reshape,
+transpose, pad and slice keep their input's quantization, so they need none.
+"""
+
+import keras
+import tensorflow as tf
+
+from keras_mobilevitv2.layers import fold_patches
+from keras_mobilevitv2.layers import resize_bilinear_align_corners
+from keras_mobilevitv2.layers import unfold_patches
+from quantization.fake_quant import UNIT_INTERVAL_RANGE
+from quantization.fake_quant import ActivationQuantizer
+from quantization.fake_quant import quantize_weights_per_channel
+from quantization.fake_quant import quantize_weights_per_tensor
+
+PACKAGE = "keras_mobilevitv2_quantization"
+
+
+def _build_by_calling(layer, input_shape):
+    """Creates every sublayer's variables by running the layer once on zeros.
+
+    The composite QAT layers have many internal shapes; tracing them once is
+    simpler than spelling each out, and `.keras` loading needs them built.
+    """
+    if isinstance(input_shape, list) and input_shape and isinstance(input_shape[0], (list, tuple)):
+        dummy = [tf.zeros([1 if d is None else d for d in shape]) for shape in input_shape]
+    else:
+        dummy = tf.zeros([1 if d is None else d for d in input_shape])
+    layer.call(dummy, training=False)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class QuantizedConv(keras.layers.Layer):
+    """Conv2D or DepthwiseConv2D with bias (BN folded), fake-quantized.
+
+    SiLU is x * sigmoid(x), as TFLite runs it: LOGISTIC (fixed output range)
+    then MUL, each output quantized. ReLU is fused into the convolution (one
+    quantized output), as the converter fuses it.
+    """
+
+    def __init__(self, filters, kernel_size, strides=1, padding="same", depthwise=False,
+                 activation=None, dilation=1, **kwargs):
+        super().__init__(**kwargs)
+        if activation not in (None, "silu", "relu"):
+            raise ValueError(f"activation must be None, 'relu' or 'silu'; got {activation!r}")
+        self.filters = filters
+        self.kernel_size = kernel_size
+        self.strides = strides
+        self.padding = padding
+        self.depthwise = depthwise
+        self.activation = activation
+        self.dilation = dilation
+        self.output_quantizer = ActivationQuantizer(name="output_quantizer")
+        if activation == "silu":
+            self.sigmoid_quantizer = ActivationQuantizer(UNIT_INTERVAL_RANGE, name="sigmoid_quantizer")
+            self.activation_quantizer = ActivationQuantizer(name="activation_quantizer")
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        k = self.kernel_size
+        shape = (k, k, channels, 1) if self.depthwise else (k, k, channels, self.filters)
+        self.kernel = self.add_weight(name="kernel", shape=shape, initializer="glorot_uniform")
+        self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
+        out_shape = tuple(input_shape[:-1]) + (self.filters,)
+        self.output_quantizer.build(out_shape)
+        if self.activation == "silu":
+            self.sigmoid_quantizer.build(out_shape)
+            self.activation_quantizer.build(out_shape)
+
+    def call(self, inputs, training=None):
+        strides = (1, self.strides, self.strides, 1)
+        dilations = (self.dilation, self.dilation)
+        padding = self.padding.upper()
+        # While calibrating, the layer computes the float function exactly.
+        float_mode = self.output_quantizer.calibrating
+        if self.depthwise:
+            kernel = self.kernel if float_mode else quantize_weights_per_channel(self.kernel, axis=2)
+            y = tf.nn.depthwise_conv2d(inputs, kernel, strides, padding, dilations=dilations)
+        else:
+            kernel = self.kernel if float_mode else quantize_weights_per_channel(self.kernel, axis=-1)
+            y = tf.nn.conv2d(inputs, kernel, strides, padding, dilations=dilations)
+        y = y + self.bias
+        if self.activation == "relu":
+            y = tf.nn.relu(y)
+        y = self.output_quantizer(y, training=training)
+        if self.activation == "silu":
+            gate = self.sigmoid_quantizer(tf.sigmoid(y), training=training)
+            y = self.activation_quantizer(y * gate, training=training)
+        return y
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "filters": self.filters,
+                "kernel_size": self.kernel_size,
+                "strides": self.strides,
+                "padding": self.padding,
+                "depthwise": self.depthwise,
+                "activation": self.activation,
+                "dilation": self.dilation,
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class QuantizedDense(keras.layers.Layer):
+    """Dense with per-tensor symmetric weights (tfmot's default for Dense)."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.output_quantizer = ActivationQuantizer(name="output_quantizer")
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(name="kernel", shape=(input_shape[-1], self.units), initializer="glorot_uniform")
+        self.bias = self.add_weight(name="bias", shape=(self.units,), initializer="zeros")
+        self.output_quantizer.build((input_shape[0], self.units))
+
+    def call(self, inputs, training=None):
+        float_mode = self.output_quantizer.calibrating
+        kernel = self.kernel if float_mode else quantize_weights_per_tensor(self.kernel)
+        y = tf.matmul(inputs, kernel) + self.bias
+        return self.output_quantizer(y, training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"units": self.units})
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class QuantizedNormalize(keras.layers.Layer):
+    """GroupNorm(1) without its affine part (folded into the next conv):
+    (x - mean) * rsqrt(mean((x - mean)^2) + eps), every step quantized."""
+
+    STEPS = ("mean", "centered", "squared", "variance", "variance_eps", "rsqrt", "output")
+
+    def __init__(self, epsilon=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+        self.quantizers = {step: ActivationQuantizer(name=f"{step}_quantizer") for step in self.STEPS}
+
+    def build(self, input_shape):
+        for quantizer in self.quantizers.values():
+            quantizer.build(input_shape)
+
+    def call(self, inputs, training=None):
+        q = {step: (lambda t, s=step: self.quantizers[s](t, training=training)) for step in self.STEPS}
+        axes = [1, 2, 3]
+        mean = q["mean"](tf.reduce_mean(inputs, axis=axes, keepdims=True))
+        centered = q["centered"](inputs - mean)
+        squared = q["squared"](centered * centered)
+        variance = q["variance"](tf.reduce_mean(squared, axis=axes, keepdims=True))
+        # A variance that rounds to int8 zero makes rsqrt infinite: TFLite then
+        # saturates at the top of the rsqrt range, which the clamp reproduces
+        # without an infinite (NaN) gradient.
+        variance_eps = q["variance_eps"](variance + self.epsilon)
+        scale = q["rsqrt"](tf.math.rsqrt(tf.maximum(variance_eps, self.epsilon)))
+        return q["output"](centered * scale)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"epsilon": self.epsilon})
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class QuantizedAdd(keras.layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.output_quantizer = ActivationQuantizer(name="output_quantizer")
+
+    def build(self, input_shape):
+        self.output_quantizer.build(input_shape[0])
+
+    def call(self, inputs, training=None):
+        return self.output_quantizer(inputs[0] + inputs[1], training=training)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class QuantizedInvertedResidual(keras.layers.Layer):
+    def __init__(self, filters, hidden_channels, strides, expand, use_residual, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.hidden_channels = hidden_channels
+        self.strides = strides
+        self.expand = expand
+        self.use_residual = use_residual
+        self.expand_conv = (
+            QuantizedConv(hidden_channels, 1, activation="silu", name="expand_conv") if expand else None
+        )
+        self.depthwise_conv = QuantizedConv(
+            hidden_channels, 3, strides=strides, padding="valid" if strides == 2 else "same",
+            depthwise=True, activation="silu", name="depthwise_conv",
+        )
+        self.project_conv = QuantizedConv(filters, 1, name="project_conv")
+        self.residual_add = QuantizedAdd(name="residual_add") if use_residual else None
+
+    def build(self, input_shape):
+        _build_by_calling(self, input_shape)
+
+    def call(self, inputs, training=None):
+        x = inputs
+        if self.expand_conv is not None:
+            x = self.expand_conv(x, training=training)
+        if self.strides == 2:
+            x = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
+        x = self.project_conv(self.depthwise_conv(x, training=training), training=training)
+        if self.residual_add is not None:
+            x = self.residual_add([inputs, x], training=training)
+        return x
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "filters": self.filters,
+                "hidden_channels": self.hidden_channels,
+                "strides": self.strides,
+                "expand": self.expand,
+                "use_residual": self.use_residual,
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class QuantizedTransformerBlock(keras.layers.Layer):
+    """LinearAttentionFFN with the separable attention written out."""
+
+    def __init__(self, embed_dim, ffn_dim, **kwargs):
+        super().__init__(**kwargs)
+        self.embed_dim = embed_dim
+        self.ffn_dim = ffn_dim
+        d = embed_dim
+        self.attn_norm = QuantizedNormalize(name="attn_norm")
+        self.qkv_proj = QuantizedConv(1 + 2 * d, 1, name="qkv_proj")
+        self.scores_quantizer = ActivationQuantizer(UNIT_INTERVAL_RANGE, name="scores_quantizer")
+        self.weighted_keys_quantizer = ActivationQuantizer(name="weighted_keys_quantizer")
+        self.context_quantizer = ActivationQuantizer(name="context_quantizer")
+        self.relu_quantizer = ActivationQuantizer(name="relu_quantizer")
+        self.attended_quantizer = ActivationQuantizer(name="attended_quantizer")
+        self.out_proj = QuantizedConv(d, 1, name="out_proj")
+        self.attn_add = QuantizedAdd(name="attn_add")
+        self.ffn_norm = QuantizedNormalize(name="ffn_norm")
+        self.ffn_expand = QuantizedConv(ffn_dim, 1, activation="silu", name="ffn_expand")
+        self.ffn_project = QuantizedConv(d, 1, name="ffn_project")
+        self.ffn_add = QuantizedAdd(name="ffn_add")
+
+    def build(self, input_shape):
+        _build_by_calling(self, input_shape)
+
+    def call(self, inputs, training=None):
+        d = self.embed_dim
+        qkv = self.qkv_proj(self.attn_norm(inputs, training=training), training=training)
+        query, key, value = qkv[..., :1], qkv[..., 1 : 1 + d], qkv[..., 1 + d :]
+        scores = self.scores_quantizer(tf.nn.softmax(query, axis=1), training=training)
+        weighted = self.weighted_keys_quantizer(key * scores, training=training)
+        context = self.context_quantizer(tf.reduce_sum(weighted, axis=1, keepdims=True), training=training)
+        gated = self.relu_quantizer(tf.nn.relu(value), training=training)
+        attended = self.attended_quantizer(gated * context, training=training)
+        x = self.attn_add([inputs, self.out_proj(attended, training=training)], training=training)
+        hidden = self.ffn_expand(self.ffn_norm(x, training=training), training=training)
+        return self.ffn_add([x, self.ffn_project(hidden, training=training)], training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"embed_dim": self.embed_dim, "ffn_dim": self.ffn_dim})
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class QuantizedMobileViTv2Block(keras.layers.Layer):
+    def __init__(self, channels, attn_dim, ffn_dim, num_blocks, patch_size=2, dilation=1, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = channels
+        self.attn_dim = attn_dim
+        self.ffn_dim = ffn_dim
+        self.num_blocks = num_blocks
+        self.patch_size = patch_size
+        self.dilation = dilation
+        self.local_depthwise_conv = QuantizedConv(
+            channels, 3, depthwise=True, activation="silu", dilation=dilation, name="local_depthwise_conv"
+        )
+        self.local_pointwise_conv = QuantizedConv(attn_dim, 1, name="local_pointwise_conv")
+        self.transformer_blocks = [
+            QuantizedTransformerBlock(attn_dim, ffn_dim, name=f"transformer_{i}") for i in range(num_blocks)
+        ]
+        self.final_norm = QuantizedNormalize(name="final_norm")
+        self.project_conv = QuantizedConv(channels, 1, name="project_conv")
+
+    def build(self, input_shape):
+        _build_by_calling(self, input_shape)
+
+    def call(self, inputs, training=None):
+        p = self.patch_size
+        x = inputs
+        height, width = x.shape[1], x.shape[2]
+        if height % p or width % p:
+            x = resize_bilinear_align_corners(x, -(-height // p) * p, -(-width // p) * p)
+        x = self.local_pointwise_conv(self.local_depthwise_conv(x, training=training), training=training)
+        height, width = x.shape[1], x.shape[2]
+        patches = unfold_patches(x, p)
+        for block in self.transformer_blocks:
+            patches = block(patches, training=training)
+        patches = self.final_norm(patches, training=training)
+        return self.project_conv(fold_patches(patches, height, width, p), training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "channels": self.channels,
+                "attn_dim": self.attn_dim,
+                "ffn_dim": self.ffn_dim,
+                "num_blocks": self.num_blocks,
+                "patch_size": self.patch_size,
+                "dilation": self.dilation,
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class QuantizedGlobalPool(keras.layers.Layer):
+    def __init__(self, mode="avg", **kwargs):
+        super().__init__(**kwargs)
+        self.mode = mode
+        self.output_quantizer = ActivationQuantizer(name="output_quantizer")
+
+    def build(self, input_shape):
+        self.output_quantizer.build(input_shape)
+
+    def call(self, inputs, training=None):
+        reduce = tf.reduce_mean if self.mode == "avg" else tf.reduce_max
+        return self.output_quantizer(reduce(inputs, axis=[1, 2]), training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"mode": self.mode})
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class QuantizedSoftmax(keras.layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.output_quantizer = ActivationQuantizer(UNIT_INTERVAL_RANGE, name="output_quantizer")
+
+    def build(self, input_shape):
+        self.output_quantizer.build(input_shape)
+
+    def call(self, inputs, training=None):
+        return self.output_quantizer(tf.nn.softmax(inputs, axis=-1), training=training)

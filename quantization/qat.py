@@ -1,0 +1,131 @@
+"""Quantization-aware fine-tuning with the trainer's loop and strategies.
+
+    python -m quantization.qat --model=mobilevitv2_050 --data=/data/imagenet \
+        --init_weights=runs/v2_050/model.keras --model_dir=runs/v2_050_qat \
+        --strategy=mirrored --batch_size=256 --epochs=10 --lr=1e-5
+
+Takes every flag of `python -m training.train` (same data and distribution
+options) plus --calibration_images and --io_type. The float weights given by
+--init_weights (any form the models accept, or a trainer's model.keras) are
+folded and calibrated, fine-tuned with fake quantization, and exported to an
+audited int8 TFLite model in --model_dir.
+"""
+
+import os
+import sys
+
+import numpy as np
+from absl import app
+from absl import flags
+
+from training import train as train_cli  # noqa: F401  (defines the shared flags)
+
+flags.DEFINE_integer("calibration_images", 256, "Training images used to initialise the activation ranges.")
+flags.DEFINE_enum("io_type", "int8", ["int8", "uint8", "float32"], "Input/output type of the exported model.")
+
+
+def sample_images(source, config, count, split="train"):
+    """`count` images through the evaluation transform, as float32 numpy."""
+    import dataclasses
+
+    from training.data import DataSource
+    from training.data import eval_dataset
+
+    chosen = source.train if split == "train" else source.eval
+    view = dataclasses.replace(config, max_eval_images=count)
+    images = [
+        batch.numpy()
+        for batch, _ in eval_dataset(DataSource(source.name, source.class_names, chosen, chosen), view, 64)
+    ]
+    return np.concatenate(images)[:count]
+
+
+def load_float_weights(model, config, path):
+    """Float weights from any form the models accept, or a trainer's .keras file."""
+    import keras
+
+    if str(path).endswith(".keras"):
+        trained = keras.models.load_model(path, compile=False)
+        if len(trained.weights) != len(model.weights):
+            raise ValueError(f"{path} is not a {config.model} with this number of classes.")
+        model.set_weights(trained.get_weights())
+    else:
+        from training.trainer import _load_init_weights
+
+        _load_init_weights(model, config, path)
+
+
+def qat_model_fn(calibration_images):
+    """A Trainer model_fn that returns calibrated QAT models."""
+
+    def build(config, num_classes, source, classifier_activation, initialize):
+        from quantization.quantize import calibrate
+        from quantization.quantize import quantize_model
+        from training.trainer import build_model
+
+        float_model = build_model(config, num_classes, classifier_activation=classifier_activation)
+        if initialize:
+            if config.init_weights:
+                load_float_weights(float_model, config, config.init_weights)
+            qat = quantize_model(float_model)
+            calibrate(qat, sample_images(source, config, calibration_images))
+            return qat
+        return quantize_model(float_model)
+
+    return build
+
+
+def run_qat(config, calibration_images=256, io_type="int8", verbose=True):
+    """QAT fine-tuning + int8 export. Returns (summary, audit report)."""
+    import keras
+
+    import quantization  # noqa: F401  (registers the QAT layers)
+    from quantization.export import export_tflite
+    from training.data import resolve_source
+    from training.trainer import Trainer
+
+    if config.mixed_precision != "float32":
+        raise ValueError("QAT runs in float32 (fake quantization); drop --mixed_precision.")
+    if not config.init_weights:
+        raise ValueError("QAT starts from trained float weights: give --init_weights.")
+    trainer = Trainer(config, verbose=verbose, model_fn=qat_model_fn(calibration_images))
+    summary = trainer.run()
+    if summary is None:  # not the chief
+        return None, None
+    source = resolve_source(config.data, config.num_classes, config.tfrecord_label_offset, config.dataset_dir)
+    exported = keras.models.load_model(os.path.join(config.model_dir, "model.keras"), compile=False)
+    representative = sample_images(source, config, 64)
+    samples = sample_images(source, config, 64, split="eval" if source.eval else "train")
+    report = export_tflite(
+        exported,
+        os.path.join(config.model_dir, f"{config.model}_qat_int8.tflite"),
+        "qat_int8",
+        io_type=io_type,
+        representative_images=representative,
+        sample_images=samples,
+        verbose=verbose,
+    )
+    return summary, report
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    try:
+        config = train_cli.config_from_flags()
+        run_qat(config, flags.FLAGS.calibration_images, flags.FLAGS.io_type)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,163 @@
+"""QAT and TFLite export: fully int8, audited, agreeing with Keras."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import keras
+
+from conftest import randomize_keras_model
+from keras_mobilevitv2 import MobileViTv2_050
+from quantization import calibrate
+from quantization import export_tflite
+from quantization import quantize_model
+from quantization.quantize import quantizers
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def float_model():
+    model = MobileViTv2_050(weights=None, input_shape=(SIZE, SIZE, 3), classes=10)
+    return randomize_keras_model(model, seed=3)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.RandomState(0).rand(48, SIZE, SIZE, 3).astype("float32") * 255
+
+
+@pytest.fixture(scope="module")
+def qat_model(float_model, images):
+    return calibrate(quantize_model(float_model), images[:32])
+
+
+def test_folded_qat_model_computes_the_float_function():
+    # 96x96 reaches an odd map at stage 5: the resize is part of the QAT graph too
+    model = randomize_keras_model(MobileViTv2_050(weights=None, input_shape=(96, 96, 3), classifier_activation=None))
+    qat = quantize_model(model)
+    x = np.random.RandomState(1).rand(4, 96, 96, 3).astype("float32") * 255
+    for quantizer in quantizers(qat):
+        quantizer.calibrating = True  # quantization off: the folded float function
+    np.testing.assert_allclose(qat(x, training=False).numpy(), model.predict_on_batch(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("io_type", ["int8", "uint8"])
+def test_qat_export_is_fully_int8_and_agrees_with_keras(qat_model, images, io_type, tmp_path):
+    path = tmp_path / f"model_{io_type}.tflite"
+    report = export_tflite(
+        qat_model, str(path), "qat_int8", io_type=io_type, representative_images=images[:8],
+        sample_images=images, verbose=False,
+    )
+    assert path.exists() and report["errors"] == []
+    assert report["float_tensors_inside"] == []
+    assert set(report["tensor_dtypes"]) <= {"INT8", "INT32", "UINT8"}
+    assert report["max_tensor_rank"] <= 4
+    assert report["input"]["dtype"] == io_type.upper() and report["input"]["shape"] == [1, SIZE, SIZE, 3]
+    assert not any(op.startswith(("CUSTOM", "FLEX", "DEQUANTIZE")) for op in report["ops"])
+    agreement = report["agreement"]
+    assert agreement["top1_agreement"] >= 0.95
+    # the mean error is a few int8 steps of the output
+    assert agreement["mean_abs_error"] <= 3 * agreement["output_quantization_step"], agreement
+    saved = json.loads((tmp_path / f"model_{io_type}.audit.json").read_text())
+    assert saved["tensor_dtypes"] == report["tensor_dtypes"]
+
+
+def test_uint8_input_takes_raw_pixels(qat_model, tmp_path):
+    report = export_tflite(qat_model, str(tmp_path / "m.tflite"), "qat_int8", io_type="uint8", verbose=False)
+    from quantization.audit import make_interpreter
+
+    interpreter = make_interpreter((tmp_path / "m.tflite").read_bytes())
+    scale, zero_point = interpreter.get_input_details()[0]["quantization"]
+    assert (scale, zero_point) == (1.0, 0)  # the [0, 255] rescaling is folded into the stem
+    assert report["errors"] == []
+
+
+@pytest.mark.parametrize("mode", ["float32", "float16", "dynamic", "ptq_int8"])
+def test_float_model_exports(float_model, images, mode, tmp_path):
+    report = export_tflite(
+        float_model, str(tmp_path / f"{mode}.tflite"), mode,
+        representative_images=images[:16] if mode == "ptq_int8" else None,
+        sample_images=images[:16], verbose=False,
+    )
+    assert report["errors"] == [] and report["max_tensor_rank"] <= 4
+    assert report["agreement"]["top1_agreement"] >= (0.9 if mode == "ptq_int8" else 1.0)
+    if mode == "ptq_int8":
+        assert report["float_tensors_inside"] == []
+    if mode == "float32":
+        assert report["agreement"]["max_abs_error"] < 1e-4
+
+
+def test_unknown_layers_are_named(float_model):
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(8, 3, name="my_conv")(inputs)
+    x = keras.layers.LayerNormalization(name="my_norm")(x)
+    with pytest.raises(ValueError, match="layer 'my_norm' of type LayerNormalization.*Supported:"):
+        quantize_model(keras.Model(inputs, x))
+    dynamic = MobileViTv2_050(weights=None)
+    with pytest.raises(ValueError, match="static input size"):
+        quantize_model(dynamic)
+
+
+def test_export_errors(float_model, qat_model, images, tmp_path):
+    with pytest.raises(ValueError, match=r"representative_images must be float32 images of shape \(N, 64, 64, 3\)"):
+        export_tflite(float_model, str(tmp_path / "a.tflite"), "ptq_int8", representative_images=images[:, :32])
+    with pytest.raises(ValueError, match="needs representative_images"):
+        export_tflite(float_model, str(tmp_path / "a.tflite"), "ptq_int8")
+    with pytest.raises(ValueError, match="never set.*calibrate"):
+        export_tflite(quantize_model(float_model), str(tmp_path / "a.tflite"), "qat_int8")
+    with pytest.raises(ValueError, match="needs a model from quantization.quantize_model"):
+        export_tflite(float_model, str(tmp_path / "a.tflite"), "qat_int8")
+    with pytest.raises(ValueError, match="this is a QAT model"):
+        export_tflite(qat_model, str(tmp_path / "a.tflite"), "ptq_int8", representative_images=images[:4])
+    with pytest.raises(ValueError, match="needs an int8 mode"):
+        export_tflite(float_model, str(tmp_path / "a.tflite"), "float32", io_type="uint8")
+    with pytest.raises(ValueError, match=r"Calibration images must have shape \(N, 64, 64, 3\)"):
+        calibrate(quantize_model(float_model), images[:, :, :, :1])
+    assert not list(tmp_path.iterdir())
+
+
+def test_float_islands_fail_the_audit_and_write_nothing(images, tmp_path):
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2)(inputs)
+    x = keras.layers.LayerNormalization()(x)  # lowers with a float NEG between DEQUANTIZE/QUANTIZE
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(4)(x))
+    with pytest.raises(ValueError, match="failed its audit.*float tensors inside an int8 model"):
+        export_tflite(model, str(tmp_path / "g.tflite"), "ptq_int8", representative_images=images[:8], verbose=False)
+    assert not (tmp_path / "g.tflite").exists()
+    report = export_tflite(
+        model, str(tmp_path / "g.tflite"), "ptq_int8", representative_images=images[:8], allow_float=True, verbose=False
+    )
+    assert report["float_tensors_inside"]  # allowed, but still reported
+
+
+def test_qat_fine_tuning_with_the_trainer(float_model, tmp_path):
+    from quantization.qat import run_qat
+    from training import TrainConfig
+    from training.data import embedded_source
+
+    dataset_dir = str(tmp_path / "datasets")
+    embedded_source(dataset_dir)
+    weights = str(tmp_path / "float.weights.h5")
+    float_model.save_weights(weights)
+    config = TrainConfig(
+        model="mobilevitv2_050", data="embedded", dataset_dir=dataset_dir, model_dir=str(tmp_path / "qat"),
+        image_size=SIZE, batch_size=16, steps=3, lr=1e-4, min_lr=1e-5, warmup_steps=0, randaugment=False,
+        mixup_alpha=0.0, cutmix_alpha=0.0, random_erasing=0.0, max_eval_images=32, init_weights=weights,
+    )
+    summary, report = run_qat(config, calibration_images=32, verbose=False)
+    assert summary["final_step"] == 3
+    assert report["errors"] == [] and report["float_tensors_inside"] == []
+    assert (tmp_path / "qat" / "mobilevitv2_050_qat_int8.tflite").exists()
+    with pytest.raises(ValueError, match="give --init_weights"):
+        run_qat(TrainConfig(model_dir=str(tmp_path / "other")), verbose=False)
+
+
+def test_qat_model_keras_roundtrip_is_exact(qat_model, images, tmp_path):
+    qat_model.save(tmp_path / "qat.keras")
+    restored = keras.models.load_model(tmp_path / "qat.keras")
+    assert len(restored.weights) == len(qat_model.weights)
+    np.testing.assert_array_equal(restored.predict_on_batch(images[:4]), qat_model.predict_on_batch(images[:4]))
