@@ -49,7 +49,13 @@ setup(
     package_data={"keras_mobilevitv2": ["data/*.json"]},
     include_package_data=True,
     install_requires=["tensorflow>=2.16", "keras>=3.3", "absl-py"],
-    extras_require={"convert": CONVERT, "test": TEST, "deploy": DEPLOY, "train": ["tensorboard"]},
+    extras_require={
+        "convert": CONVERT,
+        "test": TEST,
+        "deploy": DEPLOY,
+        "train": ["tensorboard"],  # to view the logs; writing them needs only TensorFlow
+        "benchmarks": ["torch>=2.1", "timm>=1.0", "torchvision", "matplotlib"],
+    },
     entry_points={
         "console_scripts": [
             "mobilevitv2-convert=keras_mobilevitv2.convert:main",

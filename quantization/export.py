@@ -25,12 +25,13 @@ def _is_qat(model):
 
 
 def _check_images(images, shape, what):
-    images = np.asarray(images, np.float32)
-    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape):
-        raise ValueError(
-            f"{what} must be float32 images of shape (N, {', '.join(map(str, shape))}); "
-            f"got shape {images.shape} and dtype {np.asarray(images).dtype}."
-        )
+    raw = np.asarray(images)
+    expected = f"float32 images of shape (N, {', '.join(map(str, shape))}) in the model's input range"
+    if raw.dtype.kind not in "fiu":  # floats, or integer pixels that cast exactly
+        raise ValueError(f"{what} must be {expected}; got dtype {raw.dtype}.")
+    if raw.ndim != 4 or tuple(raw.shape[1:]) != tuple(shape):
+        raise ValueError(f"{what} must be {expected}; got shape {raw.shape}.")
+    images = raw.astype(np.float32)
     if len(images) == 0:
         raise ValueError(f"{what} is empty.")
     return images

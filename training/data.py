@@ -308,6 +308,22 @@ def _decode(encoded):
     return tf.io.decode_image(encoded, channels=3, expand_animations=False)
 
 
+_LABEL_HELP = (
+    "a label is outside [0, num_classes): check --num_classes and, for TFRecords, "
+    "--tfrecord_label_offset (1 for 1-based ImageNet labels)"
+)
+
+
+def _checked_one_hot(one_hot, num_classes):
+    """Fails loudly on an out-of-range label (tf.one_hot gives all zeros).
+
+    Checked after `ignore_errors`, which would otherwise drop it silently.
+    """
+    check = tf.debugging.assert_equal(tf.reduce_sum(one_hot), 1.0, message=_LABEL_HELP)
+    with tf.control_dependencies([check]):
+        return tf.identity(one_hot)
+
+
 def _count_skipped(dataset):
     """Adds to each element how many records were dropped before it.
 
@@ -353,6 +369,7 @@ def train_dataset(source, config, input_context, epoch, skip_batches=0):
 
     images = records.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     images = _count_skipped(images.ignore_errors(log_warning=True))
+    images = images.map(lambda image, label, skipped: (image, _checked_one_hot(label, num_classes), skipped))
     batches = images.batch(per_replica_batch, drop_remainder=True)
 
     def mix(batch_index, batch):
@@ -380,4 +397,11 @@ def eval_dataset(source, config, batch_size):
         return eval_transform(_decode(encoded), config.image_size, resize), label
 
     images = records.map(load, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
-    return images.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    num_classes = source.num_classes
+
+    def check(image, label):
+        valid = tf.logical_and(label >= 0, label < num_classes)
+        with tf.control_dependencies([tf.debugging.Assert(valid, [_LABEL_HELP, label])]):
+            return image, tf.identity(label)
+
+    return images.map(check).batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -104,6 +104,8 @@ def test_unknown_layers_are_named(float_model):
 def test_export_errors(float_model, qat_model, images, tmp_path):
     with pytest.raises(ValueError, match=r"representative_images must be float32 images of shape \(N, 64, 64, 3\)"):
         export_tflite(float_model, str(tmp_path / "a.tflite"), "ptq_int8", representative_images=images[:, :32])
+    with pytest.raises(ValueError, match="representative_images must be float32 images.*got dtype bool"):
+        export_tflite(float_model, str(tmp_path / "a.tflite"), "ptq_int8", representative_images=images > 100)
     with pytest.raises(ValueError, match="needs representative_images"):
         export_tflite(float_model, str(tmp_path / "a.tflite"), "ptq_int8")
     with pytest.raises(ValueError, match="never set.*calibrate"):

@@ -207,6 +207,44 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     assert 1 <= summary["skipped_images"] <= 2
 
 
+def _write_tfrecords(path, count, label_offset):
+    import tensorflow as tf
+
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for i in range(count):
+            label = i % 2
+            image = np.full((40, 40, 3), 40 + 150 * label, np.uint8)
+            features = {
+                "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[tf.io.encode_png(image).numpy()])),
+                "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label + label_offset])),
+            }
+            writer.write(tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString())
+
+
+def test_imagenet_tfrecords_train_and_evaluate(tmp_path):
+    data = tmp_path / "records"
+    data.mkdir()
+    # 1-based labels, as written by the usual ImageNet-to-TFRecord scripts
+    _write_tfrecords(data / "train-00000-of-00002", 12, label_offset=1)
+    _write_tfrecords(data / "train-00001-of-00002", 12, label_offset=1)
+    _write_tfrecords(data / "validation-00000-of-00001", 8, label_offset=1)
+    config = fast_config(
+        tmp_path / "run", "", data=str(data), num_classes=2, tfrecord_label_offset=1, batch_size=8, steps=3,
+        max_eval_images=0,
+    )
+    summary = Trainer(config, verbose=False).run()
+    assert summary["final_step"] == 3
+    assert summary["eval"]["top1"] >= 0.0 and summary["eval"]["top5"] == 1.0  # 2 classes
+    with pytest.raises(ValueError, match="give --num_classes"):
+        Trainer(fast_config(tmp_path / "run2", "", data=str(data)), verbose=False).run()
+    # 1-based labels read as 0-based: label 2 of 2 classes is an error, not a zero vector
+    import tensorflow as tf
+
+    wrong_offset = fast_config(tmp_path / "run3", "", data=str(data), num_classes=2, batch_size=8, steps=3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="tfrecord_label_offset"):
+        Trainer(wrong_offset, verbose=False).run()
+
+
 def test_bad_data_gives_clear_errors(tmp_path):
     empty = tmp_path / "empty"
     (empty / "train").mkdir(parents=True)
