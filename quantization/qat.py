@@ -24,8 +24,9 @@ flags.DEFINE_integer("calibration_images", 256, "Training images used to initial
 flags.DEFINE_enum("io_type", "int8", ["int8", "uint8", "float32"], "Input/output type of the exported model.")
 
 
-def sample_images(source, config, count, split="train"):
-    """`count` images through the evaluation transform, as float32 numpy."""
+def sample_images(source, config, count, split="train", seed=1234):
+    """`count` images, a seeded random subset of `split` (folder sources are
+    sorted by class), through the evaluation transform, as float32 numpy."""
     import dataclasses
 
     from training.data import DataSource
@@ -35,7 +36,9 @@ def sample_images(source, config, count, split="train"):
     view = dataclasses.replace(config, max_eval_images=count)
     images = [
         batch.numpy()
-        for batch, _ in eval_dataset(DataSource(source.name, source.class_names, chosen, chosen), view, 64)
+        for batch, _ in eval_dataset(
+            DataSource(source.name, source.class_names, chosen, chosen), view, 64, shuffle_seed=(seed,)
+        )
     ]
     return np.concatenate(images)[:count]
 

@@ -35,12 +35,16 @@ class Split:
     labels: list = None
     records: object = None  # callable(shuffle_seed) -> tf.data of (bytes, label)
 
-    def dataset(self, shuffle_seed=None):
-        """(bytes or path, label) records, shuffled deterministically by seed."""
+    def dataset(self, shuffle_seed=None, shard=(1, 0)):
+        """(bytes or path, label) records, shuffled deterministically by
+        `shuffle_seed` (a tuple of ints) and restricted to shard `shard[1]`
+        of `shard[0]` before any file is read."""
+        num_shards, shard_index = shard
         if self.paths is not None:
             order = np.arange(self.num_examples)
             if shuffle_seed is not None:
-                order = np.random.RandomState(shuffle_seed).permutation(self.num_examples)
+                order = np.random.default_rng(list(shuffle_seed)).permutation(self.num_examples)
+            order = order[shard_index::num_shards]
             paths = tf.constant([self.paths[i] for i in order])
             labels = tf.constant([self.labels[i] for i in order], tf.int32)
             files = tf.data.Dataset.from_tensor_slices((paths, labels))
@@ -48,7 +52,15 @@ class Split:
                 lambda path, label: (tf.io.read_file(path), label),
                 num_parallel_calls=tf.data.AUTOTUNE,
             )
-        return self.records(shuffle_seed)
+        records = self.records(shuffle_seed)
+        return records.shard(num_shards, shard_index) if num_shards > 1 else records
+
+
+def _int_seed(shuffle_seed):
+    """A tuple seed as one int for tf.data's `shuffle` (None stays None)."""
+    if shuffle_seed is None:
+        return None
+    return int(np.random.default_rng(list(shuffle_seed)).integers(2**31 - 1))
 
 
 @dataclasses.dataclass
@@ -150,13 +162,14 @@ def _tfrecord_split(files, label_offset):
 
     def records(shuffle_seed):
         dataset = tf.data.Dataset.from_tensor_slices(files)
-        if shuffle_seed is not None:
-            dataset = dataset.shuffle(len(files), seed=shuffle_seed)
+        seed = _int_seed(shuffle_seed)
+        if seed is not None:
+            dataset = dataset.shuffle(len(files), seed=seed)
         dataset = dataset.interleave(
-            tf.data.TFRecordDataset, cycle_length=8, num_parallel_calls=tf.data.AUTOTUNE
+            tf.data.TFRecordDataset, cycle_length=8, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
         )
-        if shuffle_seed is not None:
-            dataset = dataset.shuffle(10_000, seed=shuffle_seed)
+        if seed is not None:
+            dataset = dataset.shuffle(10_000, seed=seed)
         return dataset.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
 
     return Split(count, records=records)
@@ -199,12 +212,15 @@ def tfds_source(name, data_dir=None):
 
     def make(split):
         def records(shuffle_seed):
+            seed = _int_seed(shuffle_seed)
             dataset = builder.as_dataset(
                 split=split,
-                shuffle_files=shuffle_seed is not None,
+                shuffle_files=seed is not None,
                 decoders={"image": tfds.decode.SkipDecoding()},
-                read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed),
+                read_config=tfds.ReadConfig(shuffle_seed=seed),
             )
+            if seed is not None:  # files alone: a one-shard split keeps its order
+                dataset = dataset.shuffle(10_000, seed=seed)
             return dataset.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
 
         return Split(splits[split].num_examples, records=records)
@@ -314,12 +330,13 @@ _LABEL_HELP = (
 )
 
 
-def _checked_one_hot(one_hot, num_classes):
+@tf.autograph.experimental.do_not_convert  # plain ops; autograph lost the module globals
+def _checked_one_hot(one_hot, num_classes, message=_LABEL_HELP):
     """Fails loudly on an out-of-range label (tf.one_hot gives all zeros).
 
     Checked after `ignore_errors`, which would otherwise drop it silently.
     """
-    check = tf.debugging.assert_equal(tf.reduce_sum(one_hot), 1.0, message=_LABEL_HELP)
+    check = tf.debugging.assert_equal(tf.reduce_sum(one_hot), 1.0, message=message)
     with tf.control_dependencies([check]):
         return tf.identity(one_hot)
 
@@ -355,15 +372,16 @@ def train_dataset(source, config, input_context, epoch, skip_batches=0):
         seed=config.seed,
         crop_min_scale=config.crop_min_scale,
     )
-    epoch_seed = config.seed * 1_000_003 + epoch
-    records = source.train.dataset(shuffle_seed=epoch_seed)
-    records = records.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    shard = (input_context.num_input_pipelines, input_context.input_pipeline_id)
+    records = source.train.dataset(shuffle_seed=(config.seed, epoch), shard=shard)
     records = records.repeat().enumerate()
     num_classes = source.num_classes
+    # Augmentation draws differ per worker (pipeline id) and per epoch.
+    augment_seed = int(np.random.default_rng([config.seed, epoch, shard[1]]).integers(2**62))
 
     def load(index, record):
         encoded, label = record
-        seed = tf.stack([tf.constant(epoch_seed, tf.int64), index])
+        seed = tf.stack([tf.constant(augment_seed, tf.int64), index])
         image = augmentation(_decode(encoded), seed)
         return index, image, tf.one_hot(label, num_classes)
 
@@ -374,7 +392,7 @@ def train_dataset(source, config, input_context, epoch, skip_batches=0):
 
     def mix(batch_index, batch):
         images, labels, skipped = batch
-        seed = tf.stack([tf.constant(epoch_seed + 7, tf.int64), batch_index])
+        seed = tf.stack([tf.constant(augment_seed + 7, tf.int64), batch_index])
         images, labels = mixup_or_cutmix(
             images, labels, seed, config.mixup_alpha, config.cutmix_alpha
         )
@@ -386,10 +404,13 @@ def train_dataset(source, config, input_context, epoch, skip_batches=0):
     return batches.prefetch(tf.data.AUTOTUNE)
 
 
-def eval_dataset(source, config, batch_size):
-    """Evaluation: resize the shorter side by 1/ratio (bicubic), center crop."""
+def eval_dataset(source, config, batch_size, shuffle_seed=None):
+    """Evaluation: resize the shorter side by 1/ratio (bicubic), center crop.
+
+    `shuffle_seed` draws a seeded random subset with `max_eval_images` (the
+    record order of a folder source is sorted by class)."""
     resize = int(round(config.image_size / config.eval_resize_ratio))
-    records = source.eval.dataset(shuffle_seed=None)
+    records = source.eval.dataset(shuffle_seed=shuffle_seed)
     if config.max_eval_images:
         records = records.take(config.max_eval_images)
 
@@ -399,9 +420,10 @@ def eval_dataset(source, config, batch_size):
     images = records.map(load, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
     num_classes = source.num_classes
 
-    def check(image, label):
+    @tf.autograph.experimental.do_not_convert
+    def check(image, label, message=_LABEL_HELP):
         valid = tf.logical_and(label >= 0, label < num_classes)
-        with tf.control_dependencies([tf.debugging.Assert(valid, [_LABEL_HELP, label])]):
+        with tf.control_dependencies([tf.debugging.Assert(valid, [message, label])]):
             return image, tf.identity(label)
 
     return images.map(check).batch(batch_size).prefetch(tf.data.AUTOTUNE)

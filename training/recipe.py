@@ -84,6 +84,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum_steps", "image_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)}.")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0; got {self.seed}.")
         if self.image_size < 32:
             raise ValueError(f"--image_size must be >= 32; got {self.image_size}.")
         if self.epochs < 1 and self.steps < 1:

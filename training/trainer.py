@@ -35,7 +35,11 @@ RUN_CONFIG = "run_config.json"
 SUMMARY = "summary.json"
 EXPORT_NAME = "model.keras"
 # Settings whose change makes an existing checkpoint meaningless.
-COMPATIBILITY_FIELDS = ("model", "image_size", "num_classes", "data", "batch_size", "grad_accum_steps")
+COMPATIBILITY_FIELDS = (
+    "model", "image_size", "num_classes", "data", "batch_size", "grad_accum_steps",
+    "mixed_precision",  # the optimizer (loss scaling or not) must match the checkpoint
+    "seed",  # the data order that a resume skips through
+)
 
 
 def _write_json_atomically(path, payload):
@@ -63,8 +67,8 @@ def build_model(config, num_classes, weights=None, classifier_activation=None):
 
 
 def _load_init_weights(model, config, weights):
-    """Fine-tuning start: any weights the models accept; a classifier of
-    another size is dropped (the backbone is kept)."""
+    """Fine-tuning start: any weights the models accept. The classifier is
+    loaded when its size matches; otherwise only the backbone is."""
     path = str(weights)
     if path.endswith((".h5", ".keras")):
         try:
@@ -75,6 +79,17 @@ def _load_init_weights(model, config, weights):
                 f"{model.output_shape[-1]} classes: {error}"
             ) from None
         return
+    try:
+        full = MobileViTv2(
+            config.width,
+            weights=weights,
+            classes=model.output_shape[-1],
+            input_shape=(config.image_size, config.image_size, 3),
+        )
+        model.set_weights(full.get_weights())
+        return
+    except ValueError:  # the checkpoint's classifier has another size
+        pass
     backbone = MobileViTv2(
         config.width,
         weights=weights,
@@ -343,8 +358,11 @@ class Trainer:
         if chief and source.eval is not None:
             eval_model = self.model_fn(config, num_classes, source, None, False)
 
+        saved = {"step": None}
+
         def save_checkpoint():
             manager.save(checkpoint_number=int(state["step"].numpy()))
+            saved["step"] = int(state["step"].numpy())
             if not chief:
                 shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
@@ -358,9 +376,11 @@ class Trainer:
         self._progress.start(step)
 
         while step < total_steps:
+            # Each step takes one batch per local replica from the worker's pipeline.
             dataset = strategy.distribute_datasets_from_function(
                 lambda context, e=epoch, s=step_in_epoch * accum: train_dataset(
-                    source, config, context, e, skip_batches=s
+                    source, config, context, e,
+                    skip_batches=s * (context.num_replicas_in_sync // context.num_input_pipelines),
                 )
             )
             iterator = iter(dataset)
@@ -430,8 +450,8 @@ class Trainer:
                     )
                 save_checkpoint()
 
-        latest = tf.train.latest_checkpoint(os.path.join(config.model_dir, "checkpoints"))
-        if latest is None or int(latest.rsplit("-", 1)[-1]) != step:
+        restored_step = int(latest.rsplit("-", 1)[-1]) if latest else None
+        if step not in (saved["step"], restored_step):  # decided locally: no race with the chief
             save_checkpoint()
         if eval_model is not None and not history["eval"]:
             history["eval"] = self._evaluate(eval_model, model, ema, source, writers, step)
@@ -444,7 +464,8 @@ class Trainer:
                 timed_steps * images_per_step / train_time if train_time else 0.0,
                 int(state["skipped"].numpy()), strategy,
             )
-        shutil.rmtree(os.path.join(config.model_dir, ".workers"), ignore_errors=True) if chief else None
+        if chief:
+            shutil.rmtree(os.path.join(config.model_dir, ".workers"), ignore_errors=True)
         return summary
 
     # -------------------------------------------------------- evaluation
