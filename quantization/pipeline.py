@@ -104,8 +104,9 @@ def main(argv=None):
     float_model = keras.models.load_model(os.path.join(float_dir, "model.keras"), compile=False)
     qat_model = keras.models.load_model(os.path.join(qat_dir, "model.keras"), compile=False)
     representative = sample_images(source, float_config, 128)
-    eval_images = sample_images(source, float_config, source.eval.num_examples, split="eval")
-    eval_labels = np.asarray(source.eval.labels)[: len(eval_images)]
+    eval_images, eval_labels = sample_images(
+        source, float_config, source.eval.num_examples, split="eval", with_labels=True
+    )
     samples = eval_images[:64]
     reports = {"qat_int8": qat_report}
     for mode in ("float32", "ptq_int8"):

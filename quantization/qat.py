@@ -24,9 +24,10 @@ flags.DEFINE_integer("calibration_images", 256, "Training images used to initial
 flags.DEFINE_enum("io_type", "int8", ["int8", "uint8", "float32"], "Input/output type of the exported model.")
 
 
-def sample_images(source, config, count, split="train", seed=1234):
+def sample_images(source, config, count, split="train", seed=1234, with_labels=False):
     """`count` images, a seeded random subset of `split` (folder sources are
-    sorted by class), through the evaluation transform, as float32 numpy."""
+    sorted by class), through the evaluation transform, as float32 numpy;
+    with `with_labels`, also their labels (same order)."""
     import dataclasses
 
     from training.data import DataSource
@@ -34,13 +35,14 @@ def sample_images(source, config, count, split="train", seed=1234):
 
     chosen = source.train if split == "train" else source.eval
     view = dataclasses.replace(config, max_eval_images=count)
-    images = [
-        batch.numpy()
-        for batch, _ in eval_dataset(
-            DataSource(source.name, source.class_names, chosen, chosen), view, 64, shuffle_seed=(seed,)
-        )
-    ]
-    return np.concatenate(images)[:count]
+    images, labels = [], []
+    for batch, batch_labels in eval_dataset(
+        DataSource(source.name, source.class_names, chosen, chosen), view, 64, shuffle_seed=(seed,)
+    ):
+        images.append(batch.numpy())
+        labels.append(batch_labels.numpy())
+    images = np.concatenate(images)[:count]
+    return (images, np.concatenate(labels)[:count]) if with_labels else images
 
 
 def load_float_weights(model, config, path):

@@ -163,3 +163,23 @@ def test_qat_model_keras_roundtrip_is_exact(qat_model, images, tmp_path):
     restored = keras.models.load_model(tmp_path / "qat.keras")
     assert len(restored.weights) == len(qat_model.weights)
     np.testing.assert_array_equal(restored.predict_on_batch(images[:4]), qat_model.predict_on_batch(images[:4]))
+
+
+def test_sample_images_are_a_mixed_subset_with_matching_labels(tmp_path):
+    import tensorflow as tf
+
+    from quantization.qat import sample_images
+    from training import TrainConfig
+    from training.data import folder_source
+
+    for split in ("train", "val"):
+        for label, value in ((0, 30), (1, 220)):
+            folder = tmp_path / split / str(label)
+            folder.mkdir(parents=True)
+            for i in range(10):
+                tf.io.write_file(str(folder / f"{i}.png"), tf.io.encode_png(np.full((36, 36, 3), value, np.uint8)))
+    source = folder_source(str(tmp_path))
+    config = TrainConfig(image_size=32)
+    images, labels = sample_images(source, config, 8, split="eval", with_labels=True)
+    assert images.shape == (8, 32, 32, 3) and set(labels) == {0, 1}  # not the first class only
+    np.testing.assert_array_equal(images.mean(axis=(1, 2, 3)) > 128, labels == 1)
