@@ -12,13 +12,14 @@ audited int8 TFLite model in --model_dir.
 """
 
 import os
-import sys
 
 import numpy as np
 from absl import app
 from absl import flags
 
-from training import train as train_cli  # noqa: F401  (defines the shared flags)
+# Importing the module (not `training.train`, the function the package exports
+# under that name) defines the trainer's flags, shared by this command.
+from training.train import run_job
 
 flags.DEFINE_integer("calibration_images", 256, "Training images used to initialise the activation ranges.")
 flags.DEFINE_enum("io_type", "int8", ["int8", "uint8", "float32"], "Input/output type of the exported model.")
@@ -116,16 +117,9 @@ def run_qat(config, calibration_images=256, io_type="int8", verbose=True):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from absl import logging
-
-    logging.set_verbosity(logging.WARNING)
-    try:
-        config = train_cli.config_from_flags()
-        run_qat(config, flags.FLAGS.calibration_images, flags.FLAGS.io_type)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_job(
+        lambda config: run_qat(config, flags.FLAGS.calibration_images, flags.FLAGS.io_type)
+    )
 
 
 def run():

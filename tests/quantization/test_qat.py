@@ -183,3 +183,15 @@ def test_sample_images_are_a_mixed_subset_with_matching_labels(tmp_path):
     images, labels = sample_images(source, config, 8, split="eval", with_labels=True)
     assert images.shape == (8, 32, 32, 3) and set(labels) == {0, 1}  # not the first class only
     np.testing.assert_array_equal(images.mean(axis=(1, 2, 3)) > 128, labels == 1)
+
+
+def test_qat_command_takes_the_trainer_flags(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "quantization.qat", "--model_dir", str(tmp_path / "run"), "--batch_size", "8"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "give --init_weights" in result.stderr
