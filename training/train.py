@@ -68,22 +68,28 @@ def config_from_flags():
     return TrainConfig(**values)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def run_job(job):
+    """Runs `job(config)` for the flags given; a ValueError (bad input) is
+    printed as one clear line and exits 2. Shared by the training and QAT
+    commands."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # TF's checkpoint INFO lines
-    from training.trainer import Trainer
-
     try:
-        config = config_from_flags()
-        Trainer(config).run()
+        job(config_from_flags())
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from training.trainer import Trainer
+
+    return run_job(lambda config: Trainer(config).run())
 
 
 def run():

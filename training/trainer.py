@@ -16,7 +16,6 @@ import shutil
 import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from keras_mobilevitv2.mobilevitv2 import MobileViTv2
@@ -373,6 +372,7 @@ class Trainer:
         images_per_step = config.effective_batch_size
         train_time, timed_steps = 0.0, 0
         history = {"train": {}, "eval": {}}
+        first_step = step  # the step this process starts at traces the functions
         self._progress.start(step)
 
         while step < total_steps:
@@ -396,7 +396,7 @@ class Trainer:
                 loss_sum += float(loss)
                 correct_sum += float(correct)
                 elapsed = time.perf_counter() - started
-                if step > int(self._progress._start_step):  # the first step traces
+                if step > first_step:  # untimed: the first step traces
                     train_time += elapsed
                     timed_steps += 1
                 step += 1
