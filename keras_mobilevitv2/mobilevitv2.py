@@ -16,6 +16,7 @@ from keras_mobilevitv2.config import config_for_width
 from keras_mobilevitv2.layers import InvertedResidual
 from keras_mobilevitv2.layers import MobileViTv2Block
 from keras_mobilevitv2.layers.inverted_residual import batch_norm
+from keras_mobilevitv2.layers.normalization import validate_attention_norm
 
 DEFAULT_SIZE = 256
 MIN_SIZE = 32
@@ -138,6 +139,7 @@ def MobileViTv2(
     dropout=0.0,
     attn_dropout=0.0,
     ffn_dropout=0.0,
+    attention_norm="layer_norm_2d",
 ):
     """Builds a MobileViTv2 of any width; see the named variants' docstring."""
     if keras.config.image_data_format() == "channels_first":
@@ -160,6 +162,17 @@ def MobileViTv2(
             f"width_multiplier={width_multiplier}"
         )
     _validate_weights(weights, include_top, classes)
+    validate_attention_norm(attention_norm)
+    if attention_norm != "layer_norm_2d" and weights is not None and not (
+        os.fspath(weights).lower().endswith(KERAS_WEIGHTS_SUFFIXES)
+    ):
+        raise ValueError(
+            "The published MobileViTv2 checkpoints use "
+            "attention_norm='layer_norm_2d'; a model built with "
+            f"attention_norm={attention_norm!r} can only load a Keras "
+            "`.weights.h5` file of the same architecture. Received: "
+            f"weights={weights!r}"
+        )
     if pooling not in POOLING_MODES:
         raise ValueError(
             "`pooling` must be one of None, 'avg' or 'max'. Received: "
@@ -206,6 +219,7 @@ def MobileViTv2(
             dropout=dropout,
             attn_dropout=attn_dropout,
             ffn_dropout=ffn_dropout,
+            attention_norm=attention_norm,
             name=f"stage{index}_mvit",
         )(x)
 
@@ -332,4 +346,8 @@ MobileViTv2.__doc__ = BASE_DOCSTRING.format(
 ) + (
     "\n    `dropout`, `attn_dropout`, `ffn_dropout` (keyword-only here) set the\n"
     "    transformer dropout rates; all are 0 in the released models.\n"
+    "    `attention_norm`: `'layer_norm_2d'` (GroupNorm(1), the reference and\n"
+    "    the published weights) or `'batch_norm_2d'` in the attention and FFN\n"
+    "    norms (ml-cvnets' option: it folds into the 1x1 convolutions at\n"
+    "    inference - the Edge TPU / microcontroller friendly choice).\n"
 )

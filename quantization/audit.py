@@ -43,6 +43,80 @@ def read_structure(flatbuffer):
     return {"ops": ops, "tensors": tensors, "inputs": inputs, "outputs": outputs}
 
 
+# Option tables worth reading for target compatibility: schema class -> the
+# accessor methods exposed as snake_case keys.
+_OPTION_FIELDS = {
+    "Conv2DOptions": ("StrideH", "StrideW", "DilationHFactor", "DilationWFactor", "FusedActivationFunction"),
+    "DepthwiseConv2DOptions": ("StrideH", "StrideW", "DilationHFactor", "DilationWFactor", "FusedActivationFunction"),
+    "FullyConnectedOptions": ("FusedActivationFunction", "KeepNumDims"),
+    "AddOptions": ("FusedActivationFunction",),
+    "SubOptions": ("FusedActivationFunction",),
+    "MulOptions": ("FusedActivationFunction",),
+    "ConcatenationOptions": ("Axis", "FusedActivationFunction"),
+    "Pool2DOptions": ("StrideH", "StrideW", "FilterHeight", "FilterWidth", "FusedActivationFunction"),
+    "SoftmaxOptions": ("Beta",),
+    "ReducerOptions": ("KeepDims",),
+    "StridedSliceOptions": ("BeginMask", "EndMask", "EllipsisMask", "NewAxisMask", "ShrinkAxisMask"),
+    "TransposeConvOptions": ("StrideH", "StrideW", "FusedActivationFunction"),
+}
+_OPTION_TYPE_NAMES = {value: name for name, value in vars(schema.BuiltinOptions).items() if not name.startswith("_")}
+
+
+def _snake(name):
+    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+
+
+def read_operators(flatbuffer):
+    """Every operator in execution order, with what target checks need:
+    `[{index, op, version, inputs, outputs, options}]`. Inputs and outputs are
+    `{shape, dtype, constant}` dicts (`constant`: the values of a small int32
+    constant such as reduction axes, else None); `options` holds the fields of
+    `_OPTION_FIELDS` for the op's builtin options."""
+    model = schema.Model.GetRootAsModel(flatbuffer, 0)
+    codes = []
+    for i in range(model.OperatorCodesLength()):
+        code = model.OperatorCodes(i)
+        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+        codes.append((_OP_NAMES.get(builtin, f"BUILTIN_{builtin}"), code.Version()))
+    graph = model.Subgraphs(0)
+
+    def tensor_info(index):
+        if index < 0:
+            return None
+        tensor = graph.Tensors(index)
+        dtype = _TYPE_NAMES.get(tensor.Type(), str(tensor.Type()))
+        shape = [int(d) for d in tensor.ShapeAsNumpy()] if tensor.ShapeLength() else []
+        constant = None
+        buffer = model.Buffers(tensor.Buffer())
+        if dtype == "INT32" and buffer is not None and 0 < buffer.DataLength() <= 64:
+            constant = [int(v) for v in np.frombuffer(buffer.DataAsNumpy().tobytes(), np.int32)]
+        is_constant = buffer is not None and buffer.DataLength() > 0
+        return {"shape": shape, "dtype": dtype, "constant": constant, "is_constant": is_constant}
+
+    operators = []
+    for i in range(graph.OperatorsLength()):
+        operator = graph.Operators(i)
+        name, version = codes[operator.OpcodeIndex()]
+        options = {}
+        type_name = _OPTION_TYPE_NAMES.get(operator.BuiltinOptionsType())
+        table = operator.BuiltinOptions()
+        if type_name in _OPTION_FIELDS and table is not None:
+            parsed = getattr(schema, type_name)()
+            parsed.Init(table.Bytes, table.Pos)
+            options = {_snake(field): getattr(parsed, field)() for field in _OPTION_FIELDS[type_name]}
+        operators.append(
+            {
+                "index": i,
+                "op": name,
+                "version": int(version),
+                "inputs": [tensor_info(int(t)) for t in operator.InputsAsNumpy()] if operator.InputsLength() else [],
+                "outputs": [tensor_info(int(t)) for t in operator.OutputsAsNumpy()] if operator.OutputsLength() else [],
+                "options": options,
+            }
+        )
+    return operators
+
+
 def make_interpreter(flatbuffer, use_xnnpack=False, num_threads=None):
     """The LiteRT interpreter when installed, else TensorFlow's."""
     try:

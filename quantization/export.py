@@ -137,15 +137,20 @@ def export_tflite(model, path, mode, io_type=None, representative_images=None, s
         print(format_report(report))
     if report["errors"]:
         raise ValueError(f"The {mode} export of {model.name} failed its audit: " + "; ".join(report["errors"]))
+    write_model(flatbuffer, path)
+    with open(str(path)[: -len(".tflite")] + ".audit.json", "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+def write_model(content, path):
+    """Writes bytes atomically: a reader never sees a half-written model."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     temporary = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     with open(temporary, "wb") as f:
-        f.write(flatbuffer)
+        f.write(content)
     os.replace(temporary, path)
-    with open(str(path)[: -len(".tflite")] + ".audit.json", "w") as f:
-        json.dump(report, f, indent=2)
-    return report
 
 
 def main(argv=None):

@@ -22,6 +22,52 @@ from quantization.fake_quant import quantize_weights_per_tensor
 
 PACKAGE = "keras_mobilevitv2_quantization"
 
+# "reference": the ops of the float model (unfold/fold by reshape+transpose,
+# one softmax over the patch axis). "edgetpu": the same function in ops the
+# Edge TPU maps (see `quantization/edgetpu.py`): SPACE_TO_DEPTH unfold, one
+# 1-D softmax per pixel position, fold by slices + concatenation. Both give
+# the same int8 values.
+GRAPHS = ("reference", "edgetpu")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}; got {value!r}.")
+    return value
+
+
+def unfold_space_to_depth(x, patch_size):
+    """`unfold_patches` through SPACE_TO_DEPTH: [B, H, W, C] -> [B, N, P, C].
+
+    space_to_depth puts pixel (i, j) of each patch at channels
+    (i * p + j) * C ... + C, which is exactly P-major order; the reshape then
+    only splits channels, so no TRANSPOSE is needed.
+    """
+    p = patch_size
+    _, height, width, channels = x.shape
+    x = tf.nn.space_to_depth(x, p)  # [B, H/p, W/p, P*C]
+    return tf.reshape(x, (-1, (height // p) * (width // p), p * p, channels))
+
+
+def fold_by_concatenation(patches, height, width, patch_size):
+    """`fold_patches` in RESHAPE, STRIDED_SLICE and CONCATENATION only:
+    [B, N, P, C] -> [B, H, W, C], with no TRANSPOSE and no DEPTH_TO_SPACE.
+
+    Row i of every patch is a channel block [B, h, w, p*C] ordered (j, c);
+    reshaping it to [B, h, w*p, C] already interleaves the columns. The p
+    rows, concatenated along the width and reshaped, interleave the rows.
+    Values are only moved, so int8 values are unchanged.
+    """
+    p = patch_size
+    channels = patches.shape[-1]
+    h, w = height // p, width // p
+    x = tf.reshape(patches, (-1, h, w, p * p * channels))  # [B, h, w, P*C], P = (i, j)
+    rows = [
+        tf.reshape(x[..., i * p * channels : (i + 1) * p * channels], (-1, h, width, channels))  # [B, h, W, C]
+        for i in range(p)
+    ]
+    return tf.reshape(tf.concat(rows, axis=2), (-1, height, width, channels))  # [B, h, p*W, C] -> [B, H, W, C]
+
 
 def _build_by_calling(layer, input_shape):
     """Creates every sublayer's variables by running the layer once on zeros.
@@ -235,14 +281,21 @@ class QuantizedInvertedResidual(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class QuantizedTransformerBlock(keras.layers.Layer):
-    """LinearAttentionFFN with the separable attention written out."""
+    """LinearAttentionFFN with the separable attention written out.
 
-    def __init__(self, embed_dim, ffn_dim, **kwargs):
+    With `attention_norm="batch_norm_2d"` the norms are folded into the 1x1
+    convolutions after them and there is no normalization op at all.
+    """
+
+    def __init__(self, embed_dim, ffn_dim, attention_norm="layer_norm_2d", graph="reference", **kwargs):
         super().__init__(**kwargs)
         self.embed_dim = embed_dim
         self.ffn_dim = ffn_dim
+        self.attention_norm = _check_choice("attention_norm", attention_norm, ("layer_norm_2d", "batch_norm_2d"))
+        self.graph = _check_choice("graph", graph, GRAPHS)
         d = embed_dim
-        self.attn_norm = QuantizedNormalize(name="attn_norm")
+        normalize = attention_norm == "layer_norm_2d"
+        self.attn_norm = QuantizedNormalize(name="attn_norm") if normalize else None
         self.qkv_proj = QuantizedConv(1 + 2 * d, 1, name="qkv_proj")
         self.scores_quantizer = ActivationQuantizer(UNIT_INTERVAL_RANGE, name="scores_quantizer")
         self.weighted_keys_quantizer = ActivationQuantizer(name="weighted_keys_quantizer")
@@ -251,7 +304,7 @@ class QuantizedTransformerBlock(keras.layers.Layer):
         self.attended_quantizer = ActivationQuantizer(name="attended_quantizer")
         self.out_proj = QuantizedConv(d, 1, name="out_proj")
         self.attn_add = QuantizedAdd(name="attn_add")
-        self.ffn_norm = QuantizedNormalize(name="ffn_norm")
+        self.ffn_norm = QuantizedNormalize(name="ffn_norm") if normalize else None
         self.ffn_expand = QuantizedConv(ffn_dim, 1, activation="silu", name="ffn_expand")
         self.ffn_project = QuantizedConv(d, 1, name="ffn_project")
         self.ffn_add = QuantizedAdd(name="ffn_add")
@@ -259,29 +312,54 @@ class QuantizedTransformerBlock(keras.layers.Layer):
     def build(self, input_shape):
         _build_by_calling(self, input_shape)
 
+    def _softmax_over_patches(self, query):
+        """Softmax over the N axis of query [B, N, P, 1]."""
+        if self.graph == "reference":
+            return tf.nn.softmax(query, axis=1)
+        # The Edge TPU maps SOFTMAX only on a 1-D vector (<= 16,000 values):
+        # one softmax per pixel position p, over a [B, N] vector each.
+        tokens = query.shape[1]
+        per_position = [
+            tf.reshape(tf.nn.softmax(tf.reshape(query[:, :, p : p + 1, :], (-1, tokens))), (-1, tokens, 1, 1))
+            for p in range(query.shape[2])
+        ]
+        return tf.concat(per_position, axis=2)  # [B, N, P, 1]
+
     def call(self, inputs, training=None):
         d = self.embed_dim
-        qkv = self.qkv_proj(self.attn_norm(inputs, training=training), training=training)
+        normalized = inputs if self.attn_norm is None else self.attn_norm(inputs, training=training)
+        qkv = self.qkv_proj(normalized, training=training)
         query, key, value = qkv[..., :1], qkv[..., 1 : 1 + d], qkv[..., 1 + d :]
-        scores = self.scores_quantizer(tf.nn.softmax(query, axis=1), training=training)
+        scores = self.scores_quantizer(self._softmax_over_patches(query), training=training)
         weighted = self.weighted_keys_quantizer(key * scores, training=training)
         context = self.context_quantizer(tf.reduce_sum(weighted, axis=1, keepdims=True), training=training)
         gated = self.relu_quantizer(tf.nn.relu(value), training=training)
         attended = self.attended_quantizer(gated * context, training=training)
         x = self.attn_add([inputs, self.out_proj(attended, training=training)], training=training)
-        hidden = self.ffn_expand(self.ffn_norm(x, training=training), training=training)
+        normalized = x if self.ffn_norm is None else self.ffn_norm(x, training=training)
+        hidden = self.ffn_expand(normalized, training=training)
         return self.ffn_add([x, self.ffn_project(hidden, training=training)], training=training)
 
     def get_config(self):
         config = super().get_config()
-        config.update({"embed_dim": self.embed_dim, "ffn_dim": self.ffn_dim})
+        config.update(
+            {
+                "embed_dim": self.embed_dim,
+                "ffn_dim": self.ffn_dim,
+                "attention_norm": self.attention_norm,
+                "graph": self.graph,
+            }
+        )
         return config
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class QuantizedMobileViTv2Block(keras.layers.Layer):
-    def __init__(self, channels, attn_dim, ffn_dim, num_blocks, patch_size=2, dilation=1, **kwargs):
+    def __init__(self, channels, attn_dim, ffn_dim, num_blocks, patch_size=2, dilation=1,
+                 attention_norm="layer_norm_2d", graph="reference", **kwargs):
         super().__init__(**kwargs)
+        self.attention_norm = _check_choice("attention_norm", attention_norm, ("layer_norm_2d", "batch_norm_2d"))
+        self.graph = _check_choice("graph", graph, GRAPHS)
         self.channels = channels
         self.attn_dim = attn_dim
         self.ffn_dim = ffn_dim
@@ -293,9 +371,10 @@ class QuantizedMobileViTv2Block(keras.layers.Layer):
         )
         self.local_pointwise_conv = QuantizedConv(attn_dim, 1, name="local_pointwise_conv")
         self.transformer_blocks = [
-            QuantizedTransformerBlock(attn_dim, ffn_dim, name=f"transformer_{i}") for i in range(num_blocks)
+            QuantizedTransformerBlock(attn_dim, ffn_dim, attention_norm, graph, name=f"transformer_{i}")
+            for i in range(num_blocks)
         ]
-        self.final_norm = QuantizedNormalize(name="final_norm")
+        self.final_norm = QuantizedNormalize(name="final_norm")  # GroupNorm(1) with either attention_norm
         self.project_conv = QuantizedConv(channels, 1, name="project_conv")
 
     def build(self, input_shape):
@@ -309,11 +388,12 @@ class QuantizedMobileViTv2Block(keras.layers.Layer):
             x = resize_bilinear_align_corners(x, -(-height // p) * p, -(-width // p) * p)
         x = self.local_pointwise_conv(self.local_depthwise_conv(x, training=training), training=training)
         height, width = x.shape[1], x.shape[2]
-        patches = unfold_patches(x, p)
+        patches = unfold_patches(x, p) if self.graph == "reference" else unfold_space_to_depth(x, p)
         for block in self.transformer_blocks:
             patches = block(patches, training=training)
         patches = self.final_norm(patches, training=training)
-        return self.project_conv(fold_patches(patches, height, width, p), training=training)
+        fold = fold_patches if self.graph == "reference" else fold_by_concatenation
+        return self.project_conv(fold(patches, height, width, p), training=training)
 
     def get_config(self):
         config = super().get_config()
@@ -325,6 +405,8 @@ class QuantizedMobileViTv2Block(keras.layers.Layer):
                 "num_blocks": self.num_blocks,
                 "patch_size": self.patch_size,
                 "dilation": self.dilation,
+                "attention_norm": self.attention_norm,
+                "graph": self.graph,
             }
         )
         return config

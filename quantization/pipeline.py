@@ -43,6 +43,8 @@ def _latency_ms(flatbuffer, image, repeats=30):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="mobilevitv2_050")
+    parser.add_argument("--attention_norm", default="layer_norm_2d", choices=("layer_norm_2d", "batch_norm_2d"),
+                        help="batch_norm_2d: the Edge TPU / microcontroller friendly option.")
     parser.add_argument("--data", default="embedded")
     parser.add_argument("--dataset_dir", default="")
     parser.add_argument("--output_dir", default="runs/pipeline")
@@ -73,6 +75,7 @@ def main(argv=None):
 
     common = dict(
         model=args.model,
+        attention_norm=args.attention_norm,
         data=args.data,
         dataset_dir=args.dataset_dir,
         image_size=args.image_size,

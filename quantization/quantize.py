@@ -12,6 +12,7 @@ import numpy as np
 from keras_mobilevitv2.layers import InvertedResidual
 from keras_mobilevitv2.layers import MobileViTv2Block
 from quantization.fake_quant import ActivationQuantizer
+from quantization.layers import GRAPHS
 from quantization.layers import QuantizedConv
 from quantization.layers import QuantizedDense
 from quantization.layers import QuantizedGlobalPool
@@ -60,8 +61,16 @@ def _fold_conv_bn(conv, bn, depthwise=False, input_scale=1.0):
 
 
 def _fold_norm_affine(norm, kernel, bias):
-    """1x1 conv W after y = n * gamma + beta: (gamma W) n + (beta W + b)."""
-    gamma, beta = np.asarray(norm.gamma), np.asarray(norm.beta)
+    """1x1 conv W after y = n * gamma + beta: (gamma W) n + (beta W + b).
+
+    For a GroupNorm(1) the normalization itself stays (QuantizedNormalize)
+    and only its affine folds; a BatchNorm is entirely affine at inference
+    and folds completely.
+    """
+    if isinstance(norm, keras.layers.BatchNormalization):
+        gamma, beta = _bn_scale_shift(norm)
+    else:
+        gamma, beta = np.asarray(norm.gamma), np.asarray(norm.beta)
     matrix = kernel[0, 0]
     return (gamma[:, None] * matrix)[None, None], bias + beta @ matrix
 
@@ -145,8 +154,12 @@ def _quantize_conv(layers, index, x, copies, input_scale):
     return x, consumed
 
 
-def quantize_model(model):
+def quantize_model(model, graph="reference"):
     """Returns the quantization-aware (QAT) version of a keras_mobilevitv2 model.
+
+    `graph="edgetpu"` writes the MobileViTv2 blocks in ops the Edge TPU maps
+    (same function and same int8 values; see `quantization.layers.GRAPHS`).
+    A trained QAT model can be switched later with `rewrite_graph`.
 
     Weights: per-channel symmetric int8 (per-tensor for the classifier);
     activations: per-tensor asymmetric int8 with moving-average ranges. The
@@ -157,6 +170,8 @@ def quantize_model(model):
         ValueError: for a layer the QAT path does not know (named in the
             message), or a model whose graph is not a MobileViTv2 chain.
     """
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {GRAPHS}; got {graph!r}.")
     layers = [layer for layer in model.layers]
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ValueError("quantize_model expects a single-input, single-output MobileViTv2 model.")
@@ -209,7 +224,8 @@ def quantize_model(model):
         elif isinstance(layer, MobileViTv2Block):
             quantized = QuantizedMobileViTv2Block(
                 layer.project_conv.filters, layer.attn_dim, layer.transformer_blocks[0].ffn_dim,
-                layer.num_blocks, layer.patch_size, layer.dilation, name=layer.name,
+                layer.num_blocks, layer.patch_size, layer.dilation,
+                attention_norm=layer.attention_norm, graph=graph, name=layer.name,
             )
             x = quantized(x)
             copies.append(lambda s=layer, t=quantized: _copy_mobilevit_block(s, t))
@@ -235,6 +251,32 @@ def quantize_model(model):
     for copy in copies:
         copy()
     return qat_model
+
+
+def rewrite_graph(qat_model, graph):
+    """The same QAT model (same weights and ranges) with its MobileViTv2 blocks
+    written as `graph` ("reference" or "edgetpu"); predictions are unchanged."""
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {GRAPHS}; got {graph!r}.")
+    config = qat_model.get_config()
+    blocks = 0
+    for layer in config["layers"]:
+        if layer["class_name"].endswith("QuantizedMobileViTv2Block"):
+            layer["config"]["graph"] = graph
+            blocks += 1
+    if not blocks and not quantizers(qat_model):
+        raise ValueError("rewrite_graph takes a QAT model from quantize_model.")
+    rewritten = keras.Model.from_config(config)
+    source = {variable.path: variable for variable in qat_model.weights}
+    targets = {variable.path: variable for variable in rewritten.weights}
+    if source.keys() != targets.keys():
+        raise ValueError(
+            f"rewrite_graph: the {graph} model has different variables: "
+            f"{sorted(source.keys() ^ targets.keys())[:5]}"
+        )
+    for path, variable in targets.items():
+        variable.assign(source[path])
+    return rewritten
 
 
 def quantizers(model):

@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 from keras_mobilevitv2.config import WIDTHS
+from keras_mobilevitv2.layers.normalization import ATTENTION_NORMS
 
 # Per width (ml-cvnets README-mobilevit-v2): max lr, min lr, weight decay.
 # "We linearly increase the learning rate and decay the weight decay with
@@ -34,6 +35,7 @@ class TrainConfig:
     """
 
     model: str = "mobilevitv2_050"
+    attention_norm: str = "layer_norm_2d"  # or batch_norm_2d (Edge TPU / MCU friendly)
     data: str = "embedded"
     model_dir: str = "runs/mobilevitv2"
     strategy: str = "auto"
@@ -71,6 +73,11 @@ class TrainConfig:
         if self.model not in RECIPES:
             raise ValueError(
                 f"Unknown --model {self.model!r}; choose one of {sorted(RECIPES)}."
+            )
+        if self.attention_norm not in ATTENTION_NORMS:
+            raise ValueError(
+                f"Unknown --attention_norm {self.attention_norm!r}; choose one of "
+                f"{ATTENTION_NORMS}."
             )
         if self.strategy not in STRATEGIES:
             raise ValueError(

@@ -12,11 +12,15 @@ from absl import app
 from absl import flags
 
 from training.recipe import PRECISIONS
+from keras_mobilevitv2.layers.normalization import ATTENTION_NORMS
 from training.recipe import RECIPES
 from training.recipe import STRATEGIES
 from training.recipe import TrainConfig
 
 _HELP = {
+    "attention_norm": "Norm of the attention blocks: layer_norm_2d (GroupNorm(1), the reference "
+    "and the published weights) or batch_norm_2d (folds into the convolutions at inference: "
+    "the Edge TPU / microcontroller friendly option).",
     "model": "Model to train: " + ", ".join(sorted(RECIPES)) + ".",
     "data": "ImageNet-style folder (train/<class>/..., val/<class>/...), a folder of "
     "ImageNet TFRecords (train-*, validation-*), tfds:NAME, or 'embedded' (a generated "
@@ -50,6 +54,8 @@ def _define_flags():
             flags.DEFINE_enum(name, default, PRECISIONS, help_text)
         elif name == "model":
             flags.DEFINE_enum(name, default, sorted(RECIPES), help_text)
+        elif name == "attention_norm":
+            flags.DEFINE_enum(name, default, ATTENTION_NORMS, help_text)
         elif field.type in ("bool", bool):
             flags.DEFINE_bool(name, default, help_text)
         elif field.type in ("int", int):

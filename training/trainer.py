@@ -58,6 +58,7 @@ def build_model(config, num_classes, weights=None, classifier_activation=None):
         input_shape=(config.image_size, config.image_size, 3),
         classes=num_classes,
         classifier_activation=classifier_activation,
+        attention_norm=config.attention_norm,
         name=config.model,
     )
     if weights:

@@ -7,11 +7,13 @@ from keras_mobilevitv2.layers.mobilevit_block import MobileViTv2Block
 from keras_mobilevitv2.layers.mobilevit_block import fold_patches
 from keras_mobilevitv2.layers.mobilevit_block import resize_bilinear_align_corners
 from keras_mobilevitv2.layers.mobilevit_block import unfold_patches
+from keras_mobilevitv2.layers.normalization import ATTENTION_NORMS
 from keras_mobilevitv2.layers.normalization import LayerNorm2D
 from keras_mobilevitv2.layers.transformer import LinearAttentionFFN
 from keras_mobilevitv2.layers.transformer import ffn_dim_for
 
 __all__ = [
+    "ATTENTION_NORMS",
     "InvertedResidual",
     "LayerNorm2D",
     "LinearAttentionFFN",

@@ -1,4 +1,4 @@
-"""GroupNorm with one group ("layer_norm_2d" in ml-cvnets), written in plain ops."""
+"""Norms of the attention blocks: GroupNorm(1) in plain ops, or BatchNorm."""
 
 import keras
 from keras import ops
@@ -73,3 +73,34 @@ class LayerNorm2D(keras.layers.Layer):
         config = super().get_config()
         config.update({"epsilon": self.epsilon})
         return config
+
+
+# ml-cvnets' names for `--model.classification.mitv2.attn-norm-layer`.
+ATTENTION_NORMS = ("layer_norm_2d", "batch_norm_2d")
+
+
+def validate_attention_norm(attention_norm):
+    if attention_norm not in ATTENTION_NORMS:
+        raise ValueError(
+            f"`attention_norm` must be one of {ATTENTION_NORMS}. "
+            f"Received: attention_norm={attention_norm!r}"
+        )
+    return attention_norm
+
+
+def attention_norm_layer(attention_norm, epsilon=1e-5, name=None, dtype=None):
+    """The norm of a MobileViTv2 attention block.
+
+    `"layer_norm_2d"` is the reference (GroupNorm(1), `LayerNorm2D`);
+    `"batch_norm_2d"` is ml-cvnets' alternative. BatchNorm has no
+    per-sample statistics: at inference it is a per-channel affine that folds
+    into the 1x1 convolution after it, so the int8 model has no
+    MEAN/SUB/MUL/RSQRT chain there (cheaper on every target).
+    """
+    validate_attention_norm(attention_norm)
+    if attention_norm == "batch_norm_2d":
+        # PyTorch momentum 0.1 == Keras momentum 0.9.
+        return keras.layers.BatchNormalization(
+            epsilon=epsilon, momentum=0.9, name=name, dtype=dtype
+        )
+    return LayerNorm2D(epsilon, name=name, dtype=dtype)

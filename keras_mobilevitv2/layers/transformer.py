@@ -3,7 +3,8 @@
 import keras
 
 from keras_mobilevitv2.layers.attention import SeparableSelfAttention
-from keras_mobilevitv2.layers.normalization import LayerNorm2D
+from keras_mobilevitv2.layers.normalization import attention_norm_layer
+from keras_mobilevitv2.layers.normalization import validate_attention_norm
 
 
 def ffn_dim_for(embed_dim, ffn_multiplier=2.0):
@@ -19,8 +20,8 @@ class LinearAttentionFFN(keras.layers.Layer):
         x = x + dropout(fc2(dropout(silu(fc1(norm2(x))))))
 
     Input and output are patch tensors `[B, N, P, C]`. The norms are
-    GroupNorm(1) (`LayerNorm2D`), the FFN layers are 1x1 convolutions with
-    bias.
+    GroupNorm(1) (`LayerNorm2D`) by default, the FFN layers are 1x1
+    convolutions with bias.
 
     Args:
         embed_dim: Channels C.
@@ -30,6 +31,9 @@ class LinearAttentionFFN(keras.layers.Layer):
         attn_dropout: Dropout on the attention scores.
         ffn_dropout: Dropout after the FFN activation.
         norm_epsilon: Epsilon of both norms.
+        attention_norm: `"layer_norm_2d"` (GroupNorm(1), the reference) or
+            `"batch_norm_2d"` (folds away at inference; see
+            `attention_norm_layer`).
         **kwargs: Standard layer arguments.
     """
 
@@ -41,9 +45,11 @@ class LinearAttentionFFN(keras.layers.Layer):
         attn_dropout=0.0,
         ffn_dropout=0.0,
         norm_epsilon=1e-5,
+        attention_norm="layer_norm_2d",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.attention_norm = validate_attention_norm(attention_norm)
         self.embed_dim = embed_dim
         self.ffn_dim = ffn_dim if ffn_dim is not None else ffn_dim_for(embed_dim)
         self.dropout = dropout
@@ -52,14 +58,18 @@ class LinearAttentionFFN(keras.layers.Layer):
         self.norm_epsilon = norm_epsilon
 
         policy = self.dtype_policy
-        self.attn_norm = LayerNorm2D(norm_epsilon, name="attn_norm", dtype=policy)
+        self.attn_norm = attention_norm_layer(
+            attention_norm, norm_epsilon, name="attn_norm", dtype=policy
+        )
         self.attention = SeparableSelfAttention(
             embed_dim, attn_dropout=attn_dropout, name="attention", dtype=policy
         )
         self.attn_output_dropout = keras.layers.Dropout(
             dropout, name="attn_output_dropout", dtype=policy
         )
-        self.ffn_norm = LayerNorm2D(norm_epsilon, name="ffn_norm", dtype=policy)
+        self.ffn_norm = attention_norm_layer(
+            attention_norm, norm_epsilon, name="ffn_norm", dtype=policy
+        )
         self.ffn_expand = keras.layers.Conv2D(
             self.ffn_dim, 1, activation="silu", name="ffn_expand", dtype=policy
         )
@@ -87,10 +97,11 @@ class LinearAttentionFFN(keras.layers.Layer):
         self.ffn_project.build(input_shape[:-1] + (self.ffn_dim,))
 
     def call(self, inputs, training=None):
-        attended = self.attention(self.attn_norm(inputs), training=training)
+        normalized = self.attn_norm(inputs, training=training)
+        attended = self.attention(normalized, training=training)
         x = inputs + self.attn_output_dropout(attended, training=training)
 
-        hidden = self.ffn_expand(self.ffn_norm(x))
+        hidden = self.ffn_expand(self.ffn_norm(x, training=training))
         hidden = self.ffn_hidden_dropout(hidden, training=training)
         projected = self.ffn_project(hidden)
         return x + self.ffn_output_dropout(projected, training=training)
@@ -108,6 +119,7 @@ class LinearAttentionFFN(keras.layers.Layer):
                 "attn_dropout": self.attn_dropout,
                 "ffn_dropout": self.ffn_dropout,
                 "norm_epsilon": self.norm_epsilon,
+                "attention_norm": self.attention_norm,
             }
         )
         return config

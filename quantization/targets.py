@@ -1,0 +1,140 @@
+"""Deployment targets: Edge TPU, TensorFlow Lite Micro, Android and ONNX.
+
+Each `export_for_<target>` takes a float Keras model or a QAT model (from
+`quantize_model`, trained or only calibrated), builds what the target runs,
+checks it against the target's documented limits, and writes the model and a
+JSON report only when everything fits. When something does not fit it raises
+`TargetError`, whose `report` says what, and writes no model.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from quantization.audit import audit
+from quantization.audit import format_report
+from quantization.export import _check_images
+from quantization.export import _is_qat
+from quantization.export import convert
+from quantization.export import write_model
+
+TARGETS = ("edgetpu", "micro", "android", "onnx")
+
+
+class TargetError(ValueError):
+    """The model does not fit the target; `report` has the details."""
+
+    def __init__(self, message, report):
+        super().__init__(message)
+        self.report = report
+
+
+def _write_report(report, path):
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2, default=str)
+
+
+def _quantized_for(model, graph, calibration_images):
+    """A QAT model in `graph`: rewritten when `model` is QAT already,
+    otherwise quantized and calibrated (post-training quantization)."""
+    from quantization.quantize import calibrate
+    from quantization.quantize import quantize_model
+    from quantization.quantize import rewrite_graph
+
+    if _is_qat(model):
+        return rewrite_graph(model, graph)
+    if calibration_images is None:
+        raise ValueError("A float model needs calibration_images (about 100 typical inputs) to be quantized.")
+    return calibrate(quantize_model(model, graph=graph), calibration_images)
+
+
+def export_for_edgetpu(model, output_dir, name=None, calibration_images=None, sample_images=None,
+                       io_type="int8", allow_cpu_fallback=False, verbose=True):
+    """int8 TFLite for the Coral Edge TPU, with its mapping report.
+
+    The MobileViTv2 blocks are rewritten in ops the Edge TPU maps (see
+    `quantization.layers.GRAPHS`); the rewrite keeps every int8 value, which
+    is checked on `sample_images` against the model as given. The report
+    predicts the mapping from the documented op table; when
+    `edgetpu_compiler` is on PATH it is also run, its `_edgetpu.tflite`
+    written and its log parsed into `report["compiler"]`.
+
+    Raises:
+        TargetError: when an op would fall back to the CPU (unless
+            `allow_cpu_fallback`), the batch is not 1, or the rewritten
+            model disagrees with the original.
+    """
+    if io_type not in ("int8", "uint8"):
+        raise ValueError(f"The Edge TPU takes int8 or uint8 input and output; got io_type={io_type!r}.")
+    name = name or model.name
+    shape = tuple(model.inputs[0].shape[1:])
+    if sample_images is not None:
+        sample_images = _check_images(sample_images, shape, "sample_images")
+    reference = model if _is_qat(model) else None
+    rewritten = _quantized_for(model, "edgetpu", calibration_images)
+    report = {"target": "edgetpu", "model": name, "io_type": io_type}
+    if sample_images is not None:
+        # The rewrite must not change predictions: compare with the QAT model
+        # as given (for a float model: with its reference-graph quantization).
+        if reference is None:
+            from quantization.quantize import rewrite_graph
+
+            reference = rewrite_graph(rewritten, "reference")
+        expected = np.asarray(reference.predict_on_batch(sample_images))
+        actual = np.asarray(rewritten.predict_on_batch(sample_images))
+        report["rewrite_check"] = {
+            "samples": int(len(sample_images)),
+            "max_abs_difference": float(np.abs(expected - actual).max()),
+            "top1_agreement": float(np.mean(expected.argmax(-1) == actual.argmax(-1))),
+        }
+    flatbuffer = convert(rewritten, "qat_int8", io_type, representative_images=sample_images[:4]
+                         if sample_images is not None else None)
+    report["audit"] = audit(flatbuffer, "qat_int8", rewritten, sample_images)
+    problems = list(report["audit"]["errors"])
+    check = report.get("rewrite_check")
+    if check and check["max_abs_difference"] > 1e-5:
+        problems.append(f"the Edge TPU rewrite changed the outputs by up to {check['max_abs_difference']:.3g}")
+    if verbose:
+        print(format_report(report["audit"]))
+    return write_edgetpu_model(flatbuffer, output_dir, name, allow_cpu_fallback, report, problems, verbose)
+
+
+def write_edgetpu_model(flatbuffer, output_dir, name, allow_cpu_fallback=False, report=None, problems=(),
+                        verbose=True):
+    """Checks an int8 TFLite model against the Edge TPU and writes it with its
+    report (`<name>_edgetpu_int8.tflite`, `.edgetpu_report.json`), then runs
+    `edgetpu_compiler` when it is installed. Works on any int8 flatbuffer.
+
+    Raises:
+        TargetError: when an op would fall back to the CPU (unless
+            `allow_cpu_fallback`), the batch is not 1, or `problems` is not
+            empty; nothing is written then.
+    """
+    from quantization import edgetpu
+
+    report = dict(report or {"target": "edgetpu", "model": name})
+    mapping = edgetpu.edgetpu_report(flatbuffer)
+    report.update(mapping)
+    problems = list(problems) + edgetpu.check_edgetpu_io(flatbuffer)
+    if mapping["first_cpu_op"] is not None and not allow_cpu_fallback:
+        first = mapping["first_cpu_op"]
+        problems.append(
+            f"op #{first['index']} {first['op']} cannot run on the Edge TPU ({first['reason']}); it and the "
+            f"{mapping['ops_total'] - mapping['ops_mapped'] - 1} ops after it would run on the CPU "
+            f"({100 * (1 - mapping['mac_share_on_tpu']):.1f}% of the MACs). Pass allow_cpu_fallback=True "
+            "(--allow_cpu_fallback) to export anyway"
+        )
+    report["problems"] = problems
+    if verbose:
+        print(edgetpu.format_edgetpu_report(report))
+    if problems:
+        raise TargetError("The Edge TPU export does not fit: " + "; ".join(problems), report)
+    path = os.path.join(output_dir, f"{name}_edgetpu_int8.tflite")
+    write_model(flatbuffer, path)
+    report["path"] = path
+    report["compiler"] = edgetpu.run_compiler(path, output_dir)
+    if report["compiler"] is not None and verbose:
+        print(edgetpu.format_edgetpu_report(report))
+    _write_report(report, path[: -len(".tflite")] + ".edgetpu_report.json")
+    return report
