@@ -33,8 +33,12 @@ TEST = CONVERT + [
     # bundles a small real image dataset (handwritten digits)
     "scikit-learn",
 ]
-# Deployment targets (later): LiteRT interpreter, ONNX, TFLite Micro.
+# The tests also cover the deployment targets and smoke-run the benchmarks.
+TEST = TEST + DEPLOY + [b for b in BENCHMARKS if b not in TEST]
+# Deployment targets: LiteRT interpreter (Android latency), ONNX, TFLite Micro.
 DEPLOY = ["ai-edge-litert", "tf2onnx", "onnxruntime", "tflite-micro"]
+# The implementations the benchmarks compare against, and the plot.
+BENCHMARKS = ["torch>=2.1", "timm>=1.0", "torchvision", "matplotlib", "kimm", "keras-cv-attention-models"]
 
 setup(
     name="keras_mobilevitv2",
@@ -54,7 +58,7 @@ setup(
         "test": TEST,
         "deploy": DEPLOY,
         "train": ["tensorboard"],  # to view the logs; writing them needs only TensorFlow
-        "benchmarks": ["torch>=2.1", "timm>=1.0", "torchvision", "matplotlib"],
+        "benchmarks": BENCHMARKS + ["ai-edge-litert"],
     },
     entry_points={
         "console_scripts": [

@@ -153,22 +153,78 @@ def write_model(content, path):
     os.replace(temporary, path)
 
 
+def _export_target(args, model, images):
+    from quantization import targets
+
+    name = os.path.splitext(os.path.basename(args.model))[0]
+    if name == "model":  # a trainer's model_dir/model.keras: name it after the model
+        name = model.name
+    calibration, samples = images, images[:64]
+    if args.target == "edgetpu":
+        report = targets.export_for_edgetpu(model, args.output_dir, name, calibration_images=calibration,
+                                            sample_images=samples, io_type=args.io_type or "int8",
+                                            allow_cpu_fallback=args.allow_cpu_fallback)
+    elif args.target == "micro":
+        from quantization.micro import format_micro_report
+
+        report = targets.export_for_micro(model, args.output_dir, name, calibration_images=calibration,
+                                          sample_images=samples, arena_budget_bytes=args.arena_budget,
+                                          flash_budget_bytes=args.flash_budget)
+        print(format_micro_report(report))
+    elif args.target == "android":
+        from quantization.android import format_android_report
+
+        qat_model = model if _is_qat(model) else None
+        if qat_model is not None:
+            raise ValueError("--target android needs the float model (it writes float16 and int8); "
+                             "pass the QAT model with --qat_model.")
+        qat = keras.models.load_model(args.qat_model, compile=False) if args.qat_model else None
+        report = targets.export_for_android(model, args.output_dir, name, representative_images=calibration,
+                                            sample_images=samples, qat_model=qat)
+        print(format_android_report(report))
+    else:
+        from quantization.onnx_export import format_onnx_report
+
+        report = targets.export_for_onnx(model, args.output_dir, name, sample_images=samples)
+        print(format_onnx_report(report))
+    return report
+
+
 def main(argv=None):
-    """`mobilevitv2-export`: a saved Keras model -> audited TFLite."""
+    """`mobilevitv2-export`: a saved Keras model -> audited TFLite, or a
+    deployment target (Edge TPU, TFLite Micro, Android, ONNX)."""
     import argparse
     import sys
 
+    from quantization.targets import TARGETS
+
     parser = argparse.ArgumentParser(prog="mobilevitv2-export", description="Export a keras_mobilevitv2 model "
-                                     "(float or QAT .keras file) to TFLite, with an audit beside it.")
+                                     "(float or QAT .keras file) to TFLite with an audit beside it (--mode), or "
+                                     "for a deployment target with its report (--target).")
     parser.add_argument("--model", required=True, help="A .keras file (a trainer's model.keras, float or QAT).")
-    parser.add_argument("--mode", required=True, choices=MODES)
+    parser.add_argument("--mode", choices=MODES, help="A plain TFLite export (with --output).")
+    parser.add_argument("--target", choices=TARGETS, help="A deployment target (with --output_dir). A float "
+                        "model is quantized and calibrated on --data; a QAT model keeps its ranges.")
     parser.add_argument("--io_type", default=None, choices=IO_TYPES, help="Default: int8 for int8 modes, else float32.")
-    parser.add_argument("--output", required=True, help="Output .tflite path.")
+    parser.add_argument("--output", help="Output .tflite path (--mode).")
+    parser.add_argument("--output_dir", help="Output folder (--target).")
     parser.add_argument("--data", default="embedded", help="Images for calibration and the audit (as --data of the trainer).")
     parser.add_argument("--dataset_dir", default="")
     parser.add_argument("--num_images", type=int, default=128, help="Representative / sample images.")
     parser.add_argument("--allow_float", action="store_true", help="Accept float tensors in an int8 model.")
+    parser.add_argument("--allow_cpu_fallback", action="store_true",
+                        help="edgetpu: write the model even when some ops would run on the CPU.")
+    parser.add_argument("--arena_budget", type=int, default=None, help="micro: RAM for the tensor arena, bytes.")
+    parser.add_argument("--flash_budget", type=int, default=None, help="micro: flash for the model, bytes.")
+    parser.add_argument("--qat_model", default=None, help="android: the QAT .keras model for the int8 export "
+                        "(default: post-training quantization of --model).")
     args = parser.parse_args(argv)
+    if (args.mode is None) == (args.target is None):
+        parser.error("give exactly one of --mode (with --output) or --target (with --output_dir)")
+    if args.mode and not args.output:
+        parser.error("--mode needs --output")
+    if args.target and not args.output_dir:
+        parser.error("--target needs --output_dir")
 
     import keras_mobilevitv2  # noqa: F401  (registers the layers)
     import quantization  # noqa: F401
@@ -182,9 +238,12 @@ def main(argv=None):
     config = TrainConfig(data=args.data, image_size=size, dataset_dir=args.dataset_dir)
     images = sample_images(source, config, args.num_images)
     try:
-        export_tflite(model, args.output, args.mode, io_type=args.io_type, representative_images=images,
-                      sample_images=images[:64], allow_float=args.allow_float)
-    except ValueError as error:
+        if args.target:
+            _export_target(args, model, images)
+        else:
+            export_tflite(model, args.output, args.mode, io_type=args.io_type, representative_images=images,
+                          sample_images=images[:64], allow_float=args.allow_float)
+    except ValueError as error:  # includes the targets' TargetError / MicroTargetError
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

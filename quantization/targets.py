@@ -138,3 +138,43 @@ def write_edgetpu_model(flatbuffer, output_dir, name, allow_cpu_fallback=False, 
         print(edgetpu.format_edgetpu_report(report))
     _write_report(report, path[: -len(".tflite")] + ".edgetpu_report.json")
     return report
+
+
+def export_for_micro(model, output_dir, name=None, calibration_images=None, sample_images=None,
+                     arena_budget_bytes=None, flash_budget_bytes=None):
+    """int8 TFLite (int8 I/O) for TensorFlow Lite Micro, run in the real TFLM
+    interpreter, with a C++ source of the model array and its op resolver.
+    See `quantization.micro.export_micro`; raises its `MicroTargetError`
+    (with the report) when the model does not fit the budgets or TFLM."""
+    from quantization.micro import export_micro
+
+    name = name or model.name
+    quantized = _quantized_for(model, "reference", calibration_images)
+    representative = sample_images[:4] if sample_images is not None else calibration_images[:4]
+    flatbuffer = convert(quantized, "qat_int8", "int8", representative_images=representative)
+    return export_micro(flatbuffer, output_dir, name, sample_images if sample_images is not None
+                        else calibration_images, arena_budget_bytes=arena_budget_bytes,
+                        flash_budget_bytes=flash_budget_bytes)
+
+
+def export_for_android(float_model, output_dir, name=None, representative_images=None, sample_images=None,
+                       qat_model=None):
+    """float16 and int8 TFLite for Android with the GPU-delegate compatibility
+    report and XNNPACK latency; see `quantization.android.export_android`."""
+    from quantization.android import export_android
+
+    return export_android(float_model, output_dir, name or float_model.name, representative_images,
+                          sample_images=sample_images, qat_model=qat_model)
+
+
+def export_for_onnx(model, output_dir, name=None, sample_images=None):
+    """ONNX (QDQ for a QAT model) checked against onnxruntime; see
+    `quantization.onnx_export.export_onnx`."""
+    from quantization.onnx_export import export_onnx
+
+    suffix = "qat" if _is_qat(model) else "float"
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, f"{name or model.name}_{suffix}.onnx")
+    report = export_onnx(model, path, sample_images=sample_images)
+    _write_report(report, path[: -len(".onnx")] + ".onnx_report.json")
+    return report

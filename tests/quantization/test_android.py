@@ -1,0 +1,189 @@
+"""Android export: GPU-delegate compatibility, XNNPACK latency, export_android."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ai_edge_litert")
+
+import flatbuffers  # noqa: E402
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from tensorflow.lite.python import schema_py_generated as schema  # noqa: E402
+
+from conftest import randomize_keras_model  # noqa: E402
+from keras_mobilevitv2.layers import InvertedResidual  # noqa: E402
+from keras_mobilevitv2.layers import MobileViTv2Block  # noqa: E402
+from quantization import calibrate  # noqa: E402
+from quantization import quantize_model  # noqa: E402
+from quantization.android import PARTITION_NOTE  # noqa: E402
+from quantization.android import export_android  # noqa: E402
+from quantization.android import format_android_report  # noqa: E402
+from quantization.android import gpu_delegate_compatibility  # noqa: E402
+from quantization.android import xnnpack_latency  # noqa: E402
+
+SIZE = 32
+
+
+def tiny_mobilevitv2(size=SIZE, classes=5):
+    """Every MobileViTv2 layer type once (stem, inverted residual, one
+    transformer block, classifier): the full network's op types at a fraction
+    of its conversion time."""
+    inputs = keras.Input((size, size, 3), name="image")
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.ZeroPadding2D(1)(x)
+    x = keras.layers.Conv2D(16, 3, strides=2, use_bias=False)(x)
+    x = keras.layers.BatchNormalization(epsilon=1e-5)(x)
+    x = keras.layers.Activation("silu")(x)
+    x = InvertedResidual(24, strides=2)(x)
+    x = MobileViTv2Block(32, num_blocks=1)(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(classes)(x)
+    outputs = keras.layers.Activation("softmax")(x)
+    return randomize_keras_model(keras.Model(inputs, outputs, name="tiny_mobilevitv2"), seed=1)
+
+
+def convert_function(function, shape=(1, 4, 4, 8)):
+    """A TFLite flatbuffer of `function` on one float input of `shape`."""
+    concrete = tf.function(function).get_concrete_function(tf.TensorSpec(shape, tf.float32))
+    return tf.lite.TFLiteConverter.from_concrete_functions([concrete], tf.Module()).convert()
+
+
+def with_softmax_beta(flatbuffer, beta):
+    """The flatbuffer with every SOFTMAX's beta set to `beta` (the converter
+    itself always writes 1)."""
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flatbuffer, 0))
+    for operator in model.subgraphs[0].operators:
+        if isinstance(operator.builtinOptions, schema.SoftmaxOptionsT):
+            operator.builtinOptions.beta = beta
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.RandomState(0).rand(40, SIZE, SIZE, 3).astype("float32") * 255
+
+
+@pytest.fixture(scope="module")
+def float_model():
+    return tiny_mobilevitv2()
+
+
+@pytest.fixture(scope="module")
+def android_export(float_model, images, tmp_path_factory):
+    qat_model = calibrate(quantize_model(float_model), images[:32])
+    directory = str(tmp_path_factory.mktemp("android"))
+    report = export_android(
+        float_model, directory, "tiny", representative_images=images[:16], sample_images=images[32:],
+        qat_model=qat_model, warmup=2, repeats=5,
+    )
+    return directory, report
+
+
+def test_export_android_writes_both_models_and_report(android_export):
+    directory, report = android_export
+    files = sorted(os.listdir(directory))
+    assert {"tiny.float16.tflite", "tiny.int8.tflite", "tiny.android_report.json"} <= set(files)
+    with open(os.path.join(directory, "tiny.android_report.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(report))
+    float16, int8 = report["models"]
+    assert (float16["mode"], int8["mode"]) == ("float16", "qat_int8")
+    assert int8["io_type"] == "float32"
+    for model in report["models"]:
+        assert model["size_bytes"] == os.path.getsize(model["path"])
+        latency = model["xnnpack"]
+        assert latency["repeats"] == 5 and latency["threads"] == 2 and latency["batch"] == 1
+        assert 0 < latency["min_ms"] <= latency["median_ms"] <= latency["max_ms"]
+        assert latency["p10_ms"] <= latency["p90_ms"]
+        assert model["agreement"]["top1_agreement"] >= 0.875
+    assert int8["size_bytes"] < float16["size_bytes"]
+    table = format_android_report(report)
+    assert "| tiny.float16.tflite | float16 |" in table and "| tiny.int8.tflite | qat_int8 |" in table
+
+
+def test_mobilevitv2_layers_run_entirely_on_the_gpu(android_export):
+    _, report = android_export
+    float16, int8 = report["models"]
+    for model in (float16, int8):
+        with open(model["path"], "rb") as f:
+            gpu = gpu_delegate_compatibility(f.read())
+        assert len(gpu["ops"]) == gpu["total_ops"] > 0
+        assert [op["index"] for op in gpu["ops"]] == list(range(gpu["total_ops"]))
+        assert gpu["unsupported"] == [] and gpu["fully_supported"]
+        assert gpu["supported_ops"] == gpu["total_ops"] and gpu["gpu_partitions"] == 1
+        assert gpu["cpu_partitions"] == 0 and gpu["largest_gpu_partition"] == gpu["total_ops"]
+        assert model["gpu"] == {key: value for key, value in gpu.items() if key != "ops"}
+    names = {op["op"] for op in gpu_delegate_compatibility(open(float16["path"], "rb").read())["ops"]}
+    # float16 weights are decompressed by DEQUANTIZE ops, which the delegate folds
+    assert {"DEQUANTIZE", "CONV_2D", "DEPTHWISE_CONV_2D", "SOFTMAX", "MEAN", "STRIDED_SLICE"} <= names
+    assert not float16["gpu"]["int8"] and int8["gpu"]["int8"]
+    assert any("float view" in note for note in int8["gpu"]["notes"])
+
+
+def test_ptq_int8_without_qat_model(float_model, images, tmp_path):
+    report = export_android(float_model, str(tmp_path), "ptq", representative_images=images[:8], warmup=1,
+                            repeats=2, int8_io_type="int8")
+    assert [m["mode"] for m in report["models"]] == ["float16", "ptq_int8"]
+    assert report["models"][1]["io_type"] == "int8" and report["models"][1]["gpu"]["int8"]
+
+
+@pytest.mark.parametrize(
+    "function, op, reason",
+    [
+        (lambda x: tf.reshape(tf.transpose(tf.reshape(x, [1, 2, 2, 4, 8]), [0, 2, 1, 3, 4]), [1, 4, 4, 8]),
+         "TRANSPOSE", "rank 5"),
+        (lambda x: x[:, 0] + 1.0, "STRIDED_SLICE", "shrink_axis_mask"),
+        (lambda x: tf.argmax(x, axis=-1), "ARG_MAX", "not supported by the GPU delegate"),
+        (lambda x: x + tf.reshape(tf.range(32.0), (4, 8)), "ADD", "broadcasting [1, 4, 4, 8] with [4, 8]"),
+    ],
+    ids=["5d_transpose", "shrink_axis_mask", "arg_max", "add_broadcast"],
+)
+def test_unsupported_ops_are_reported_with_their_reason(function, op, reason):
+    report = gpu_delegate_compatibility(convert_function(function))
+    rejected = [entry for entry in report["unsupported"] if entry["op"] == op]
+    assert rejected and reason in rejected[0]["reason"], report["unsupported"]
+    assert not report["fully_supported"] and report["supported_ops"] < report["total_ops"]
+    assert any(key.startswith(f"{op}: ") for key in report["unsupported_summary"])
+
+
+def test_softmax_beta_must_be_one():
+    flatbuffer = convert_function(tf.nn.softmax, shape=(1, 8))
+    assert gpu_delegate_compatibility(flatbuffer)["fully_supported"]
+    report = gpu_delegate_compatibility(with_softmax_beta(flatbuffer, 2.0))
+    assert report["unsupported"] == [{"index": 0, "op": "SOFTMAX", "reason": "SOFTMAX beta must be 1 (is 2)"}]
+
+
+def test_enhanced_broadcast_accepts_general_broadcasting():
+    weights = tf.constant(np.arange(32, dtype="float32").reshape(4, 8))
+    flatbuffer = convert_function(lambda x: x * weights)
+    assert gpu_delegate_compatibility(flatbuffer)["unsupported"][0]["op"] == "MUL"
+    assert gpu_delegate_compatibility(flatbuffer, enhanced_broadcast=True)["fully_supported"]
+
+
+def test_an_unsupported_op_in_the_middle_splits_the_gpu_graph():
+    report = gpu_delegate_compatibility(convert_function(lambda x: tf.nn.relu(x)[:, 0] * 3.0))
+    assert [(op["op"], op["supported"]) for op in report["ops"]] == [
+        ("RELU", True), ("STRIDED_SLICE", False), ("MUL", True)
+    ]
+    assert (report["gpu_partitions"], report["cpu_partitions"], report["largest_gpu_partition"]) == (2, 1, 1)
+    assert PARTITION_NOTE in report["notes"]
+
+
+def test_bad_arguments(float_model, android_export, tmp_path):
+    directory, report = android_export
+    with open(report["models"][0]["path"], "rb") as f:
+        flatbuffer = f.read()
+    with pytest.raises(ValueError, match="repeats"):
+        xnnpack_latency(flatbuffer, repeats=0)
+    qat_model = quantize_model(float_model)
+    with pytest.raises(ValueError, match="qat_model"):
+        export_android(float_model, str(tmp_path), "x", None, qat_model=float_model)
+    with pytest.raises(ValueError, match="QAT model"):
+        export_android(qat_model, str(tmp_path), "x", None)
+    with pytest.raises(ValueError, match="name"):
+        export_android(float_model, str(tmp_path), "a/b", None)
+    assert os.listdir(tmp_path) == []
