@@ -63,16 +63,18 @@ def _fold_conv_bn(conv, bn, depthwise=False, input_scale=1.0):
 def _fold_norm_affine(norm, kernel, bias):
     """1x1 conv W after y = n * gamma + beta: (gamma W) n + (beta W + b).
 
-    For a GroupNorm(1) the normalization itself stays (QuantizedNormalize)
-    and only its affine folds; a BatchNorm is entirely affine at inference
-    and folds completely.
+    The GroupNorm(1) normalization itself stays (QuantizedNormalize); only
+    its affine part folds.
     """
-    if isinstance(norm, keras.layers.BatchNormalization):
-        gamma, beta = _bn_scale_shift(norm)
-    else:
-        gamma, beta = np.asarray(norm.gamma), np.asarray(norm.beta)
+    gamma, beta = np.asarray(norm.gamma), np.asarray(norm.beta)
     matrix = kernel[0, 0]
     return (gamma[:, None] * matrix)[None, None], bias + beta @ matrix
+
+
+def _set_batch_norm_affine(depthwise, bn):
+    """Inference BatchNorm as the 1x1 depthwise kernel [1, 1, C, 1] + bias."""
+    scale, shift = _bn_scale_shift(bn)
+    _set(depthwise, scale[None, None, :, None], shift)
 
 
 def _set(layer, kernel, bias):
@@ -100,9 +102,17 @@ def _copy_mobilevit_block(source, target):
     _set(target.local_pointwise_conv, *_fold_conv_bn(source.local_pointwise_conv, None))
     for float_block, quant_block in zip(source.transformer_blocks, target.transformer_blocks):
         attention = float_block.attention
-        _set(quant_block.qkv_proj, *_fold_norm_affine(float_block.attn_norm, np.asarray(attention.qkv_proj.kernel), np.asarray(attention.qkv_proj.bias)))
+        qkv = np.asarray(attention.qkv_proj.kernel), np.asarray(attention.qkv_proj.bias)
+        expand = np.asarray(float_block.ffn_expand.kernel), np.asarray(float_block.ffn_expand.bias)
+        if isinstance(float_block.attn_norm, keras.layers.BatchNormalization):
+            _set_batch_norm_affine(quant_block.attn_norm, float_block.attn_norm)
+            _set_batch_norm_affine(quant_block.ffn_norm, float_block.ffn_norm)
+        else:
+            qkv = _fold_norm_affine(float_block.attn_norm, *qkv)
+            expand = _fold_norm_affine(float_block.ffn_norm, *expand)
+        _set(quant_block.qkv_proj, *qkv)
         _set(quant_block.out_proj, np.asarray(attention.out_proj.kernel), np.asarray(attention.out_proj.bias))
-        _set(quant_block.ffn_expand, *_fold_norm_affine(float_block.ffn_norm, np.asarray(float_block.ffn_expand.kernel), np.asarray(float_block.ffn_expand.bias)))
+        _set(quant_block.ffn_expand, *expand)
         _set(quant_block.ffn_project, np.asarray(float_block.ffn_project.kernel), np.asarray(float_block.ffn_project.bias))
     kernel, bias = _fold_norm_affine(source.final_norm, np.asarray(source.project_conv.kernel), 0.0)
     scale, shift = _bn_scale_shift(source.project_bn)

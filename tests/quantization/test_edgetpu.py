@@ -132,8 +132,8 @@ def test_batch_norm_attention_option_has_no_normalization_ops(images, tmp_path):
     report = export_for_edgetpu(model, str(tmp_path), "bn", calibration_images=images[:16],
                                 sample_images=images[:16], verbose=False)
     names = [op["op"] for op in report["ops"]]
-    # BatchNorm folds into the 1x1 convolutions: only the 3 final norms (one
-    # per MobileViTv2 block, 2 MEANs each) and the global pool are left.
+    # Each BatchNorm is one depthwise op: only the 3 final norms (one per
+    # MobileViTv2 block, 2 MEANs each) and the global pool keep MEAN/RSQRT.
     assert names.count("RSQRT") == 3 and names.count("MEAN") == 3 * 2 + 1
     assert report["first_cpu_op"] is None
     assert report["rewrite_check"]["max_abs_difference"] == 0.0
