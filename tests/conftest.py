@@ -62,6 +62,29 @@ def randomize_keras_model(model, seed=0):
     return model
 
 
+def tiny_mobilevitv2(size=32, classes=5):
+    """Every MobileViTv2 layer type once (stem, inverted residual, one
+    transformer block, classifier): the full network's op types at a fraction
+    of its conversion time. Random non-degenerate weights."""
+    import keras
+
+    from keras_mobilevitv2.layers import InvertedResidual
+    from keras_mobilevitv2.layers import MobileViTv2Block
+
+    inputs = keras.Input((size, size, 3), name="image")
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.ZeroPadding2D(1)(x)
+    x = keras.layers.Conv2D(16, 3, strides=2, use_bias=False)(x)
+    x = keras.layers.BatchNormalization(epsilon=1e-5)(x)
+    x = keras.layers.Activation("silu")(x)
+    x = InvertedResidual(24, strides=2)(x)
+    x = MobileViTv2Block(32, num_blocks=1)(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(classes)(x)
+    outputs = keras.layers.Activation("softmax")(x)
+    return randomize_keras_model(keras.Model(inputs, outputs, name="tiny_mobilevitv2"), seed=1)
+
+
 _TIMM_CACHE = {}
 
 

@@ -9,13 +9,10 @@ import pytest
 pytest.importorskip("ai_edge_litert")
 
 import flatbuffers  # noqa: E402
-import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tensorflow.lite.python import schema_py_generated as schema  # noqa: E402
 
-from conftest import randomize_keras_model  # noqa: E402
-from keras_mobilevitv2.layers import InvertedResidual  # noqa: E402
-from keras_mobilevitv2.layers import MobileViTv2Block  # noqa: E402
+from conftest import tiny_mobilevitv2  # noqa: E402
 from quantization import calibrate  # noqa: E402
 from quantization import quantize_model  # noqa: E402
 from quantization.android import PARTITION_NOTE  # noqa: E402
@@ -25,24 +22,6 @@ from quantization.android import gpu_delegate_compatibility  # noqa: E402
 from quantization.android import xnnpack_latency  # noqa: E402
 
 SIZE = 32
-
-
-def tiny_mobilevitv2(size=SIZE, classes=5):
-    """Every MobileViTv2 layer type once (stem, inverted residual, one
-    transformer block, classifier): the full network's op types at a fraction
-    of its conversion time."""
-    inputs = keras.Input((size, size, 3), name="image")
-    x = keras.layers.Rescaling(1 / 255.0)(inputs)
-    x = keras.layers.ZeroPadding2D(1)(x)
-    x = keras.layers.Conv2D(16, 3, strides=2, use_bias=False)(x)
-    x = keras.layers.BatchNormalization(epsilon=1e-5)(x)
-    x = keras.layers.Activation("silu")(x)
-    x = InvertedResidual(24, strides=2)(x)
-    x = MobileViTv2Block(32, num_blocks=1)(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    x = keras.layers.Dense(classes)(x)
-    outputs = keras.layers.Activation("softmax")(x)
-    return randomize_keras_model(keras.Model(inputs, outputs, name="tiny_mobilevitv2"), seed=1)
 
 
 def convert_function(function, shape=(1, 4, 4, 8)):
