@@ -225,3 +225,19 @@ def test_preprocess_input_and_decode_predictions():
     assert decoded[1][0][:2] == ("n15075141", "toilet_tissue")
     with pytest.raises(ValueError, match=r"\(samples, 1000\)"):
         keras_mobilevitv2.decode_predictions(np.zeros((1, 10)))
+
+
+def test_batch_norm_attention_option(tmp_path):
+    model = MobileViTv2(0.5, weights=None, input_shape=(64, 64, 3), classes=10, attention_norm="batch_norm_2d")
+    norms = {type(layer).__name__ for layer in model._flatten_layers() if layer.name in ("attn_norm", "ffn_norm")}
+    assert norms == {"BatchNormalization"}
+    finals = {type(layer).__name__ for layer in model._flatten_layers() if layer.name == "final_norm"}
+    assert finals == {"LayerNorm2D"}  # GroupNorm(1) after the last block either way
+    x = np.random.RandomState(0).rand(2, 64, 64, 3).astype("float32") * 255
+    path = str(tmp_path / "bn.keras")
+    model.save(path)
+    np.testing.assert_array_equal(keras.models.load_model(path).predict_on_batch(x), model.predict_on_batch(x))
+    with pytest.raises(ValueError, match="attention_norm"):
+        MobileViTv2(0.5, weights=None, attention_norm="group_norm")
+    with pytest.raises(ValueError, match="only load a Keras"):
+        MobileViTv2(0.5, weights="imagenet", attention_norm="batch_norm_2d")

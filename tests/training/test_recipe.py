@@ -34,6 +34,9 @@ def test_recipe_presets_follow_ml_cvnets():
         TrainConfig(model="resnet50")
     with pytest.raises(ValueError, match="Unknown --strategy"):
         TrainConfig(strategy="horovod")
+    with pytest.raises(ValueError, match="Unknown --attention_norm"):
+        TrainConfig(attention_norm="group_norm")
+    assert TrainConfig(attention_norm="batch_norm_2d").attention_norm == "batch_norm_2d"
 
 
 def test_mixup_and_cutmix_keep_labels_a_distribution():
