@@ -1,0 +1,212 @@
+"""Section 1: inference latency of every implementation on every runtime.
+
+Keras models (this package, kimm, kecam, the MobileNets) are timed eager,
+in graph mode (`tf.function`, the compiled path of `predict_on_batch`), with
+XLA (`tf.function(jit_compile=True)`), and as float and int8 TFLite models in
+the default TFLite CPU runtime (XNNPACK). timm runs in PyTorch eager under
+`inference_mode`. One row per (implementation, width, batch, runtime); a
+failure (import, build, conversion) becomes a row with status "n/a" and its
+reason instead of stopping the run.
+
+Also a worker for the implementations that need their own process:
+
+    python -m benchmarks.latency --implementation timm --settings JSON --output rows.json
+"""
+
+import argparse
+import gc
+import json
+import os
+import sys
+
+import numpy as np
+
+from benchmarks import competitors
+from benchmarks.console import log
+from benchmarks.console import short_reason
+from benchmarks.settings import Settings
+from benchmarks.tflite_export import TFLiteExporter
+from benchmarks.timing import time_callable
+
+SEED = 0
+
+
+def _row(implementation, width, batch, image_size, runtime, status="ok", reason="", timing=None, tflite=None):
+    return {
+        "implementation": implementation.key,
+        "label": implementation.label,
+        "width": width,
+        "batch": batch,
+        "image_size": image_size,
+        "runtime": runtime,
+        "status": status,
+        "reason": reason,
+        "timing": timing.to_dict() if timing is not None else None,
+        "tflite": tflite,
+    }
+
+
+def _failed_rows(implementation, settings, reason, widths=None):
+    image_size = implementation.image_size(settings)
+    return [
+        _row(implementation, width, batch, image_size, runtime, "n/a", reason)
+        for width in (widths or implementation.widths(settings))
+        for batch in settings.batch_sizes
+        for runtime in implementation.runtimes
+    ]
+
+
+def _images(implementation, count, image_size, seed, channels_first=False):
+    low, high = implementation.input_range
+    rng = np.random.default_rng(seed)
+    shape = (count, 3, image_size, image_size) if channels_first else (count, image_size, image_size, 3)
+    return rng.uniform(low, high, shape).astype(np.float32)
+
+
+def _time(run, settings):
+    return time_callable(run, settings.warmup, settings.repeats, settings.max_seconds)
+
+
+def _skip_reason(implementation, runtime, settings):
+    if not implementation.ours and settings.competitor_runtimes and runtime not in settings.competitor_runtimes:
+        return "skipped: not measured for other implementations in this configuration"
+    if runtime == "tflite_int8_qat" and not settings.qat:
+        return "skipped: QAT export off in this configuration"
+    return None
+
+
+def _measure_keras_runtime(implementation, model, exporter, runtime, images, settings):
+    from benchmarks.runtimes import keras_runner
+    from benchmarks.runtimes import tflite_runner
+    from benchmarks.tflite_export import float_tensors_inside
+
+    if runtime in ("eager", "graph", "xla"):
+        return _time(keras_runner(model, images, runtime), settings), None
+    flatbuffer, route = exporter.export(runtime, len(images))
+    tflite = {"bytes": len(flatbuffer), "float_tensors_inside": float_tensors_inside(flatbuffer), "route": route}
+    return _time(tflite_runner(flatbuffer, images, settings.threads), settings), tflite
+
+
+def _measure_keras(implementation, settings, width):
+    from benchmarks.random_weights import randomize_keras_weights
+
+    image_size = implementation.image_size(settings)
+    try:
+        model = randomize_keras_weights(implementation.build(width, image_size), seed=SEED)
+    except Exception as error:  # import or build failure: every row of this width
+        return _failed_rows(implementation, settings, short_reason(error), widths=(width,))
+    calibration = _images(implementation, settings.calibration_images, image_size, seed=1)
+    exporter = TFLiteExporter(implementation, model, calibration)
+    rows = []
+    for batch in settings.batch_sizes:
+        images = _images(implementation, batch, image_size, seed=2)
+        for runtime in implementation.runtimes:
+            skipped = _skip_reason(implementation, runtime, settings)
+            if skipped:
+                rows.append(_row(implementation, width, batch, image_size, runtime, "skipped", skipped))
+                continue
+            log(f"{implementation.key} width {width} batch {batch} {image_size}x{image_size}: {runtime}")
+            try:
+                timing, tflite = _measure_keras_runtime(implementation, model, exporter, runtime, images, settings)
+                rows.append(_row(implementation, width, batch, image_size, runtime, timing=timing, tflite=tflite))
+                log(f"  median {timing.median_ms:.2f} ms over {timing.runs} runs")
+            except Exception as error:
+                log(f"  n/a: {short_reason(error)}")
+                rows.append(_row(implementation, width, batch, image_size, runtime, "n/a", short_reason(error)))
+    return rows
+
+
+def _measure_torch(implementation, settings, width):
+    from benchmarks.random_weights import randomize_torch_weights
+    from benchmarks.runtimes import torch_runner
+
+    image_size = implementation.image_size(settings)
+    try:
+        model = randomize_torch_weights(implementation.build(width, image_size), seed=SEED)
+    except Exception as error:
+        return _failed_rows(implementation, settings, short_reason(error), widths=(width,))
+    rows = []
+    for batch in settings.batch_sizes:
+        images = _images(implementation, batch, image_size, seed=2, channels_first=True)
+        log(f"{implementation.key} width {width} batch {batch} {image_size}x{image_size}: torch")
+        try:
+            timing = _time(torch_runner(model, images), settings)
+            rows.append(_row(implementation, width, batch, image_size, "torch", timing=timing))
+            log(f"  median {timing.median_ms:.2f} ms over {timing.runs} runs")
+        except Exception as error:
+            rows.append(_row(implementation, width, batch, image_size, "torch", "n/a", short_reason(error)))
+    return rows
+
+
+def measure_implementation(implementation, settings):
+    """All rows of one implementation, measured in this process."""
+    measure = _measure_torch if implementation.framework == "torch" else _measure_keras
+    rows = []
+    for width in implementation.widths(settings):
+        rows += measure(implementation, settings, width)
+        gc.collect()  # the previous width's model and compiled functions
+    return rows
+
+
+def measure_in_worker(implementation, settings):
+    """Rows of an implementation measured in its own process (see isolation.py)."""
+    from benchmarks.isolation import WorkerError
+    from benchmarks.isolation import run_module
+
+    environment = {"TF_USE_LEGACY_KERAS": "1"} if implementation.framework == "tf_keras" else {}
+    try:
+        return run_module(
+            "benchmarks.latency",
+            ["--implementation", implementation.key, "--settings", settings.to_json()],
+            environment=environment,
+        )
+    except WorkerError as error:
+        return _failed_rows(implementation, settings, short_reason(str(error)))
+
+
+def run_section(settings):
+    rows = []
+    for implementation in competitors.selected(settings):
+        if implementation.isolated:
+            rows += measure_in_worker(implementation, settings)
+        else:
+            rows += measure_implementation(implementation, settings)
+    return rows
+
+
+def _prepare_worker_process(implementation, threads):
+    """Thread settings before the framework runs its first op."""
+    if implementation.framework == "torch":
+        from benchmarks.runtimes import configure_torch_threads
+
+        configure_torch_threads(threads)
+        return
+    if implementation.framework == "tf_keras":
+        # Before TensorFlow is imported: tf.keras is then tf_keras (Keras 2).
+        os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    from benchmarks.runtimes import configure_tensorflow_threads
+
+    configure_tensorflow_threads(threads)
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")  # retracing notices: every runner has its own tf.function
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Latency worker: one implementation, every width and batch.")
+    parser.add_argument("--implementation", required=True, choices=sorted(competitors.BY_KEY))
+    parser.add_argument("--settings", required=True, help="Settings as JSON (Settings.to_json).")
+    parser.add_argument("--output", required=True, help="Where to write the rows (JSON).")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    implementation = competitors.BY_KEY[args.implementation]
+    settings = Settings.from_json(args.settings)
+    _prepare_worker_process(implementation, settings.threads)
+    rows = measure_implementation(implementation, settings)
+    with open(args.output, "w") as f:
+        json.dump(rows, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

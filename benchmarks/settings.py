@@ -1,0 +1,65 @@
+"""What a benchmark run measures: one settings object, shared with workers.
+
+Worker processes (see `isolation.py`) receive the settings as JSON, so every
+field is a plain number, string, bool or tuple of those.
+"""
+
+import dataclasses
+import json
+import os
+
+ALL_WIDTHS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+SECTIONS = ("latency", "attention", "size", "training")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    sections: tuple = SECTIONS
+    widths: tuple = (0.5, 1.0)  # latency section
+    batch_sizes: tuple = (1, 16)
+    image_size: int = 256  # MobileViTv2 implementations
+    reference_image_size: int = 224  # keras.applications MobileNets
+    repeats: int = 20  # timed runs per measurement, at most
+    warmup: int = 3  # untimed runs, the first (tracing/compiling) included
+    max_seconds: float = 6.0  # stop repeating once a measurement took this long
+    threads: int = os.cpu_count() or 1
+    calibration_images: int = 8  # int8 representative dataset (speed does not depend on it)
+    implementations: tuple = ()  # empty: every implementation in competitors.IMPLEMENTATIONS
+    competitor_runtimes: tuple = ()  # runtimes measured for the other implementations; empty: all
+    qat: bool = True  # also time our QAT int8 model
+    tokens: tuple = (64, 256, 1024, 4096, 16384)  # attention section
+    attention_channels: int = 128
+    size_widths: tuple = ALL_WIDTHS
+    size_tflite: bool = True  # convert every size width (not only those timed in the latency section)
+    tiny: bool = False
+
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text):
+        values = json.loads(text)
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
+
+
+# A configuration that exercises every code path in about a minute (the smoke
+# test): tiny images, one width, one batch, two timed runs. Figures from it
+# are not benchmarks. A TFLite conversion costs 10-40 s and an XLA compilation
+# 5-10 s whatever the model size, and the other implementations take the same
+# code paths as ours, so they are only run in graph mode (PyTorch: eager).
+TINY = dict(
+    widths=(0.5,),
+    batch_sizes=(1,),
+    image_size=64,
+    reference_image_size=64,
+    repeats=2,
+    warmup=1,
+    max_seconds=1.0,
+    calibration_images=2,
+    competitor_runtimes=("graph", "torch"),
+    qat=False,
+    tokens=(64, 256),
+    size_widths=(0.5, 0.75),
+    size_tflite=False,
+    tiny=True,
+)

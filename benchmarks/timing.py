@@ -1,0 +1,81 @@
+"""Timing one callable: warm-up, repeated runs, median and spread.
+
+Framework-free: the callable must return only once its result is computed
+(the runners in `runtimes.py` copy the output to host memory).
+"""
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call over the timed runs (the first call never counts)."""
+
+    median_ms: float
+    p25_ms: float
+    p75_ms: float
+    min_ms: float
+    max_ms: float
+    runs: int
+    first_call_s: float  # tracing, XLA compilation or interpreter set-up included
+    # The 1-minute load average, the higher of its values before and after
+    # the timed runs: above the CPU count, other processes shared the CPUs.
+    load_average: float = None
+
+    @classmethod
+    def from_samples(cls, samples_ms, first_call_s, load_average=None):
+        samples = np.asarray(samples_ms, np.float64)
+        p25, median, p75 = np.percentile(samples, [25, 50, 75])
+        return cls(
+            median_ms=float(median),
+            p25_ms=float(p25),
+            p75_ms=float(p75),
+            min_ms=float(samples.min()),
+            max_ms=float(samples.max()),
+            runs=int(samples.size),
+            first_call_s=float(first_call_s),
+            load_average=load_average,
+        )
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def time_callable(run, warmup, repeats, max_seconds, min_runs=3):
+    """Times `run()`; returns a `Timing`.
+
+    The first call is timed apart (it traces, compiles or allocates). Further
+    warm-up calls, up to `warmup` calls in all, stop early after a quarter of
+    `max_seconds`: a 10 s XLA call does not need three warm-ups. Timed runs
+    stop at `repeats`, or once they took `max_seconds` in all and at least
+    `min_runs` were made, so slow configurations keep the run time bounded.
+    """
+    start = time.perf_counter()
+    run()
+    first_call_s = time.perf_counter() - start
+
+    warm_spent = 0.0
+    for _ in range(max(warmup, 1) - 1):
+        if warm_spent > max_seconds / 4:
+            break
+        start = time.perf_counter()
+        run()
+        warm_spent += time.perf_counter() - start
+
+    load_before = os.getloadavg()[0]
+    samples_ms = []
+    spent = 0.0
+    min_runs = min(min_runs, repeats)
+    while len(samples_ms) < max(repeats, 1):
+        start = time.perf_counter()
+        run()
+        elapsed = time.perf_counter() - start
+        samples_ms.append(elapsed * 1000.0)
+        spent += elapsed
+        if spent > max_seconds and len(samples_ms) >= min_runs:
+            break
+    return Timing.from_samples(samples_ms, first_call_s, max(load_before, os.getloadavg()[0]))
