@@ -19,6 +19,10 @@ def _version():
 with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
     LONG_DESCRIPTION = f.read()
 
+# Deployment targets: LiteRT interpreter (Android latency), ONNX, TFLite Micro.
+DEPLOY = ["ai-edge-litert", "tf2onnx", "onnxruntime", "tflite-micro"]
+# The implementations the benchmarks compare against, and the plot.
+BENCHMARKS = ["torch>=2.1", "timm>=1.0", "torchvision", "matplotlib", "kimm", "keras-cv-attention-models"]
 # PyTorch is only needed to read .pt/.pth checkpoints and to run the parity
 # tests; it is never imported by the models themselves.
 CONVERT = ["torch>=2.1", "safetensors"]
@@ -35,10 +39,6 @@ TEST = CONVERT + [
 ]
 # The tests also cover the deployment targets and smoke-run the benchmarks.
 TEST = TEST + DEPLOY + [b for b in BENCHMARKS if b not in TEST]
-# Deployment targets: LiteRT interpreter (Android latency), ONNX, TFLite Micro.
-DEPLOY = ["ai-edge-litert", "tf2onnx", "onnxruntime", "tflite-micro"]
-# The implementations the benchmarks compare against, and the plot.
-BENCHMARKS = ["torch>=2.1", "timm>=1.0", "torchvision", "matplotlib", "kimm", "keras-cv-attention-models"]
 
 setup(
     name="keras_mobilevitv2",
