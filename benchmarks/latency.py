@@ -3,7 +3,8 @@
 Keras models (this package, kimm, kecam, the MobileNets) are timed eager,
 in graph mode (`tf.function`, the compiled path of `predict_on_batch`), with
 XLA (`tf.function(jit_compile=True)`), and as float and int8 TFLite models in
-the default TFLite CPU runtime (XNNPACK). timm runs in PyTorch eager under
+the default TFLite CPU runtime (XNNPACK); this package's model also as QAT
+int8 (see `tflite_export.py`). timm runs in PyTorch eager under
 `inference_mode`. One row per (implementation, width, batch, runtime); a
 failure (import, build, conversion) becomes a row with status "n/a" and its
 reason instead of stopping the run.

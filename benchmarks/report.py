@@ -1,10 +1,14 @@
 """Markdown tables and the summary plot of a benchmark run.
 
-Works on the plain result dictionaries of the sections (also what
-`results.json` holds), so a report can be rebuilt from a saved run.
+Works on the plain result dictionaries of the sections (what `results.json`
+holds), so the report of a saved run can be rebuilt:
+
+    python -m benchmarks.report benchmark_results/results.json
 """
 
 import collections
+import json
+import sys
 
 OURS = "keras_mobilevitv2"
 REFERENCE = "timm"
@@ -19,6 +23,7 @@ RUNTIME_COLUMNS = (
 )
 RUNTIME_NAMES = dict(RUNTIME_COLUMNS)
 CELL_REASON = 70
+UNSTABLE_SPREAD = 0.25  # interquartile range / median above which a cell is flagged
 MIB = 2**20
 
 
@@ -59,21 +64,29 @@ def _width_text(width):
 
 
 def busy_load(environment):
-    """Load average above which other processes competed for the CPUs
-    (our own busy threads count for up to the CPU count)."""
-    return environment["cpus"] + 1.0
+    """Load average above which other processes competed for the CPUs: the
+    benchmark alone keeps it at or below the CPU count (PyTorch's OpenMP
+    threads already slow down several-fold when one other process runs)."""
+    return environment["cpus"] + 0.5
 
 
 def timing_text(timing, busy):
-    """`median [p25-p75]`, marked with a dagger when measured on a busy machine."""
+    """`median [p25-p75]`, marked † when measured on a busy machine and ‡
+    when the runs spread widely (the median is then not a stable figure)."""
     text = f"{ms(timing['median_ms'])} [{ms(timing['p25_ms'])}-{ms(timing['p75_ms'])}]"
     load = timing.get("load_average")
-    return text + ("†" if load is not None and load > busy else "")
+    if load is not None and load > busy:
+        text += "†"
+    if timing["p75_ms"] - timing["p25_ms"] > UNSTABLE_SPREAD * timing["median_ms"]:
+        text += "‡"
+    return text
 
 
 def busy_note(environment):
     return (f"† measured while the 1-minute load average exceeded {busy_load(environment):g} (other processes "
-            "competed for the CPUs): that figure is inflated.")
+            f"competed for the CPUs): that figure is inflated. ‡ the interquartile range exceeds "
+            f"{UNSTABLE_SPREAD:.0%} of the median (e.g. timings switching between two levels): re-measure before "
+            "drawing conclusions from that cell.")
 
 
 # ---------------------------------------------------------------- header
@@ -93,7 +106,8 @@ def environment_text(environment, settings):
     if load:
         lines.append(
             f"Load average (1 min) at start {load['start']:.2f}, at end {load.get('end', float('nan')):.2f}: "
-            "a load above the thread count means other processes shared the CPUs and figures are noisy"
+            f"above {busy_load(environment):g}, other processes shared the CPUs and figures are inflated "
+            "(PyTorch's OpenMP threads most of all)"
         )
     if settings.get("tiny"):
         lines.append("**--tiny configuration: a smoke run, not a benchmark.**")
@@ -367,7 +381,8 @@ def plot(results, path):
         return f"no plot: {error}"
 
     figure, axes = plt.subplots(2, 2, figsize=(15, 11))
-    _plot_latency(axes[0][0], results.get("latency") or [])
+    latency = results.get("latency")
+    _plot_latency(axes[0][0], latency if isinstance(latency, list) else [])  # a failed section is a dict
     attention = (results.get("attention") or {}).get("rows", [])
     _plot_attention(axes[0][1], attention, lambda r: r["timing"]["median_ms"] if r["timing"] else None,
                     "time per call (ms)")
@@ -427,3 +442,44 @@ def _plot_size(axis, section):
     axis.set_title("3. Latency vs MACs per width (this package)")
     if axis.get_lines():
         axis.legend()
+
+
+# ---------------------------------------------------------------- whole report
+
+SECTION_TEXTS = {
+    "latency": ("1. Inference latency", latency_text),
+    "attention": ("2. Separable self-attention vs multi-head attention", attention_text),
+    "size": ("3. Model size per width", size_text),
+    "training": ("4. Training throughput", training_text),
+}
+
+
+def section_text(name, section, environment):
+    title, render = SECTION_TEXTS[name]
+    if isinstance(section, dict) and "error" in section:
+        return f"## {title}\n\nn/a ({section['error']})"
+    return render(section, environment)
+
+
+def header_text(results):
+    return "# keras_mobilevitv2 benchmarks\n\n" + environment_text(results["environment"], results["settings"])
+
+
+def markdown(results):
+    parts = [header_text(results)]
+    parts += [section_text(name, results[name], results["environment"]) for name in SECTION_TEXTS if name in results]
+    return "\n\n".join(parts)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m benchmarks.report RESULTS_JSON", file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        print(markdown(json.load(f)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -92,7 +92,12 @@ def environment():
     }
 
 
-def _run_sections(settings, results, emit):
+def _rows(section):
+    """The latency rows, or None when the section did not run or failed."""
+    return section if isinstance(section, list) else None
+
+
+def _run_sections(settings, results):
     from benchmarks import attention_scaling
     from benchmarks import latency
     from benchmarks import model_size
@@ -100,33 +105,31 @@ def _run_sections(settings, results, emit):
     from benchmarks import training_gpu
 
     plan = (
-        ("latency", lambda: latency.run_section(settings), report.latency_text),
-        ("attention", lambda: attention_scaling.run_section(settings), report.attention_text),
-        ("size", lambda: model_size.run_section(settings, results.get("latency")), report.size_text),
-        ("training", lambda: training_gpu.run_section(settings), report.training_text),
+        ("latency", lambda: latency.run_section(settings)),
+        ("attention", lambda: attention_scaling.run_section(settings)),
+        ("size", lambda: model_size.run_section(settings, _rows(results.get("latency")))),
+        ("training", lambda: training_gpu.run_section(settings)),
     )
-    for name, run, render in plan:
+    for name, run in plan:
         if name not in settings.sections:
             continue
         log(f"section {name}")
         start = time.perf_counter()
         try:
             results[name] = run()
-            text = render(results[name], results["environment"])
         except Exception as error:  # a section's failure must not lose the others
-            results[name] = None
-            text = f"## {name}\n\nn/a ({short_reason(error)})"
+            results[name] = {"error": short_reason(error)}
         results["seconds"][name] = time.perf_counter() - start
-        emit(text)
+        print("\n" + report.section_text(name, results[name], results["environment"]), flush=True)
 
 
-def write_results(results, output_dir, markdown):
+def write_results(results, output_dir):
     from benchmarks import report
 
     os.makedirs(output_dir, exist_ok=True)
     paths = {suffix: os.path.join(output_dir, f"{RESULT_NAME}.{suffix}") for suffix in ("md", "json", "png")}
     with open(paths["md"], "w") as f:
-        f.write(markdown + "\n")
+        f.write(report.markdown(results) + "\n")
     try:
         problem = report.plot(results, paths["png"])
     except Exception as error:  # the tables and figures are written anyway
@@ -153,18 +156,10 @@ def main(argv=None):
     from benchmarks import report
 
     results = {"settings": dataclasses.asdict(settings), "environment": environment(), "seconds": {}}
-    parts = ["# keras_mobilevitv2 benchmarks", report.environment_text(results["environment"], results["settings"])]
-    print("\n\n".join(parts), flush=True)
-
-    def emit(text):
-        parts.append(text)
-        print("\n" + text, flush=True)
-
-    _run_sections(settings, results, emit)
+    print(report.header_text(results), flush=True)
+    _run_sections(settings, results)
     results["environment"]["load_average"]["end"] = os.getloadavg()[0]
-    # The header is rewritten with the final load average.
-    parts[1] = report.environment_text(results["environment"], results["settings"])
-    paths = write_results(results, output_dir, "\n\n".join(parts))
+    paths = write_results(results, output_dir)
     log(f"wrote {', '.join(paths.values())}" + (f" ({results['plot']})" if "plot" in results else ""))
     return 0
 
