@@ -23,8 +23,9 @@ import time
 import numpy as np
 from tensorflow.lite.python import schema_py_generated as schema
 
-_OP_NAMES = {value: name for name, value in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
-_TYPE_NAMES = {value: name for name, value in vars(schema.TensorType).items() if not name.startswith("_")}
+from quantization.audit import TENSOR_TYPE_NAMES
+from quantization.audit import operator_codes
+
 _FLOAT_TYPES = ("FLOAT32", "FLOAT16")
 # With TFLITE_GPU_EXPERIMENTAL_FLAGS_ENABLE_QUANT (on by default) the delegate
 # also takes int8/uint8 tensors: it dequantizes them and computes in float.
@@ -106,14 +107,7 @@ def _read_graph(flatbuffer):
     folds those DEQUANTIZE ops into their consumers.
     """
     model = schema.Model.GetRootAsModel(flatbuffer, 0)
-    codes = []
-    for i in range(model.OperatorCodesLength()):
-        code = model.OperatorCodes(i)
-        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
-        name = _OP_NAMES.get(builtin, f"BUILTIN_{builtin}")
-        if builtin == schema.BuiltinOperator.CUSTOM:
-            name = f"CUSTOM:{code.CustomCode().decode()}"
-        codes.append((name, code.Version()))
+    codes = operator_codes(model)
     graph = model.Subgraphs(0)
     tensors = []
     for i in range(graph.TensorsLength()):
@@ -124,7 +118,7 @@ def _read_graph(flatbuffer):
         shape = [int(d) for d in tensor.ShapeAsNumpy()] if tensor.ShapeLength() else []
         signature = [int(d) for d in tensor.ShapeSignatureAsNumpy()] if tensor.ShapeSignatureLength() else shape
         tensors.append(
-            _Tensor(tensor.Name().decode(), _TYPE_NAMES.get(tensor.Type(), str(tensor.Type())), shape, signature,
+            _Tensor(tensor.Name().decode(), TENSOR_TYPE_NAMES.get(tensor.Type(), str(tensor.Type())), shape, signature,
                     constant)
         )
     ops = []

@@ -11,13 +11,13 @@ import numpy as np
 from tensorflow.lite.python import schema_py_generated as schema
 
 _OP_NAMES = {value: name for name, value in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
-_TYPE_NAMES = {value: name for name, value in vars(schema.TensorType).items() if not name.startswith("_")}
+TENSOR_TYPE_NAMES = {value: name for name, value in vars(schema.TensorType).items() if not name.startswith("_")}
 FLOAT_TYPES = ("FLOAT32", "FLOAT16", "FLOAT64")
 
 
-def read_structure(flatbuffer):
-    """{ops: [(name, version)], tensors: [{name, dtype, shape}], inputs, outputs}."""
-    model = schema.Model.GetRootAsModel(flatbuffer, 0)
+def operator_codes(model):
+    """[(op name, version)] per operator code of a parsed `schema.Model`;
+    custom ops are named `CUSTOM:<code>`."""
     codes = []
     for i in range(model.OperatorCodesLength()):
         code = model.OperatorCodes(i)
@@ -26,6 +26,13 @@ def read_structure(flatbuffer):
         if builtin == schema.BuiltinOperator.CUSTOM:
             name = f"CUSTOM:{code.CustomCode().decode()}"
         codes.append((name, code.Version()))
+    return codes
+
+
+def read_structure(flatbuffer):
+    """{ops: [(name, version)], tensors: [{name, dtype, shape}], inputs, outputs}."""
+    model = schema.Model.GetRootAsModel(flatbuffer, 0)
+    codes = operator_codes(model)
     graph = model.Subgraphs(0)
     tensors = []
     for i in range(graph.TensorsLength()):
@@ -33,7 +40,7 @@ def read_structure(flatbuffer):
         tensors.append(
             {
                 "name": tensor.Name().decode(),
-                "dtype": _TYPE_NAMES.get(tensor.Type(), str(tensor.Type())),
+                "dtype": TENSOR_TYPE_NAMES.get(tensor.Type(), str(tensor.Type())),
                 "shape": [int(d) for d in tensor.ShapeAsNumpy()] if tensor.ShapeLength() else [],
             }
         )
@@ -73,18 +80,14 @@ def read_operators(flatbuffer):
     constant such as reduction axes, else None); `options` holds the fields of
     `_OPTION_FIELDS` for the op's builtin options."""
     model = schema.Model.GetRootAsModel(flatbuffer, 0)
-    codes = []
-    for i in range(model.OperatorCodesLength()):
-        code = model.OperatorCodes(i)
-        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
-        codes.append((_OP_NAMES.get(builtin, f"BUILTIN_{builtin}"), code.Version()))
+    codes = operator_codes(model)
     graph = model.Subgraphs(0)
 
     def tensor_info(index):
         if index < 0:
             return None
         tensor = graph.Tensors(index)
-        dtype = _TYPE_NAMES.get(tensor.Type(), str(tensor.Type()))
+        dtype = TENSOR_TYPE_NAMES.get(tensor.Type(), str(tensor.Type()))
         shape = [int(d) for d in tensor.ShapeAsNumpy()] if tensor.ShapeLength() else []
         constant = None
         buffer = model.Buffers(tensor.Buffer())
