@@ -10,11 +10,10 @@ one add):
 * MatMul / BatchMatMul: output elements x contracted dimension;
 * Einsum: output elements x the product of the contracted index sizes.
 
-Elementwise multiplies (`Mul`: BatchNorm at inference, SiLU's x*sigmoid(x),
-the attention's key*score and value*context) are counted apart, one per
-output element; additions, activations, softmax, means and resizes are not
-counted. BatchNorm folds into the convolutions in TFLite, so its multiplies
-vanish there.
+Elementwise multiplies (`Mul`: SiLU's x*sigmoid(x), the norms, the
+attention's key*score and value*context, and the BatchNorm scales that
+inference folds into the kernels per call) are counted apart, one per output
+element; additions, activations, softmax, means and resizes are not counted.
 
 `count_torch_macs` cross-checks with PyTorch's own counter
 (`torch.utils.flop_counter.FlopCounterMode`, FLOPs / 2) on the timm model.

@@ -89,9 +89,13 @@ def _convert(model, image_shape, opset, batch_size):
     import tensorflow as tf
     import tf2onnx
 
+    from keras_mobilevitv2.layers.folding import fold_norm_affines
+
     signature = [tf.TensorSpec((batch_size,) + tuple(image_shape), tf.float32, name=INPUT_NAME)]
     function = tf.function(lambda images: model(images, training=False))
-    proto, _ = tf2onnx.convert.from_function(function, input_signature=signature, opset=opset)
+    # Traced with each norm's affine folded into the next 1x1 convolution.
+    with fold_norm_affines():
+        proto, _ = tf2onnx.convert.from_function(function, input_signature=signature, opset=opset)
     return proto
 
 

@@ -6,6 +6,7 @@ import pytest
 import keras
 from keras import ops
 
+from conftest import randomize_keras_model
 from keras_mobilevitv2 import layers
 
 
@@ -149,3 +150,191 @@ def test_make_divisible_matches_ml_cvnets():
     assert layers.make_divisible(10, 8) == 16  # never below 90% of the value
     assert layers.ffn_dim_for(96) == 192
     assert layers.ffn_dim_for(100) == 192
+
+
+def _conv_and_batch_norm(depthwise, use_bias, strides=1, dilation=1, dtype=None):
+    """A built conv + BatchNorm pair with random weights and statistics."""
+    rng = np.random.RandomState(3)
+    if depthwise:
+        conv = keras.layers.DepthwiseConv2D(
+            3, strides=strides, padding="same", dilation_rate=dilation,
+            use_bias=use_bias, dtype=dtype,
+        )
+    else:
+        conv = keras.layers.Conv2D(
+            12, 3 if strides == 1 else 1, strides=strides, padding="same",
+            dilation_rate=dilation, use_bias=use_bias, dtype=dtype,
+        )
+    conv.build((None, 10, 10, 6))
+    channels = 6 if depthwise else 12
+    bn = keras.layers.BatchNormalization(epsilon=1e-5, dtype=dtype)
+    bn.build((None, 10, 10, channels))
+    for variable in conv.weights:
+        variable.assign(rng.randn(*variable.shape).astype("float32") * 0.5)
+    bn.set_weights([
+        rng.uniform(0.5, 2.0, channels).astype("float32"),  # gamma
+        rng.randn(channels).astype("float32"),  # beta
+        rng.randn(channels).astype("float32"),  # moving mean
+        rng.uniform(0.1, 3.0, channels).astype("float32"),  # moving variance
+    ])
+    return conv, bn
+
+
+@pytest.mark.parametrize(
+    "depthwise, use_bias, strides, dilation",
+    [(False, False, 1, 1), (False, True, 2, 1), (True, False, 1, 2), (True, True, 2, 1)],
+)
+def test_folded_conv_batch_norm_equals_conv_then_batch_norm(depthwise, use_bias, strides, dilation):
+    from keras_mobilevitv2.layers.folding import conv_batch_norm
+
+    conv, bn = _conv_and_batch_norm(depthwise, use_bias, strides, dilation)
+    x = np.random.RandomState(4).randn(2, 10, 10, 6).astype("float32")
+    expected = ops.convert_to_numpy(bn(conv(x), training=False))
+    for training in (False, None):
+        folded = ops.convert_to_numpy(conv_batch_norm(conv, bn, x, training))
+        np.testing.assert_allclose(folded, expected, rtol=1e-5, atol=1e-5)
+
+    # A frozen BatchNorm is in inference mode even while training: folded too.
+    bn.trainable = False
+    frozen = ops.convert_to_numpy(conv_batch_norm(conv, bn, x, training=True))
+    np.testing.assert_allclose(frozen, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_batch_norm_trains_with_batch_statistics():
+    from keras_mobilevitv2.layers.folding import conv_batch_norm
+
+    conv, bn = _conv_and_batch_norm(depthwise=False, use_bias=False)
+    x = np.random.RandomState(5).randn(4, 10, 10, 6).astype("float32") + 2.0
+    moving_mean = ops.convert_to_numpy(bn.moving_mean).copy()
+    out = ops.convert_to_numpy(conv_batch_norm(conv, bn, x, training=True))
+    # Normalized with this batch's statistics (gamma/beta aside) ...
+    expected = ops.convert_to_numpy(bn(conv(x), training=True))
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    # ... and the moving statistics moved.
+    assert not np.allclose(ops.convert_to_numpy(bn.moving_mean), moving_mean)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_folded_conv_batch_norm_under_mixed_precision(policy):
+    from keras_mobilevitv2.layers.folding import conv_batch_norm
+
+    conv, bn = _conv_and_batch_norm(depthwise=True, use_bias=False, dtype=policy)
+    reference_conv, reference_bn = _conv_and_batch_norm(depthwise=True, use_bias=False)
+    x = np.random.RandomState(6).randn(2, 10, 10, 6).astype("float32")
+    folded = conv_batch_norm(conv, bn, x, training=False)
+    assert keras.backend.standardize_dtype(folded.dtype) == policy.split("_")[1]
+    expected = ops.convert_to_numpy(reference_bn(reference_conv(x), training=False))
+    tolerance = 0.05 if policy == "mixed_float16" else 0.3
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(ops.cast(folded, "float32")), expected, atol=tolerance, rtol=0.02
+    )
+
+
+def test_silu_written_out_equals_keras_silu():
+    from keras_mobilevitv2.layers.folding import fusable_silu
+
+    x = np.linspace(-12, 12, 1001).astype("float32")
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(fusable_silu(x)), ops.convert_to_numpy(keras.activations.silu(x))
+    )
+
+
+def _pointwise_after(norm_kind, activation=None, use_bias=True, channels=6):
+    rng = np.random.RandomState(7)
+    if norm_kind == "layer_norm_2d":
+        norm = layers.LayerNorm2D()
+    else:
+        norm = keras.layers.BatchNormalization(epsilon=1e-5)
+    norm.build((None, 5, 4, channels))
+    for variable in norm.weights:
+        values = rng.uniform(0.5, 2.0, variable.shape) if "variance" in variable.path else rng.randn(*variable.shape)
+        variable.assign(values.astype("float32"))
+    conv = keras.layers.Conv2D(9, 1, activation=activation, use_bias=use_bias)
+    conv.build((None, 5, 4, channels))
+    for variable in conv.weights:
+        variable.assign(rng.randn(*variable.shape).astype("float32"))
+    return norm, conv
+
+
+@pytest.mark.parametrize("norm_kind", ["layer_norm_2d", "batch_norm_2d"])
+@pytest.mark.parametrize("activation, use_bias", [(None, True), ("silu", True), (None, False)])
+def test_norm_affine_folds_into_the_next_pointwise_conv(norm_kind, activation, use_bias):
+    from keras_mobilevitv2.layers.folding import fold_norm_affines
+    from keras_mobilevitv2.layers.folding import norm_then_pointwise
+
+    norm, conv = _pointwise_after(norm_kind, activation, use_bias)
+    x = np.random.RandomState(8).randn(2, 5, 4, 6).astype("float32") * 3 + 1
+    expected = ops.convert_to_numpy(conv(norm(x, training=False)))
+    with fold_norm_affines():
+        folded = ops.convert_to_numpy(norm_then_pointwise(norm, conv, x, training=False))
+    np.testing.assert_allclose(folded, expected, rtol=1e-5, atol=1e-5)
+    # Training: the ordinary path (LayerNorm2D is the same either way;
+    # BatchNorm uses the batch statistics).
+    with fold_norm_affines():
+        trained = ops.convert_to_numpy(norm_then_pointwise(norm, conv, x, training=True))
+    np.testing.assert_allclose(
+        trained, ops.convert_to_numpy(conv(norm(x, training=True))), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_conv_batch_norm_folds_an_input_affine():
+    from keras_mobilevitv2.layers.folding import conv_batch_norm
+
+    rng = np.random.RandomState(9)
+    conv = keras.layers.Conv2D(12, 1, use_bias=False)
+    conv.build((None, 10, 10, 6))
+    conv.kernel.assign(rng.randn(1, 1, 6, 12).astype("float32"))
+    _, bn = _conv_and_batch_norm(depthwise=False, use_bias=False)
+    gamma, beta = rng.uniform(0.5, 2, 6).astype("float32"), rng.randn(6).astype("float32")
+    x = rng.randn(2, 10, 10, 6).astype("float32")
+    expected = ops.convert_to_numpy(bn(conv(x * gamma + beta), training=False))
+    folded = conv_batch_norm(conv, bn, x, training=False, input_affine=(gamma, beta))
+    np.testing.assert_allclose(ops.convert_to_numpy(folded), expected, rtol=1e-4, atol=1e-4)
+
+    three_by_three, _ = _conv_and_batch_norm(depthwise=False, use_bias=False)
+    with pytest.raises(ValueError, match="1x1 Conv2D"):
+        conv_batch_norm(three_by_three, bn, x, training=False, input_affine=(gamma, beta))
+
+
+def _unfolded_conv_batch_norm(conv, bn, inputs, training=None, input_affine=None):
+    # input_affine is ignored: with `LayerNorm2D.normalize` patched to the
+    # full norm below, the inputs already carry it.
+    return bn(conv(inputs), training=training)
+
+
+def _unfolded_norm_then_pointwise(norm, conv, inputs, training=None):
+    return conv(norm(inputs, training=training))
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (lambda: layers.InvertedResidual(24, strides=2), (2, 9, 10, 8)),
+        (lambda: layers.LinearAttentionFFN(16), (2, 9, 4, 16)),
+        (lambda: layers.LinearAttentionFFN(16, attention_norm="batch_norm_2d"), (2, 9, 4, 16)),
+        (lambda: layers.MobileViTv2Block(16, 2), (2, 8, 6, 24)),
+        (lambda: layers.MobileViTv2Block(16, 1, attention_norm="batch_norm_2d"), (2, 7, 5, 24)),
+    ],
+)
+def test_inference_with_folding_equals_the_unfolded_layers(layer, shape, monkeypatch):
+    """Inference folds BatchNorm into the convolutions, and at export the
+    norms' affines too (`layers.folding`); either output equals the
+    sublayers applied one by one."""
+    from keras_mobilevitv2.layers import inverted_residual, mobilevit_block, transformer
+    from keras_mobilevitv2.layers.folding import fold_norm_affines
+
+    instance = layer()
+    x = np.random.RandomState(10).randn(*shape).astype("float32")
+    instance(x)
+    randomize_keras_model(keras.Sequential([keras.Input(shape[1:]), instance]), seed=3)
+    folded = ops.convert_to_numpy(instance(x, training=False))
+    with fold_norm_affines():
+        exported = ops.convert_to_numpy(instance(x, training=False))
+
+    for module in (inverted_residual, mobilevit_block):
+        monkeypatch.setattr(module, "conv_batch_norm", _unfolded_conv_batch_norm)
+    monkeypatch.setattr(transformer, "norm_then_pointwise", _unfolded_norm_then_pointwise)
+    monkeypatch.setattr(layers.LayerNorm2D, "normalize", layers.LayerNorm2D.call)
+    unfolded = ops.convert_to_numpy(instance(x, training=False))
+    np.testing.assert_allclose(folded, unfolded, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(exported, unfolded, rtol=1e-4, atol=1e-5)

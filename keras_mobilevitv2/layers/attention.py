@@ -72,7 +72,14 @@ class SeparableSelfAttention(keras.layers.Layer):
         self.out_proj.build(input_shape)
 
     def call(self, inputs, training=None):
-        qkv = self.qkv_proj(inputs)  # [B, N, P, 1 + 2C]
+        return self.attend(self.qkv_proj(inputs), training=training)
+
+    def attend(self, qkv, training=None):
+        """The attention from already projected `qkv` [B, N, P, 1 + 2C].
+
+        For callers that compute the projection themselves (with a norm's
+        affine folded in: `LinearAttentionFFN`).
+        """
         query = qkv[..., :1]  # [B, N, P, 1]
         key = qkv[..., 1 : 1 + self.embed_dim]  # [B, N, P, C]
         value = qkv[..., 1 + self.embed_dim :]  # [B, N, P, C]

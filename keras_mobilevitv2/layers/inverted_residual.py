@@ -2,6 +2,9 @@
 
 import keras
 
+from keras_mobilevitv2.layers.folding import conv_batch_norm
+from keras_mobilevitv2.layers.folding import fusable_silu
+
 
 def make_divisible(value, divisor=8, min_value=None):
     """ml-cvnets' channel rounding: nearest multiple of `divisor`, >= 90%."""
@@ -98,15 +101,15 @@ class InvertedResidual(keras.layers.Layer):
     def call(self, inputs, training=None):
         x = inputs
         if self.expand_conv is not None:
-            x = keras.activations.silu(
-                self.expand_bn(self.expand_conv(x), training=training)
+            x = fusable_silu(
+                conv_batch_norm(self.expand_conv, self.expand_bn, x, training)
             )
         if self.depthwise_pad is not None:
             x = self.depthwise_pad(x)
-        x = keras.activations.silu(
-            self.depthwise_bn(self.depthwise_conv(x), training=training)
+        x = fusable_silu(
+            conv_batch_norm(self.depthwise_conv, self.depthwise_bn, x, training)
         )
-        x = self.project_bn(self.project_conv(x), training=training)
+        x = conv_batch_norm(self.project_conv, self.project_bn, x, training)
         return inputs + x if self.use_residual else x
 
     def compute_output_shape(self, input_shape):

@@ -5,6 +5,9 @@ import math
 import keras
 from keras import ops
 
+from keras_mobilevitv2.layers.folding import conv_batch_norm
+from keras_mobilevitv2.layers.folding import folding_norm_affines
+from keras_mobilevitv2.layers.folding import fusable_silu
 from keras_mobilevitv2.layers.inverted_residual import batch_norm
 from keras_mobilevitv2.layers.normalization import attention_norm_layer
 from keras_mobilevitv2.layers.normalization import validate_attention_norm
@@ -215,8 +218,8 @@ class MobileViTv2Block(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         x = self._resize_if_needed(inputs)
-        x = keras.activations.silu(
-            self.local_bn(self.local_depthwise_conv(x), training=training)
+        x = fusable_silu(
+            conv_batch_norm(self.local_depthwise_conv, self.local_bn, x, training)
         )
         x = self.local_pointwise_conv(x)  # [B, H, W, d]
 
@@ -224,10 +227,20 @@ class MobileViTv2Block(keras.layers.Layer):
         patches = unfold_patches(x, self.patch_size)  # [B, N, P, d]
         for block in self.transformer_blocks:
             patches = block(patches, training=training)
-        patches = self.final_norm(patches, training=training)
+        final_affine = None
+        if folding_norm_affines(training):
+            # Folding the patches back is a pure permutation: the norm's
+            # per-channel affine commutes with it and folds into the 1x1
+            # projection (see layers.folding).
+            patches = self.final_norm.normalize(patches)
+            final_affine = (self.final_norm.gamma, self.final_norm.beta)
+        else:
+            patches = self.final_norm(patches, training=training)
         x = fold_patches(patches, height, width, self.patch_size)  # [B, H, W, d]
 
-        return self.project_bn(self.project_conv(x), training=training)
+        return conv_batch_norm(
+            self.project_conv, self.project_bn, x, training, input_affine=final_affine
+        )
 
     def compute_output_shape(self, input_shape):
         batch, height, width, channels = tuple(input_shape)

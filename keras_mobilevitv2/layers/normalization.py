@@ -53,14 +53,25 @@ class LayerNorm2D(keras.layers.Layer):
         )
         self.reduction_axes = tuple(range(1, len(input_shape)))
 
-    def call(self, inputs):
+    def _normalize_float32(self, inputs):
         x = ops.cast(inputs, "float32")
         mean = ops.mean(x, axis=self.reduction_axes, keepdims=True)
         centered = x - mean
         variance = ops.mean(
             centered * centered, axis=self.reduction_axes, keepdims=True
         )
-        normalized = centered * ops.rsqrt(variance + self.epsilon)
+        return centered * ops.rsqrt(variance + self.epsilon)
+
+    def normalize(self, inputs):
+        """The normalization without the affine: `(x - mean) / std`.
+
+        For callers that fold `gamma` and `beta` into the next linear layer
+        (`keras_mobilevitv2.layers.folding.norm_then_pointwise`).
+        """
+        return ops.cast(self._normalize_float32(inputs), self.compute_dtype)
+
+    def call(self, inputs):
+        normalized = self._normalize_float32(inputs)
         outputs = normalized * ops.cast(self.gamma, "float32") + ops.cast(
             self.beta, "float32"
         )

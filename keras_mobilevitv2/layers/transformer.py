@@ -3,6 +3,7 @@
 import keras
 
 from keras_mobilevitv2.layers.attention import SeparableSelfAttention
+from keras_mobilevitv2.layers.folding import norm_then_pointwise
 from keras_mobilevitv2.layers.normalization import attention_norm_layer
 from keras_mobilevitv2.layers.normalization import validate_attention_norm
 
@@ -97,11 +98,15 @@ class LinearAttentionFFN(keras.layers.Layer):
         self.ffn_project.build(input_shape[:-1] + (self.ffn_dim,))
 
     def call(self, inputs, training=None):
-        normalized = self.attn_norm(inputs, training=training)
-        attended = self.attention(normalized, training=training)
+        # Each norm feeds one 1x1 convolution; at export its affine folds
+        # into that convolution (layers.folding).
+        qkv = norm_then_pointwise(
+            self.attn_norm, self.attention.qkv_proj, inputs, training
+        )
+        attended = self.attention.attend(qkv, training=training)
         x = inputs + self.attn_output_dropout(attended, training=training)
 
-        hidden = self.ffn_expand(self.ffn_norm(x, training=training))
+        hidden = norm_then_pointwise(self.ffn_norm, self.ffn_expand, x, training)
         hidden = self.ffn_hidden_dropout(hidden, training=training)
         projected = self.ffn_project(hidden)
         return x + self.ffn_output_dropout(projected, training=training)

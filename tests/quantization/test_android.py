@@ -42,6 +42,13 @@ def with_softmax_beta(flatbuffer, beta):
     return bytes(builder.Output())
 
 
+def constant_bytes(path):
+    """Bytes of the constant buffers (the weights) of a .tflite file."""
+    with open(path, "rb") as f:
+        model = schema.Model.GetRootAsModel(f.read(), 0)
+    return sum(model.Buffers(i).DataLength() for i in range(model.BuffersLength()))
+
+
 @pytest.fixture(scope="module")
 def images():
     return np.random.RandomState(0).rand(40, SIZE, SIZE, 3).astype("float32") * 255
@@ -79,7 +86,9 @@ def test_export_android_writes_both_models_and_report(android_export):
         assert 0 < latency["min_ms"] <= latency["median_ms"] <= latency["max_ms"]
         assert latency["p10_ms"] <= latency["p90_ms"]
         assert model["agreement"]["top1_agreement"] >= 0.875
-    assert int8["size_bytes"] < float16["size_bytes"]
+    # The int8 weights take less room than the float16 ones. (The file sizes
+    # of this tiny test model are dominated by per-tensor metadata.)
+    assert constant_bytes(int8["path"]) < 0.75 * constant_bytes(float16["path"])
     table = format_android_report(report)
     assert "| tiny.float16.tflite | float16 |" in table and "| tiny.int8.tflite | qat_int8 |" in table
 
