@@ -56,6 +56,33 @@ def _add_channel_bias(x, bias):
     return x + bias
 
 
+def _pointwise_with_input_affine(conv, scale, shift):
+    """Float32 kernel [1, 1, in, out] and bias [out] of the 1x1 `conv`
+    applied to `x * scale + shift`: W' = scale[:, None] W, b' = b + shift W."""
+    matrix = ops.cast(conv.kernel, "float32")[0, 0]  # [in, out]
+    kernel = ops.expand_dims(ops.expand_dims(matrix * scale[:, None], 0), 0)
+    bias = ops.matmul(shift[None, :], matrix)[0]
+    if conv.use_bias:
+        bias = bias + ops.cast(conv.bias, "float32")
+    return kernel, bias
+
+
+def _convolve_with_bias(conv, inputs, kernel, bias):
+    """`conv`'s convolution (its strides, padding, dilation) with another
+    float32 kernel and bias, in `conv`'s compute dtype."""
+    compute_dtype = conv.compute_dtype
+    convolve = ops.depthwise_conv if isinstance(conv, keras.layers.DepthwiseConv2D) else ops.conv
+    outputs = convolve(
+        ops.cast(inputs, compute_dtype),
+        ops.cast(kernel, compute_dtype),
+        strides=conv.strides,
+        padding=conv.padding,
+        data_format="channels_last",
+        dilation_rate=conv.dilation_rate,
+    )
+    return _add_channel_bias(outputs, ops.cast(bias, compute_dtype))
+
+
 def conv_batch_norm(conv, bn, inputs, training=None, input_affine=None):
     """`bn(conv(inputs), training)`, with BatchNorm folded in at inference.
 
@@ -89,10 +116,14 @@ def conv_batch_norm(conv, bn, inputs, training=None, input_affine=None):
             inputs = inputs * input_affine[0] + input_affine[1]
         return bn(conv(inputs), training=training)
 
+    if input_affine is not None:
+        in_scale, in_shift = (ops.cast(v, "float32") for v in input_affine)
+        kernel, bias = _pointwise_with_input_affine(conv, in_scale, in_shift)
+    else:
+        kernel = ops.cast(conv.kernel, "float32")
+        bias = ops.cast(conv.bias, "float32") if conv.use_bias else None
     scale, shift = _batch_norm_scale_shift(bn)
-    kernel = ops.cast(conv.kernel, "float32")
-    depthwise = isinstance(conv, keras.layers.DepthwiseConv2D)
-    if depthwise:
+    if isinstance(conv, keras.layers.DepthwiseConv2D):
         # [kh, kw, C, multiplier]: output channel c * multiplier + m.
         channels, multiplier = kernel.shape[2], kernel.shape[3]
         kernel = kernel * ops.reshape(scale, (1, 1, channels, multiplier))
@@ -103,28 +134,8 @@ def conv_batch_norm(conv, bn, inputs, training=None, input_affine=None):
                 f"DepthwiseConv2D. Received: {conv.name!r} with groups={conv.groups}"
             )
         kernel = kernel * scale  # [kh, kw, in, out]: scales the out axis.
-    conv_bias = ops.cast(conv.bias, "float32") if conv.use_bias else None
-    if input_affine is not None:
-        in_scale, in_shift = (ops.cast(v, "float32") for v in input_affine)
-        matrix = ops.cast(conv.kernel, "float32")[0, 0]  # [in, out]
-        kernel = kernel * ops.reshape(in_scale, (1, 1, -1, 1))
-        shifted = ops.matmul(in_shift[None, :], matrix)[0]
-        conv_bias = shifted if conv_bias is None else conv_bias + shifted
-    bias = shift if conv_bias is None else conv_bias * scale + shift
-
-    compute_dtype = conv.compute_dtype
-    inputs = ops.cast(inputs, compute_dtype)
-    kernel = ops.cast(kernel, compute_dtype)
-    convolve = ops.depthwise_conv if depthwise else ops.conv
-    outputs = convolve(
-        inputs,
-        kernel,
-        strides=conv.strides,
-        padding=conv.padding,
-        data_format="channels_last",
-        dilation_rate=conv.dilation_rate,
-    )
-    outputs = _add_channel_bias(outputs, ops.cast(bias, compute_dtype))
+    bias = shift if bias is None else bias * scale + shift
+    outputs = _convolve_with_bias(conv, inputs, kernel, bias)
     # Same output dtype as the BatchNorm path under any dtype policy.
     return ops.cast(outputs, bn.compute_dtype)
 
@@ -198,21 +209,8 @@ def norm_then_pointwise(norm, conv, inputs, training=None):
     else:
         return conv(norm(inputs, training=training))
 
-    matrix = ops.cast(conv.kernel, "float32")[0, 0]  # [in, out]
-    kernel = ops.expand_dims(ops.expand_dims(matrix * scale[:, None], 0), 0)
-    bias = ops.matmul(shift[None, :], matrix)[0]
-    if conv.use_bias:
-        bias = bias + ops.cast(conv.bias, "float32")
-
-    compute_dtype = conv.compute_dtype
-    outputs = ops.conv(
-        ops.cast(normalized, compute_dtype),
-        ops.cast(kernel, compute_dtype),
-        strides=1,
-        padding="valid",
-        data_format="channels_last",
-    )
-    outputs = _add_channel_bias(outputs, ops.cast(bias, compute_dtype))
+    kernel, bias = _pointwise_with_input_affine(conv, scale, shift)
+    outputs = _convolve_with_bias(conv, normalized, kernel, bias)
     if conv.activation is keras.activations.silu:
         return fusable_silu(outputs)
     return conv.activation(outputs)
