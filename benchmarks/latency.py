@@ -9,16 +9,23 @@ int8 (see `tflite_export.py`). timm runs in PyTorch eager under
 failure (import, build, conversion) becomes a row with status "n/a" and its
 reason instead of stopping the run.
 
+TFLite models are exported first and timed last, all models of one width and
+batch size in turn (`time_pending_tflite`): the TFLite comparisons between
+implementations are the closest, closer than the machine's drift over a run.
+
 Also a worker for the implementations that need their own process:
 
     python -m benchmarks.latency --implementation timm --settings JSON --output rows.json
 """
 
 import argparse
+import collections
+import dataclasses
 import gc
 import json
 import os
 import sys
+import tempfile
 
 import numpy as np
 
@@ -28,6 +35,7 @@ from benchmarks.console import short_reason
 from benchmarks.settings import Settings
 from benchmarks.tflite_export import TFLiteExporter
 from benchmarks.timing import time_callable
+from benchmarks.timing import time_interleaved
 
 SEED = 0
 
@@ -76,7 +84,9 @@ def _skip_reason(implementation, runtime, settings):
     return None
 
 
-def _measure_keras_runtime(implementation, model, exporter, runtime, images, settings):
+def _measure_keras_runtime(implementation, model, exporter, width, runtime, images, settings):
+    """(timing, tflite info); the timing is None for a TFLite model left in
+    `settings.tflite_dir` to be timed with the others."""
     from benchmarks.runtimes import keras_runner
     from benchmarks.runtimes import tflite_runner
     from benchmarks.tflite_export import float_tensors_inside
@@ -85,6 +95,11 @@ def _measure_keras_runtime(implementation, model, exporter, runtime, images, set
         return _time(keras_runner(model, images, runtime), settings), None
     flatbuffer, route = exporter.export(runtime, len(images))
     tflite = {"bytes": len(flatbuffer), "float_tensors_inside": float_tensors_inside(flatbuffer), "route": route}
+    if settings.tflite_dir:
+        path = os.path.join(settings.tflite_dir, f"{implementation.key}_w{width:g}_b{len(images)}_{runtime}.tflite")
+        with open(path, "wb") as f:
+            f.write(flatbuffer)
+        return None, dict(tflite, path=path)
     return _time(tflite_runner(flatbuffer, images, settings.threads), settings), tflite
 
 
@@ -108,9 +123,15 @@ def _measure_keras(implementation, settings, width):
                 continue
             log(f"{implementation.key} width {width} batch {batch} {image_size}x{image_size}: {runtime}")
             try:
-                timing, tflite = _measure_keras_runtime(implementation, model, exporter, runtime, images, settings)
-                rows.append(_row(implementation, width, batch, image_size, runtime, timing=timing, tflite=tflite))
-                log(f"  median {timing.median_ms:.2f} ms over {timing.runs} runs")
+                timing, tflite = _measure_keras_runtime(
+                    implementation, model, exporter, width, runtime, images, settings
+                )
+                status = "ok" if timing is not None else "pending"
+                rows.append(_row(implementation, width, batch, image_size, runtime, status, timing=timing, tflite=tflite))
+                if timing is None:
+                    log("  exported; timed at the end with the other TFLite models")
+                else:
+                    log(f"  median {timing.median_ms:.2f} ms over {timing.runs} runs")
             except Exception as error:
                 log(f"  n/a: {short_reason(error)}")
                 rows.append(_row(implementation, width, batch, image_size, runtime, "n/a", short_reason(error)))
@@ -165,14 +186,69 @@ def measure_in_worker(implementation, settings):
         return _failed_rows(implementation, settings, short_reason(str(error)))
 
 
-def run_section(settings):
-    rows = []
-    for implementation in competitors.selected(settings):
-        if implementation.isolated:
-            rows += measure_in_worker(implementation, settings)
-        else:
-            rows += measure_implementation(implementation, settings)
+def _pending_runner(row, settings):
+    """The TFLite runner of a pending row, checked by one call: (run, seconds
+    that call took)."""
+    import time
+
+    from benchmarks.runtimes import tflite_runner
+
+    implementation = competitors.BY_KEY[row["implementation"]]
+    images = _images(implementation, row["batch"], row["image_size"], seed=2)
+    with open(row["tflite"]["path"], "rb") as f:
+        run = tflite_runner(f.read(), images, settings.threads)
+    start = time.perf_counter()
+    run()
+    return run, time.perf_counter() - start
+
+
+def time_pending_tflite(rows, settings):
+    """Times every pending TFLite row: per (width, batch), all implementations'
+    float and int8 models in turn (`timing.time_interleaved`), so the ratios
+    between them are not skewed by the machine's drift. A model that fails
+    to load or run becomes "n/a" with its reason; the others are timed."""
+    groups = collections.defaultdict(list)
+    for row in rows:
+        if row["status"] == "pending":
+            groups[(row["width"], row["batch"])].append(row)
+    for (width, batch), group in sorted(groups.items()):
+        log(f"TFLite width {width:g} batch {batch}: {len(group)} models in turn")
+        runs, first_call_s = {}, {}
+        for index, row in enumerate(group):
+            try:
+                runs[index], first_call_s[index] = _pending_runner(row, settings)
+            except Exception as error:
+                row.update(status="n/a", reason=short_reason(error))
+        try:
+            timings = time_interleaved(runs, settings.warmup, settings.repeats, settings.max_seconds)
+        except Exception as error:
+            timings = {}
+            for index in runs:
+                group[index].update(status="n/a", reason=short_reason(error))
+        for index, timing in timings.items():
+            # The first call of `time_interleaved` was a second call: report
+            # the first, which includes the interpreter's one-off work.
+            timing = dataclasses.replace(timing, first_call_s=first_call_s[index])
+            group[index].update(status="ok", timing=timing.to_dict())
+            log(f"  {group[index]['implementation']} {group[index]['runtime']}: median {timing.median_ms:.2f} ms")
+        del runs
+        gc.collect()
+    for row in rows:
+        if row.get("tflite"):
+            row["tflite"].pop("path", None)  # a temporary file
     return rows
+
+
+def run_section(settings):
+    with tempfile.TemporaryDirectory(prefix="benchmark_tflite_") as directory:
+        settings = dataclasses.replace(settings, tflite_dir=directory)
+        rows = []
+        for implementation in competitors.selected(settings):
+            if implementation.isolated:
+                rows += measure_in_worker(implementation, settings)
+            else:
+                rows += measure_implementation(implementation, settings)
+        return time_pending_tflite(rows, settings)
 
 
 def _prepare_worker_process(implementation, threads):

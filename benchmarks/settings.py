@@ -31,6 +31,9 @@ class Settings:
     attention_channels: int = 128
     size_widths: tuple = ALL_WIDTHS
     size_tflite: bool = True  # convert every size width (not only those timed in the latency section)
+    # Set by the latency section: where every implementation's TFLite models
+    # are written, to be timed together afterwards (latency.time_pending_tflite).
+    tflite_dir: str = ""
     tiny: bool = False
 
     def to_json(self):

@@ -79,3 +79,69 @@ def time_callable(run, warmup, repeats, max_seconds, min_runs=3):
         if spent > max_seconds and len(samples_ms) >= min_runs:
             break
     return Timing.from_samples(samples_ms, first_call_s, max(load_before, os.getloadavg()[0]))
+
+
+def time_interleaved(runs, warmup, repeats, max_seconds, min_runs=3, turn_seconds=0.05):
+    """Times several callables in turn; returns `{name: Timing}`.
+
+    `runs` maps a name to a zero-argument callable, as `time_callable` takes.
+    Each round gives every callable one turn, in an order rotated by one
+    place per round, so a slow drift of the machine's speed falls on all of
+    them alike. Why: timed one after the other, the same TFLite model
+    measured 2-5% apart over a benchmark run on these machines, as much as
+    the differences between implementations that the tables compare.
+
+    A turn calls its callable repeatedly for `turn_seconds` (at least once)
+    and contributes one sample, the median time of its calls: a short call
+    right after another runtime's is slowed by that runtime's worker
+    threads, which keep spinning for a while (a 0.3 ms int8 model measured
+    2.4 ms when its turns were single calls between other interpreters).
+
+    First calls are timed apart, warm-up rounds stop early after a quarter
+    of the budget, and rounds stop at `repeats`, or once they took
+    `max_seconds` per callable and at least `min_runs` were made.
+    """
+    if not runs:
+        return {}
+    names = list(runs)
+    budget = max_seconds * len(names)
+    first_call_s = {}
+    for name in names:
+        start = time.perf_counter()
+        runs[name]()
+        first_call_s[name] = time.perf_counter() - start
+
+    def turn(run):
+        calls_ms = []
+        turn_start = time.perf_counter()
+        while True:
+            start = time.perf_counter()
+            run()
+            end = time.perf_counter()
+            calls_ms.append((end - start) * 1000.0)
+            if end - turn_start >= turn_seconds:
+                return float(np.median(calls_ms)), end - turn_start
+
+    warm_spent = 0.0
+    for _ in range(max(warmup, 1) - 1):
+        if warm_spent > budget / 4:
+            break
+        for name in names:
+            warm_spent += turn(runs[name])[1]
+
+    load_before = os.getloadavg()[0]
+    samples_ms = {name: [] for name in names}
+    spent = 0.0
+    min_runs = min(min_runs, repeats)
+    rounds = 0
+    while rounds < max(repeats, 1):
+        shift = rounds % len(names)
+        for name in names[shift:] + names[:shift]:
+            sample_ms, elapsed = turn(runs[name])
+            samples_ms[name].append(sample_ms)
+            spent += elapsed
+        rounds += 1
+        if spent > budget and rounds >= min_runs:
+            break
+    load = max(load_before, os.getloadavg()[0])
+    return {name: Timing.from_samples(samples_ms[name], first_call_s[name], load) for name in names}

@@ -1,5 +1,7 @@
 """Layers: numerics against PyTorch references, shapes, serialization."""
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -277,6 +279,25 @@ def test_norm_affine_folds_into_the_next_pointwise_conv(norm_kind, activation, u
     )
 
 
+@pytest.mark.parametrize("norm_kind", ["layer_norm_2d", "batch_norm_2d"])
+@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+@pytest.mark.parametrize("fold", [False, True])
+def test_split_pointwise_outputs_equal_the_slices_of_one_conv(norm_kind, activation, fold):
+    """`output_splits` (the attention's query | key | value): separate
+    convolutions at export, slices of one convolution otherwise."""
+    from keras_mobilevitv2.layers.folding import fold_norm_affines
+    from keras_mobilevitv2.layers.folding import norm_then_pointwise
+
+    norm, conv = _pointwise_after(norm_kind, activation)
+    x = np.random.RandomState(8).randn(2, 5, 4, 6).astype("float32") * 3 + 1
+    expected = ops.convert_to_numpy(conv(norm(x, training=False)))
+    with fold_norm_affines() if fold else contextlib.nullcontext():
+        parts = norm_then_pointwise(norm, conv, x, training=False, output_splits=(1, 5, 3))
+    assert [tuple(part.shape) for part in parts] == [(2, 5, 4, 1), (2, 5, 4, 5), (2, 5, 4, 3)]
+    joined = np.concatenate([ops.convert_to_numpy(part) for part in parts], axis=-1)
+    np.testing.assert_allclose(joined, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_conv_batch_norm_folds_an_input_affine():
     from keras_mobilevitv2.layers.folding import conv_batch_norm
 
@@ -302,8 +323,11 @@ def _unfolded_conv_batch_norm(conv, bn, inputs, training=None, input_affine=None
     return bn(conv(inputs), training=training)
 
 
-def _unfolded_norm_then_pointwise(norm, conv, inputs, training=None):
-    return conv(norm(inputs, training=training))
+def _unfolded_norm_then_pointwise(norm, conv, inputs, training=None, output_splits=None):
+    outputs = conv(norm(inputs, training=training))
+    if output_splits is None:
+        return outputs
+    return np.split(ops.convert_to_numpy(outputs), np.cumsum(output_splits)[:-1], axis=-1)
 
 
 @pytest.mark.parametrize(

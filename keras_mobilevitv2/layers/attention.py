@@ -83,7 +83,11 @@ class SeparableSelfAttention(keras.layers.Layer):
         query = qkv[..., :1]  # [B, N, P, 1]
         key = qkv[..., 1 : 1 + self.embed_dim]  # [B, N, P, C]
         value = qkv[..., 1 + self.embed_dim :]  # [B, N, P, C]
+        return self.attend_projected(query, key, value, training=training)
 
+    def attend_projected(self, query, key, value, training=None):
+        """The attention from query [B, N, P, 1], key and value [B, N, P, C]
+        computed separately (`qkv_proj`'s output channels, split)."""
         with warnings.catch_warnings():
             # A single patch (tiny inputs) makes Keras warn that the softmax
             # is constant; it is, and that is the reference behaviour.

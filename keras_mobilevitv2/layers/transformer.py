@@ -100,10 +100,16 @@ class LinearAttentionFFN(keras.layers.Layer):
     def call(self, inputs, training=None):
         # Each norm feeds one 1x1 convolution; at export its affine folds
         # into that convolution (layers.folding).
-        qkv = norm_then_pointwise(
-            self.attn_norm, self.attention.qkv_proj, inputs, training
+        query, key, value = norm_then_pointwise(
+            self.attn_norm,
+            self.attention.qkv_proj,
+            inputs,
+            training,
+            output_splits=(1, self.embed_dim, self.embed_dim),
         )
-        attended = self.attention.attend(qkv, training=training)
+        attended = self.attention.attend_projected(
+            query, key, value, training=training
+        )
         x = inputs + self.attn_output_dropout(attended, training=training)
 
         hidden = norm_then_pointwise(self.ffn_norm, self.ffn_expand, x, training)

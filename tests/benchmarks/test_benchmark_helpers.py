@@ -7,6 +7,7 @@ conversion used for the other implementations is checked on a small model
 
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from benchmarks.macs import count_keras_macs  # noqa: E402
 from benchmarks.random_weights import randomize_keras_weights  # noqa: E402
 from benchmarks.timing import Timing  # noqa: E402
 from benchmarks.timing import time_callable  # noqa: E402
+from benchmarks.timing import time_interleaved  # noqa: E402
 
 
 def small_model(size=8):
@@ -54,6 +56,38 @@ def test_time_callable_counts_calls():
 def test_time_callable_stops_after_its_budget():
     timing = time_callable(lambda: sum(range(20000)), warmup=1, repeats=10**6, max_seconds=0.05, min_runs=3)
     assert 3 <= timing.runs < 10**6
+
+
+def test_time_interleaved_rotates_the_order_every_round():
+    calls = []
+    runs = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    timings = time_interleaved(runs, warmup=2, repeats=4, max_seconds=10, turn_seconds=0)
+    assert {name: timing.runs for name, timing in timings.items()} == {"a": 4, "b": 4, "c": 4}
+    # first calls, one warm-up round, then rounds starting one place later each time
+    assert "".join(calls) == "abc" + "abc" + "abc" + "bca" + "cab" + "abc"
+
+
+def test_time_interleaved_times_each_callable_on_its_own():
+    calls = {"slow": 0, "fast": 0}
+
+    def run(name, seconds):
+        calls[name] += 1
+        time.sleep(seconds)
+
+    timings = time_interleaved(
+        {"slow": lambda: run("slow", 0.02), "fast": lambda: run("fast", 0)},
+        warmup=1, repeats=3, max_seconds=10, turn_seconds=0.01,
+    )
+    assert timings["slow"].min_ms >= 19 and timings["fast"].max_ms < 5
+    assert timings["slow"].runs == timings["fast"].runs == 3  # one sample per turn
+    # a turn repeats a call shorter than turn_seconds; a longer one runs once
+    assert calls["slow"] == 1 + 3 and calls["fast"] > 1 + 3 * 5
+
+
+def test_time_interleaved_stops_after_its_budget():
+    runs = {"a": lambda: sum(range(20000)), "b": lambda: sum(range(20000))}
+    timings = time_interleaved(runs, warmup=1, repeats=10**6, max_seconds=0.02, min_runs=3)
+    assert 3 <= timings["a"].runs == timings["b"].runs < 10**6
 
 
 def test_macs_of_convolutions_and_dense():
