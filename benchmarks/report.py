@@ -240,8 +240,9 @@ def latency_text(rows, environment):
         "TFLite is the default CPU runtime (LiteRT interpreter, XNNPACK delegate) with the model exported "
         "at that batch size; the int8 models are post-training quantized with the same converter settings "
         "for every implementation (this package's through its own `quantization.export.convert`). "
-        "All TFLite models of one width and batch size are timed in turn, one call each per round in a "
-        "rotating order, so the machine's drift during the run falls on all of them alike.",
+        "All TFLite models of one width and batch size are timed in turn, one turn each per round (calls "
+        "repeated for 50 ms, their median one sample) in a rotating order, so the machine's drift during "
+        "the run falls on all of them alike.",
         latency_table(rows, busy_load(environment)),
         busy_note(environment),
         "### This package / timm (PyTorch)",
