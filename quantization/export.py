@@ -17,6 +17,7 @@ from keras_mobilevitv2.layers.folding import fold_norm_affines
 from quantization.audit import audit as audit_flatbuffer
 from quantization.audit import format_report
 from quantization.fake_quant import ActivationQuantizer
+from quantization.merge_pointwise import merge_linear_pointwise_pairs
 
 MODES = ("float32", "float16", "dynamic", "ptq_int8", "qat_int8")
 IO_TYPES = ("int8", "uint8", "float32")
@@ -102,7 +103,11 @@ def convert(model, mode, io_type="int8", representative_images=None, batch_size=
             io_dtype = {"int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}[io_type]
             converter.inference_input_type = io_dtype
             converter.inference_output_type = io_dtype
-        return converter.convert()
+        flatbuffer = converter.convert()
+    if mode == "float32":
+        # Linear 1x1 conv pairs across block boundaries become one conv.
+        flatbuffer, _ = merge_linear_pointwise_pairs(flatbuffer)
+    return flatbuffer
 
 
 def export_tflite(model, path, mode, io_type=None, representative_images=None, sample_images=None,
