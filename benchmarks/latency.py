@@ -12,6 +12,8 @@ reason instead of stopping the run.
 TFLite models are exported first and timed last, all models of one width and
 batch size in turn (`time_pending_tflite`): the TFLite comparisons between
 implementations are the closest, closer than the machine's drift over a run.
+This package's graph mode and timm are also timed in turn, each in its own
+process (`in_turn.py`; rows "graph_in_turn" and "torch_in_turn").
 
 Also a worker for the implementations that need their own process:
 
@@ -30,6 +32,7 @@ import tempfile
 import numpy as np
 
 from benchmarks import competitors
+from benchmarks import in_turn
 from benchmarks.console import log
 from benchmarks.console import short_reason
 from benchmarks.settings import Settings
@@ -243,12 +246,16 @@ def run_section(settings):
     with tempfile.TemporaryDirectory(prefix="benchmark_tflite_") as directory:
         settings = dataclasses.replace(settings, tflite_dir=directory)
         rows = []
-        for implementation in competitors.selected(settings):
+        selected = competitors.selected(settings)
+        for implementation in selected:
             if implementation.isolated:
                 rows += measure_in_worker(implementation, settings)
             else:
                 rows += measure_implementation(implementation, settings)
-        return time_pending_tflite(rows, settings)
+        rows = time_pending_tflite(rows, settings)
+    if {in_turn.OURS, in_turn.REFERENCE} <= {implementation.key for implementation in selected}:
+        rows += in_turn.time_in_turn(settings)
+    return rows
 
 
 def _prepare_worker_process(implementation, threads):

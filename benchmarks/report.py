@@ -20,6 +20,8 @@ RUNTIME_COLUMNS = (
     ("tflite_float", "TFLite float"),
     ("tflite_int8", "TFLite int8"),
     ("tflite_int8_qat", "TFLite int8 (QAT)"),
+    ("graph_in_turn", "graph, in turn with timm"),
+    ("torch_in_turn", "PyTorch, in turn with ours"),
 )
 RUNTIME_NAMES = dict(RUNTIME_COLUMNS)
 CELL_REASON = 70
@@ -179,9 +181,12 @@ def reference_ratio_table(rows):
         timm = _median(_find(rows, REFERENCE, width, batch, "torch"))
         cells = [ratio(_median(_find(rows, OURS, width, batch, runtime)), timm)
                  for runtime in ("eager", "graph", "xla", "tflite_float", "tflite_int8")]
+        in_turn = [_median(_find(rows, implementation, width, batch, runtime))
+                   for implementation, runtime in ((OURS, "graph_in_turn"), (REFERENCE, "torch_in_turn"))]
+        cells.append(f"{ms(in_turn[0])} / {ms(in_turn[1])} = {ratio(*in_turn)}" if all(in_turn) else "-")
         body.append([_width_text(width), batch, ms(timm)] + cells)
     header = ["width", "batch", "timm ms", "eager / timm", "graph / timm", "XLA / timm",
-              "TFLite float / timm", "TFLite int8 / timm"]
+              "TFLite float / timm", "TFLite int8 / timm", "graph / timm, timed in turn (ms)"]
     return table(header, body)
 
 
@@ -247,7 +252,10 @@ def latency_text(rows, environment):
         busy_note(environment),
         "### This package / timm (PyTorch)",
         "Time of this package on each runtime divided by timm's PyTorch eager time; below 1.00x this package "
-        "is faster.",
+        "is faster. The columns before the last divide figures taken in different phases of the run; the "
+        "last one times this package's graph mode and timm in turn, each in its own process (rotating "
+        "order; each turn one untimed call, then calls for 50 ms, their median one sample; a call is a "
+        "round trip through a pipe, about 0.1 ms added to both), so the machine's drift falls on both alike.",
         reference_ratio_table(rows),
         "### This package / the fastest other Keras MobileViTv2 (kimm, kecam)",
         other_keras_table(rows),

@@ -84,6 +84,19 @@ def test_time_interleaved_times_each_callable_on_its_own():
     assert calls["slow"] == 1 + 3 and calls["fast"] > 1 + 3 * 5
 
 
+def test_time_interleaved_settle_calls_open_each_turn_untimed():
+    calls = {"a": 0}
+
+    def run():
+        calls["a"] += 1
+        # the first call of every turn (the settling call) is slow
+        time.sleep(0.03 if calls["a"] % 2 == 0 else 0.0)
+
+    timings = time_interleaved({"a": run}, warmup=1, repeats=3, max_seconds=10, turn_seconds=0, settle_calls=1)
+    assert calls["a"] == 1 + 3 * 2  # first call, then per turn one settling and one timed call
+    assert timings["a"].max_ms < 20
+
+
 def test_time_interleaved_stops_after_its_budget():
     runs = {"a": lambda: sum(range(20000)), "b": lambda: sum(range(20000))}
     timings = time_interleaved(runs, warmup=1, repeats=10**6, max_seconds=0.02, min_runs=3)

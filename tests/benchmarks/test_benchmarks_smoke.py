@@ -85,6 +85,20 @@ def test_other_implementations_measured_or_na(tiny_run, implementation, module, 
         assert row["status"] == "n/a" and row["reason"]
 
 
+def test_graph_and_timm_are_timed_in_turn(tiny_run):
+    rows = [row for row in tiny_run["results"]["latency"] if row["runtime"].endswith("_in_turn")]
+    assert {(row["implementation"], row["runtime"]) for row in rows} == {
+        ("keras_mobilevitv2", "graph_in_turn"), ("timm", "torch_in_turn")}
+    for row in rows:
+        if installed("timm"):
+            assert row["status"] == "ok", row["reason"]
+            assert row["timing"]["runs"] >= 1
+        else:  # one worker failed: both rows say why
+            assert row["status"] == "n/a" and row["reason"]
+    if installed("timm"):
+        assert " = " in tiny_run["markdown"].split("graph / timm, timed in turn (ms)")[1].split("###")[0]
+
+
 def test_kecam_under_keras3_is_reported(tiny_run):
     rows = rows_of(tiny_run["results"], "kecam_keras3")
     assert rows
