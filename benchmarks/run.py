@@ -7,7 +7,8 @@
 Sections:
   1. latency   - this package (Keras eager, graph mode, XLA, float and int8
                  TFLite) against timm (PyTorch), kimm, kecam and the
-                 keras.applications MobileNets, with ratios;
+                 keras.applications MobileNets, with ratios; TFLite models of
+                 one width and batch, and our graph mode with timm, timed in turn;
   2. attention - separable self-attention against multi-head attention as the
                  number of tokens grows: time, memory, growth exponent;
   3. size      - parameters, MACs, TFLite bytes and the share of the

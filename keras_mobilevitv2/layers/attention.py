@@ -72,22 +72,16 @@ class SeparableSelfAttention(keras.layers.Layer):
         self.out_proj.build(input_shape)
 
     def call(self, inputs, training=None):
-        return self.attend(self.qkv_proj(inputs), training=training)
-
-    def attend(self, qkv, training=None):
-        """The attention from already projected `qkv` [B, N, P, 1 + 2C].
-
-        For callers that compute the projection themselves (with a norm's
-        affine folded in: `LinearAttentionFFN`).
-        """
+        qkv = self.qkv_proj(inputs)  # [B, N, P, 1 + 2C]
         query = qkv[..., :1]  # [B, N, P, 1]
         key = qkv[..., 1 : 1 + self.embed_dim]  # [B, N, P, C]
         value = qkv[..., 1 + self.embed_dim :]  # [B, N, P, C]
         return self.attend_projected(query, key, value, training=training)
 
     def attend_projected(self, query, key, value, training=None):
-        """The attention from query [B, N, P, 1], key and value [B, N, P, C]
-        computed separately (`qkv_proj`'s output channels, split)."""
+        """The attention from query [B, N, P, 1], key and value [B, N, P, C]:
+        `qkv_proj`'s output channels, split. `LinearAttentionFFN` computes
+        them itself, with its norm's affine folded in (see layers.folding)."""
         with warnings.catch_warnings():
             # A single patch (tiny inputs) makes Keras warn that the softmax
             # is constant; it is, and that is the reference behaviour.
