@@ -88,6 +88,8 @@ def _merge_in_subgraph(model, subgraph):
             consumers.setdefault(int(tensor), []).append(index)
     graph_outputs = {int(t) for t in subgraph.outputs}
 
+    # Operators are stored in execution order: when a pair merges, the readers
+    # of every tensor still to be checked are already counted.
     removed = set()
     for index, first in enumerate(subgraph.operators):
         first_weights = _pointwise(model, subgraph, first)
@@ -113,7 +115,6 @@ def _merge_in_subgraph(model, subgraph):
         inputs = np.array(second.inputs, np.int32)  # the object API may hand a read-only view
         inputs[:3] = (first.inputs[0], kernel, bias)
         second.inputs = inputs
-        consumers.setdefault(int(first.inputs[0]), []).append(readers[0])
         removed.add(index)
 
     subgraph.operators = [op for i, op in enumerate(subgraph.operators) if i not in removed]
