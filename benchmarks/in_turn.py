@@ -28,6 +28,10 @@ from benchmarks.console import log
 from benchmarks.console import short_reason
 from benchmarks.isolation import REPOSITORY_ROOT
 from benchmarks.isolation import WorkerError
+from benchmarks.latency import SEED
+from benchmarks.latency import _images
+from benchmarks.latency import _prepare_worker_process
+from benchmarks.latency import _row as latency_row
 from benchmarks.settings import Settings
 from benchmarks.timing import time_interleaved
 
@@ -89,11 +93,8 @@ class RemoteRunner:
 
 def _row(key, width, batch, settings, status="ok", reason="", timing=None):
     implementation = competitors.BY_KEY[key]
-    return {
-        "implementation": key, "label": implementation.label, "width": width, "batch": batch,
-        "image_size": implementation.image_size(settings), "runtime": RUNTIMES[key][1],
-        "status": status, "reason": reason, "timing": timing, "tflite": None,
-    }
+    image_size = implementation.image_size(settings)
+    return latency_row(implementation, width, batch, image_size, RUNTIMES[key][1], status, reason, timing)
 
 
 def time_in_turn(settings):
@@ -113,7 +114,7 @@ def time_in_turn(settings):
                 timings = time_interleaved(runners, settings.warmup, settings.repeats, settings.max_seconds,
                                            settle_calls=1)
                 for key, timing in timings.items():
-                    rows.append(_row(key, width, batch, settings, timing=timing.to_dict()))
+                    rows.append(_row(key, width, batch, settings, timing=timing))
                     log(f"  {key}: median {timing.median_ms:.2f} ms")
             except Exception as error:
                 log(f"  n/a: {short_reason(error)}")
@@ -127,10 +128,6 @@ def time_in_turn(settings):
 
 def _serve(implementation, width, batch, settings):
     """Builds the model and its runner, then runs it once per CALL line."""
-    from benchmarks.latency import SEED
-    from benchmarks.latency import _images
-    from benchmarks.latency import _prepare_worker_process
-
     _prepare_worker_process(implementation, settings.threads)
     image_size = implementation.image_size(settings)
     if implementation.framework == "torch":

@@ -32,7 +32,6 @@ import tempfile
 import numpy as np
 
 from benchmarks import competitors
-from benchmarks import in_turn
 from benchmarks.console import log
 from benchmarks.console import short_reason
 from benchmarks.settings import Settings
@@ -253,6 +252,8 @@ def run_section(settings):
             else:
                 rows += measure_implementation(implementation, settings)
         rows = time_pending_tflite(rows, settings)
+    from benchmarks import in_turn  # it builds on this module
+
     if {in_turn.OURS, in_turn.REFERENCE} <= {implementation.key for implementation in selected}:
         rows += in_turn.time_in_turn(settings)
     return rows
