@@ -27,7 +27,9 @@ def read_safetensors(path):
     """Reads a `.safetensors` file into {name: np.ndarray}, no torch needed.
 
     The format is an 8-byte little-endian header length, a JSON header of
-    {name: {dtype, shape, data_offsets}}, then the raw tensor bytes.
+    {name: {dtype, shape, data_offsets}}, then the raw tensor bytes. Every
+    header entry is checked against the bytes, so a damaged or truncated file
+    raises `ValueError` naming the tensor instead of loading wrong values.
     """
     with open(path, "rb") as f:
         raw = f.read()
@@ -35,32 +37,96 @@ def read_safetensors(path):
         raise ValueError(f"{path} is not a safetensors file (too short).")
     (header_len,) = struct.unpack("<Q", raw[:8])
     if header_len > len(raw) - 8:
-        raise ValueError(f"{path} is not a safetensors file (bad header length).")
+        raise ValueError(
+            f"{path} is not a safetensors file or is truncated: its header "
+            f"claims {header_len} bytes but only {len(raw) - 8} follow."
+        )
     try:
         header = json.loads(raw[8 : 8 + header_len])
     except ValueError as error:
-        raise ValueError(f"{path} is not a safetensors file: {error}") from None
+        raise ValueError(
+            f"{path} is not a safetensors file: its header is not JSON ({error})."
+        ) from None
+    if not isinstance(header, dict):
+        raise ValueError(
+            f"{path} is not a safetensors file: its header is a JSON "
+            f"{type(header).__name__}, not an object of tensor entries."
+        )
     data = memoryview(raw)[8 + header_len :]
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype_name = info["dtype"]
-        if dtype_name == "BF16":
-            import ml_dtypes  # A dependency of TensorFlow.
+    return {
+        name: _read_tensor(name, info, data, path)
+        for name, info in header.items()
+        if name != "__metadata__"
+    }
 
-            dtype = ml_dtypes.bfloat16
-        elif dtype_name in _SAFETENSORS_DTYPES:
-            dtype = _SAFETENSORS_DTYPES[dtype_name]
-        else:
-            raise ValueError(
-                f"Tensor {name!r} in {path} has dtype {dtype_name}, which is "
-                f"not supported; supported: {sorted(_SAFETENSORS_DTYPES)} and BF16."
-            )
-        start, end = info["data_offsets"]
-        array = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
-        tensors[name] = array.astype(np.float32) if dtype_name == "BF16" else array.copy()
-    return tensors
+
+def _numpy_dtype(name, dtype_name, path):
+    if dtype_name == "BF16":
+        import ml_dtypes  # A dependency of TensorFlow.
+
+        return ml_dtypes.bfloat16
+    if isinstance(dtype_name, str) and dtype_name in _SAFETENSORS_DTYPES:
+        return _SAFETENSORS_DTYPES[dtype_name]
+    raise ValueError(
+        f"Tensor {name!r} in {path} has dtype {dtype_name!r}, which is "
+        f"not supported; supported: {sorted(_SAFETENSORS_DTYPES)} and BF16."
+    )
+
+
+def _is_count(value):
+    # bool is an int to Python, but never a valid size or offset.
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _checked_entry(name, info, path):
+    """(dtype name, shape, start, end) of a header entry, or ValueError."""
+    if not isinstance(info, dict):
+        raise ValueError(
+            f"Tensor {name!r} in {path}: its header entry is "
+            f"{type(info).__name__}, not an object."
+        )
+    missing = [key for key in ("dtype", "shape", "data_offsets") if key not in info]
+    if missing:
+        raise ValueError(
+            f"Tensor {name!r} in {path}: header entry lacks {missing}; "
+            "a safetensors entry needs 'dtype', 'shape' and 'data_offsets'."
+        )
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        raise ValueError(
+            f"Tensor {name!r} in {path}: shape {shape!r} is not a list of "
+            "non-negative integers."
+        )
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(_is_count(o) for o in offsets)
+        and offsets[0] <= offsets[1]
+    ):
+        raise ValueError(
+            f"Tensor {name!r} in {path}: data_offsets {offsets!r} is not "
+            "[start, end] with 0 <= start <= end."
+        )
+    return info["dtype"], tuple(shape), offsets[0], offsets[1]
+
+
+def _read_tensor(name, info, data, path):
+    dtype_name, shape, start, end = _checked_entry(name, info, path)
+    dtype = np.dtype(_numpy_dtype(name, dtype_name, path))
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if end - start != expected:
+        raise ValueError(
+            f"Tensor {name!r} in {path}: data_offsets [{start}, {end}] hold "
+            f"{end - start} bytes, but dtype {dtype_name} and shape "
+            f"{list(shape)} need {expected}."
+        )
+    if end > len(data):
+        raise ValueError(
+            f"Tensor {name!r} in {path} ends at byte {end} of the data, but "
+            f"the file holds only {len(data)} data bytes: it is truncated."
+        )
+    array = np.frombuffer(data[start:end], dtype=dtype).reshape(shape)
+    return array.astype(np.float32) if dtype_name == "BF16" else array.copy()
 
 
 def _read_torch(path):

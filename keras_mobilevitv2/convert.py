@@ -69,6 +69,13 @@ def _inverted_residual_entries(layer, names):
         )
 
 
+def _norm_kind(layer):
+    # attention_norm="batch_norm_2d" puts a BatchNormalization here: its
+    # running statistics must come from the checkpoint too (ml-cvnets stores
+    # them under the same prefix), not stay at their initial values.
+    return "batchnorm" if hasattr(layer, "moving_mean") else "groupnorm"
+
+
 def _mobilevit_block_entries(layer, names):
     c, t, h = names["cvnets"], names["timm"], names["hf"]
     yield layer.local_depthwise_conv, "depthwise", _names(
@@ -82,7 +89,7 @@ def _mobilevit_block_entries(layer, names):
     )
     for j, block in enumerate(layer.transformer_blocks):
         cj, tj, hj = f"{c}.global_rep.{j}", f"{t}.transformer.{j}", f"{h}.transformer.layer.{j}"
-        yield block.attn_norm, "groupnorm", _names(
+        yield block.attn_norm, _norm_kind(block.attn_norm), _names(
             f"{cj}.pre_norm_attn.0", f"{tj}.norm1", f"{hj}.layernorm_before"
         )
         yield block.attention.qkv_proj, "conv", _names(
@@ -95,7 +102,7 @@ def _mobilevit_block_entries(layer, names):
             f"{tj}.attn.out_proj",
             f"{hj}.attention.out_proj.convolution",
         )
-        yield block.ffn_norm, "groupnorm", _names(
+        yield block.ffn_norm, _norm_kind(block.ffn_norm), _names(
             f"{cj}.pre_norm_ffn.0", f"{tj}.norm2", f"{hj}.layernorm_after"
         )
         yield block.ffn_expand, "conv", _names(
@@ -184,65 +191,121 @@ def load_pytorch_weights(model, state_dict_or_path):
             `.bin` checkpoint, or a mapping of tensor name -> array (numpy or
             torch), named as ml-cvnets, timm or Hugging Face name them.
 
-    Every Keras weight is assigned and every checkpoint tensor is used;
-    classifier tensors are skipped when the model has no top, and
-    BatchNorm's `num_batches_tracked` counters are ignored. A tensor that
-    does not fit raises `ValueError` naming it and both shapes.
+    Both sides are checked before anything is assigned: every Keras weight
+    must get a tensor of its shape and every checkpoint tensor must be used.
+    Only classifier tensors (when the model has no top) and BatchNorm's
+    `num_batches_tracked` counters may be left over. Otherwise `ValueError`
+    lists what is missing, unused or of the wrong shape, and the model is
+    left untouched.
 
     Returns:
         The naming convention found: "cvnets", "timm" or "hf".
     """
+    state_dict = _as_state_dict(state_dict_or_path)
+    naming = detect_naming(state_dict)
+    match = _match_weights(model, state_dict, naming)
+    _raise_if_incomplete(model, naming, match)
+    # Assign only after every tensor was checked, so a checkpoint that does
+    # not fit leaves the model untouched.
+    for variable, value in match["assignments"]:
+        variable.assign(value.astype(variable.dtype))
+    return naming
+
+
+def _as_state_dict(state_dict_or_path):
     if isinstance(state_dict_or_path, (str, os.PathLike)):
         state_dict = read_checkpoint(state_dict_or_path)
     else:
         state_dict = unwrap_state_dict(dict(state_dict_or_path), source="state_dict")
-    state_dict = _strip_wrapper_prefix(state_dict)
-    naming = detect_naming(state_dict)
+    return _strip_wrapper_prefix(state_dict)
 
-    unused = {name for name in state_dict if not name.endswith(_IGNORED_SUFFIXES)}
-    has_top = any(layer.name == "logits" for layer in model.layers)
-    if not has_top:
-        prefix = _classifier_names()[naming] + "."
-        unused = {name for name in unused if not name.startswith(prefix)}
 
-    assignments = []
+def _match_weights(model, state_dict, naming):
+    """Pairs Keras variables with checkpoint tensors; collects every misfit."""
+    assignments, missing, mismatched, used, covered = [], [], [], set(), set()
     for layer, kind, prefixes in _model_entries(model):
-        prefix = prefixes[naming]
         for attribute, (parameter, permutation) in _PARAMETERS[kind].items():
             variable = getattr(layer, attribute, None)
             if variable is None:  # e.g. a conv without bias
                 continue
-            key = f"{prefix}.{parameter}"
+            covered.add(id(variable))
+            key = f"{prefixes[naming]}.{parameter}"
+            shape = tuple(variable.shape)
             if key not in state_dict:
-                raise ValueError(
-                    f"The checkpoint has no tensor {key!r} ({naming} naming) for "
-                    f"the Keras weight {variable.path} of shape "
-                    f"{tuple(variable.shape)}. Is it a MobileViTv2 checkpoint "
-                    "of the same width?"
-                )
+                missing.append(f"no tensor {key!r} for {variable.path} {shape}")
+                continue
+            used.add(key)
             value = np.asarray(state_dict[key])
             converted = value.transpose(permutation) if permutation else value
-            if tuple(converted.shape) != tuple(variable.shape):
-                raise ValueError(
-                    f"Checkpoint tensor {key!r} has shape {tuple(value.shape)} "
-                    f"(PyTorch layout; {tuple(converted.shape)} after conversion) "
-                    f"but the Keras weight {variable.path} has shape "
-                    f"{tuple(variable.shape)}. Check the width multiplier and "
-                    "`classes` of the model."
+            if tuple(converted.shape) != shape:
+                mismatched.append(
+                    f"{key!r} has shape {tuple(value.shape)} (PyTorch layout; "
+                    f"{tuple(converted.shape)} after conversion) but the Keras "
+                    f"weight {variable.path} has shape {shape}"
                 )
+                continue
             assignments.append((variable, converted))
-            unused.discard(key)
-    if unused:
-        raise ValueError(
-            f"{len(unused)} checkpoint tensors have no place in model "
-            f"{model.name!r}: {sorted(unused)[:10]}. Is it a MobileViTv2 "
-            "classification checkpoint of the same width?"
+    return {
+        "assignments": assignments,
+        "missing": missing,
+        "mismatched": mismatched,
+        "unused": sorted(_expected_tensors(model, state_dict, naming) - used),
+        "uncovered": [v.path for v in model.weights if id(v) not in covered],
+    }
+
+
+def _expected_tensors(model, state_dict, naming):
+    """Checkpoint tensors that must all find a Keras weight."""
+    names = {name for name in state_dict if not name.endswith(_IGNORED_SUFFIXES)}
+    if not any(layer.name == "logits" for layer in model.layers):
+        # A model without top takes the backbone of a classifier checkpoint.
+        prefix = _classifier_names()[naming] + "."
+        names = {name for name in names if not name.startswith(prefix)}
+    return names
+
+
+_MAX_LISTED = 10
+# Running statistics of the attention/FFN norms, in all three namings: only a
+# model built with attention_norm="batch_norm_2d" asks for them.
+_ATTENTION_NORM_STATS = tuple(
+    f".{norm}.running_"
+    for norm in (
+        "pre_norm_attn.0", "pre_norm_ffn.0", "norm1", "norm2",
+        "layernorm_before", "layernorm_after",
+    )
+)
+
+
+def _listing(items):
+    lines = [f"    {item}" for item in items[:_MAX_LISTED]]
+    if len(items) > _MAX_LISTED:
+        lines.append(f"    ... and {len(items) - _MAX_LISTED} more")
+    return "\n".join(lines)
+
+
+def _raise_if_incomplete(model, naming, match):
+    problems = (
+        ("missing", "Keras weights have no tensor in the checkpoint"),
+        ("mismatched", "checkpoint tensors have the wrong shape"),
+        ("unused", f"checkpoint tensors have no place in model {model.name!r}"),
+        ("uncovered", "Keras weights belong to layers no MobileViTv2 checkpoint has"),
+    )
+    found = [(match[key], what) for key, what in problems if match[key]]
+    if not found:
+        return
+    report = "\n".join(f"  {len(items)} {what}:\n{_listing(items)}" for items, what in found)
+    hint = ""
+    if any(stat in item for item in match["missing"] for stat in _ATTENTION_NORM_STATS):
+        hint = (
+            " A model built with attention_norm='batch_norm_2d' needs BatchNorm "
+            "running statistics, which the published (GroupNorm) checkpoints "
+            "do not have."
         )
-    # Assign only after every tensor was checked, so a bad checkpoint leaves
-    # the model untouched.
-    for variable, value in assignments:
-        variable.assign(value.astype(variable.dtype))
-    return naming
+    raise ValueError(
+        f"The checkpoint ({naming} naming) does not fit model {model.name!r}; "
+        f"nothing was loaded.\n{report}\nIs it a MobileViTv2 classification "
+        f"checkpoint of the same width, `classes` and `attention_norm`?{hint}"
+    )
 
 
 def infer_architecture(state_dict):

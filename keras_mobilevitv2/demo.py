@@ -38,8 +38,17 @@ def _median_ms(fn, repeats):
 
 
 def main(argv=None):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from keras_mobilevitv2.config import WIDTHS
+
+    widths = sorted(WIDTHS.values())
     parser = argparse.ArgumentParser(prog="mobilevitv2-demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--width", type=float, default=0.5, help="Width multiplier, 0.5 ... 2.0.")
+    # choices: argparse then names the accepted widths instead of a KeyError
+    # deep in the weights lookup.
+    parser.add_argument(
+        "--width", type=float, default=0.5, choices=widths, metavar="WIDTH",
+        help=f"Width multiplier, one of {', '.join(map(str, widths))}.",
+    )
     parser.add_argument("--weights", default=None, help="Weights file (.weights.h5, .pt, .safetensors).")
     parser.add_argument("--image", default=None, help="Image file (JPEG/PNG/BMP/GIF); default: a test card.")
     parser.add_argument("--image_size", type=int, default=256)
@@ -47,7 +56,6 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=10, help="Timed runs per runtime.")
     args = parser.parse_args(argv)
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
 
     import keras_mobilevitv2
@@ -61,7 +69,7 @@ def main(argv=None):
             note = f"ImageNet-1k weights ({weights})"
         except OSError as error:
             weights = None
-            note = f"RANDOM weights: no ImageNet weights available offline.\n  ({error})"
+            note = f"RANDOM weights: no verified ImageNet weights available here.\n  ({error})"
     else:
         note = f"weights from {weights}"
 

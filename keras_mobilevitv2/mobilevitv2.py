@@ -7,6 +7,8 @@ Reference:
   license); timm and Hugging Face publish the same weights under their names.
 """
 
+import math
+import numbers
 import os
 
 import keras
@@ -23,6 +25,48 @@ MIN_SIZE = 32
 POOLING_MODES = (None, "avg", "max")
 PYTORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 KERAS_WEIGHTS_SUFFIXES = (".weights.h5", ".h5")
+
+
+def _is_number(value):
+    # bool is an int to Python, but True is no width, size or rate; numpy
+    # numbers are registered with `numbers` and pass.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_positive_integer(value):
+    return _is_number(value) and isinstance(value, numbers.Integral) and value > 0
+
+
+def _validate_width(width_multiplier):
+    if not (
+        _is_number(width_multiplier)
+        and math.isfinite(width_multiplier)
+        and width_multiplier > 0
+    ):
+        raise ValueError(
+            "`width_multiplier` must be a positive number (not a bool). "
+            f"Received: width_multiplier={width_multiplier!r}"
+        )
+    return float(width_multiplier)
+
+
+def _validate_rates(**rates):
+    for name, rate in rates.items():
+        if not (_is_number(rate) and 0 <= rate < 1):
+            raise ValueError(
+                f"`{name}` must be a number in [0, 1) (not a bool). "
+                f"Received: {name}={rate!r}"
+            )
+    return {name: float(rate) for name, rate in rates.items()}
+
+
+def _validate_classes(classes):
+    if not _is_positive_integer(classes):
+        raise ValueError(
+            "`classes` must be a positive integer (Python or numpy, not a "
+            f"bool). Received: classes={classes!r}"
+        )
+    return int(classes)
 
 
 def _validate_weights(weights, include_top, classes):
@@ -63,14 +107,14 @@ def _validate_input_shape(input_shape, input_tensor, weights):
         if not (
             isinstance(input_shape, (tuple, list))
             and len(input_shape) == 3
-            and all(d is None or (isinstance(d, int) and d > 0) for d in input_shape)
+            and all(d is None or _is_positive_integer(d) for d in input_shape)
         ):
             raise ValueError(
                 "`input_shape` must be a tuple of three integers (height, "
-                f"width, channels), any of them None for height or width. "
-                f"Received: input_shape={input_shape}"
+                "width, channels), positive and not bools; height or width "
+                f"may be None. Received: input_shape={input_shape}"
             )
-        input_shape = tuple(input_shape)
+        input_shape = tuple(None if d is None else int(d) for d in input_shape)
         if input_tensor is not None:
             tensor_shape = tuple(input_tensor.shape[1:])
             if len(tensor_shape) != 3 or any(
@@ -150,12 +194,11 @@ def MobileViTv2(
             "`keras.config.set_image_data_format('channels_last')` and "
             "transpose inputs to (batch, height, width, channels)."
         )
-    if not isinstance(width_multiplier, (int, float)) or width_multiplier <= 0:
-        raise ValueError(
-            "`width_multiplier` must be a positive number. Received: "
-            f"width_multiplier={width_multiplier}"
-        )
-    if weights == "imagenet" and float(width_multiplier) not in WIDTHS.values():
+    width_multiplier = _validate_width(width_multiplier)
+    rates = _validate_rates(
+        dropout=dropout, attn_dropout=attn_dropout, ffn_dropout=ffn_dropout
+    )
+    if weights == "imagenet" and width_multiplier not in WIDTHS.values():
         raise ValueError(
             "If imagenet weights are being loaded, `width_multiplier` must be "
             f"one of {sorted(WIDTHS.values())}. Received: "
@@ -179,14 +222,11 @@ def MobileViTv2(
             f"pooling={pooling}"
         )
     if include_top:
-        if not isinstance(classes, int) or classes < 1:
-            raise ValueError(
-                f"`classes` must be a positive integer. Received: classes={classes}"
-            )
+        classes = _validate_classes(classes)
         _validate_classifier_activation(classifier_activation, weights)
     input_shape = _validate_input_shape(input_shape, input_tensor, weights)
 
-    config = config_for_width(float(width_multiplier))
+    config = config_for_width(width_multiplier)
     if name is None:
         name = f"mobilevitv2_{int(round(width_multiplier * 100)):03d}"
 
@@ -216,9 +256,7 @@ def MobileViTv2(
         x = MobileViTv2Block(
             stage.attn_dim,
             stage.num_blocks,
-            dropout=dropout,
-            attn_dropout=attn_dropout,
-            ffn_dropout=ffn_dropout,
+            **rates,
             attention_norm=attention_norm,
             name=f"stage{index}_mvit",
         )(x)
@@ -273,7 +311,9 @@ feature map resizes it up to even size as ml-cvnets and timm do.
 Args:
     include_top: Whether to include the classification head.
     weights: `None` (random initialization), `"imagenet"` (the official
-        ml-cvnets ImageNet-1k weights, downloaded once and cached), or the
+        ml-cvnets ImageNet-1k weights, downloaded once, checked against their
+        recorded SHA-256 and cached; a width whose hash is not recorded yet
+        refuses it and names the file to download by hand), or the
         path to a weights file: a Keras `.weights.h5`, or a PyTorch checkpoint
         (`.pt`, `.pth`, `.bin`, `.safetensors`) with ml-cvnets, timm or
         Hugging Face tensor names, detected automatically.

@@ -178,7 +178,7 @@ def test_no_top_ignores_the_classifier_only(timm_reference):
     model = MobileViTv2(0.5, weights=None, include_top=False)
     load_pytorch_weights(model, state)
     state["extra.weight"] = torch.zeros(3)
-    with pytest.raises(ValueError, match=r"no place in model.*extra\.weight"):
+    with pytest.raises(ValueError, match=r"(?s)no place in model.*extra\.weight"):
         load_pytorch_weights(model, state)
 
 
@@ -222,10 +222,11 @@ def test_imagenet_weights_come_from_the_cache(timm_reference, tmp_path, monkeypa
     monkeypatch.setattr(weights_lib, "CACHE_DIR", str(tmp_path))
     (tmp_path / "models").mkdir()
     reference = timm_reference("050")
-    safetensors_torch.save_file(
-        _state_dict(reference), str(tmp_path / "models" / "mobilevitv2_050.cvnets_in1k.safetensors")
-    )
-    monkeypatch.setattr(weights_lib, "IMAGENET_BASE_URL", "http://127.0.0.1:9/{suffix}")
+    cached = tmp_path / "models" / "mobilevitv2_050.imagenet1k.safetensors"
+    safetensors_torch.save_file(_state_dict(reference), str(cached))
+    # A cached file is used only when its SHA-256 is the recorded one.
+    recorded = weights_lib.ImagenetFile("http://127.0.0.1:9/050/model.safetensors", weights_lib.sha256_of(cached))
+    monkeypatch.setitem(weights_lib.IMAGENET_FILES, "050", recorded)
     model = keras_mobilevitv2.MobileViTv2_050(weights="imagenet", include_preprocessing=False)
     x = np.random.RandomState(6).rand(1, 256, 256, 3).astype("float32")
     expected = torch.softmax(torch.from_numpy(_timm_logits(reference, x)), -1).numpy()
@@ -234,8 +235,9 @@ def test_imagenet_weights_come_from_the_cache(timm_reference, tmp_path, monkeypa
 
 def test_imagenet_without_network_says_what_to_download(tmp_path, monkeypatch):
     monkeypatch.setattr(weights_lib, "CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(weights_lib, "IMAGENET_BASE_URL", "http://127.0.0.1:9/{suffix}/model.safetensors")
-    cached = re.escape(str(tmp_path / "models" / "mobilevitv2_100.cvnets_in1k.safetensors"))
+    published = weights_lib.IMAGENET_FILES["100"]
+    monkeypatch.setitem(weights_lib.IMAGENET_FILES, "100", published._replace(url="http://127.0.0.1:9/100/model.safetensors"))
+    cached = re.escape(str(tmp_path / "models" / "mobilevitv2_100.imagenet1k.safetensors"))
     with pytest.raises(OSError, match=r"(?s)download.*127\.0\.0\.1:9/100/model\.safetensors.*weights='/path/to/.*" + cached):
         keras_mobilevitv2.MobileViTv2_100(weights="imagenet")
 
