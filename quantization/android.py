@@ -667,14 +667,14 @@ def export_android(float_model, output_dir, name, representative_images, sample_
         ValueError: from the exports (bad images, a failed audit, a float
             model passed as qat_model...); no report is written then.
     """
-    from quantization.export import _is_qat
     from quantization.export import export_tflite
+    from quantization.export import is_qat
 
     if not name or os.sep in name or (os.altsep and os.altsep in name):
         raise ValueError(f"name must be a plain file name stem; got {name!r}")
-    if _is_qat(float_model):
+    if is_qat(float_model):
         raise ValueError("float_model is a QAT model; pass the float model, and the QAT model as qat_model.")
-    if qat_model is not None and not _is_qat(qat_model):
+    if qat_model is not None and not is_qat(qat_model):
         raise ValueError("qat_model must come from quantization.quantize_model (and be calibrated).")
     os.makedirs(output_dir, exist_ok=True)
     variants = [("float16", "float16", float_model, "float32")]

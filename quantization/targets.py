@@ -14,12 +14,20 @@ import numpy as np
 
 from quantization.audit import audit
 from quantization.audit import format_report
-from quantization.export import _check_images
-from quantization.export import _is_qat
+from quantization.export import check_images
 from quantization.export import convert
+from quantization.export import is_qat
+from quantization.export import static_input_shape
 from quantization.export import write_model
 
 TARGETS = ("edgetpu", "micro", "android", "onnx")
+# The input/output types each target can give its model, default first.
+TARGET_IO_TYPES = {
+    "edgetpu": ("int8", "uint8"),  # the Edge TPU runs integer tensors only
+    "micro": ("int8",),  # TFLM's int8 kernels; a float/uint8 interface adds ops it refuses
+    "android": ("float32", "int8", "uint8"),  # of the int8 model; the float16 model is float32
+    "onnx": ("float32",),  # the QDQ graph quantizes the float image itself
+}
 
 
 class TargetError(ValueError):
@@ -28,6 +36,21 @@ class TargetError(ValueError):
     def __init__(self, message, report):
         super().__init__(message)
         self.report = report
+
+
+def check_io_type(target, io_type):
+    """`io_type` for `target` (its default for None); ValueError listing what
+    the target accepts, so that no requested type is silently dropped."""
+    accepted = TARGET_IO_TYPES[target]
+    if io_type is None:
+        return accepted[0]
+    if io_type not in accepted:
+        whose = " (of its int8 model; the float16 model has float32)" if target == "android" else ""
+        raise ValueError(
+            f"The {target} target takes {' or '.join(accepted)} input and output"
+            f"{' only' if len(accepted) == 1 else ''}{whose}; got io_type={io_type!r}."
+        )
+    return io_type
 
 
 def _write_report(report, path):
@@ -42,7 +65,7 @@ def _quantized_for(model, graph, calibration_images):
     from quantization.quantize import quantize_model
     from quantization.quantize import rewrite_graph
 
-    if _is_qat(model):
+    if is_qat(model):
         return rewrite_graph(model, graph)
     if calibration_images is None:
         raise ValueError("A float model needs calibration_images (about 100 typical inputs) to be quantized.")
@@ -65,13 +88,12 @@ def export_for_edgetpu(model, output_dir, name=None, calibration_images=None, sa
             `allow_cpu_fallback`), the batch is not 1, or the rewritten
             model disagrees with the original.
     """
-    if io_type not in ("int8", "uint8"):
-        raise ValueError(f"The Edge TPU takes int8 or uint8 input and output; got io_type={io_type!r}.")
+    check_io_type("edgetpu", io_type)
     name = name or model.name
-    shape = tuple(model.inputs[0].shape[1:])
+    shape = static_input_shape(model, "The Edge TPU export")
     if sample_images is not None:
-        sample_images = _check_images(sample_images, shape, "sample_images")
-    reference = model if _is_qat(model) else None
+        sample_images = check_images(sample_images, shape, "sample_images")
+    reference = model if is_qat(model) else None
     rewritten = _quantized_for(model, "edgetpu", calibration_images)
     report = {"target": "edgetpu", "model": name, "io_type": io_type}
     if sample_images is not None:
@@ -141,38 +163,57 @@ def write_edgetpu_model(flatbuffer, output_dir, name, allow_cpu_fallback=False, 
 
 
 def export_for_micro(model, output_dir, name=None, calibration_images=None, sample_images=None,
-                     arena_budget_bytes=None, flash_budget_bytes=None):
+                     arena_budget_bytes=None, flash_budget_bytes=None, io_type="int8"):
     """int8 TFLite (int8 I/O) for TensorFlow Lite Micro, run in the real TFLM
     interpreter, with a C++ source of the model array and its op resolver.
+
+    `sample_images` (else `calibration_images`) are run in TFLM and in the
+    TFLite interpreter, which must agree: one of the two is needed, and
+    `calibration_images` too for a float model (post-training quantization).
     See `quantization.micro.export_micro`; raises its `MicroTargetError`
-    (with the report) when the model does not fit the budgets or TFLM."""
+    (with the report) when the model does not fit the budgets or TFLM.
+    """
     from quantization.micro import export_micro
 
+    check_io_type("micro", io_type)
     name = name or model.name
+    shape = static_input_shape(model, "The TFLite Micro export")
+    if sample_images is None and calibration_images is None:
+        raise ValueError(
+            "export_for_micro needs sample_images (or calibration_images): the model is run on them in TFLite "
+            "Micro and in the TFLite interpreter, and is written only when the two agree."
+        )
+    samples = check_images(sample_images if sample_images is not None else calibration_images, shape,
+                           "sample_images" if sample_images is not None else "calibration_images")
     quantized = _quantized_for(model, "reference", calibration_images)
-    representative = sample_images[:4] if sample_images is not None else calibration_images[:4]
-    flatbuffer = convert(quantized, "qat_int8", "int8", representative_images=representative)
-    return export_micro(flatbuffer, output_dir, name, sample_images if sample_images is not None
-                        else calibration_images, arena_budget_bytes=arena_budget_bytes,
+    flatbuffer = convert(quantized, "qat_int8", "int8", representative_images=samples[:4])
+    return export_micro(flatbuffer, output_dir, name, samples, arena_budget_bytes=arena_budget_bytes,
                         flash_budget_bytes=flash_budget_bytes)
 
 
 def export_for_android(float_model, output_dir, name=None, representative_images=None, sample_images=None,
-                       qat_model=None):
+                       qat_model=None, int8_io_type="float32"):
     """float16 and int8 TFLite for Android with the GPU-delegate compatibility
-    report and XNNPACK latency; see `quantization.android.export_android`."""
+    report and XNNPACK latency; see `quantization.android.export_android`.
+    `int8_io_type` is the int8 model's input/output type (float32, int8 or
+    uint8); the float16 model always has float32 I/O."""
     from quantization.android import export_android
 
+    check_io_type("android", int8_io_type)
+    static_input_shape(float_model, "The Android export")
     return export_android(float_model, output_dir, name or float_model.name, representative_images,
-                          sample_images=sample_images, qat_model=qat_model)
+                          sample_images=sample_images, qat_model=qat_model, int8_io_type=int8_io_type)
 
 
-def export_for_onnx(model, output_dir, name=None, sample_images=None):
+def export_for_onnx(model, output_dir, name=None, sample_images=None, io_type="float32"):
     """ONNX (QDQ for a QAT model) checked against onnxruntime; see
-    `quantization.onnx_export.export_onnx`."""
+    `quantization.onnx_export.export_onnx`. The file takes and returns
+    float32: a QDQ graph quantizes the float image itself."""
     from quantization.onnx_export import export_onnx
 
-    suffix = "qat" if _is_qat(model) else "float"
+    check_io_type("onnx", io_type)
+    static_input_shape(model, "The ONNX export")
+    suffix = "qat" if is_qat(model) else "float"
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, f"{name or model.name}_{suffix}.onnx")
     report = export_onnx(model, path, sample_images=sample_images)

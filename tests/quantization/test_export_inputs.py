@@ -1,0 +1,224 @@
+"""The export entry points (CLI and Python) refuse what they cannot do, with
+an error that says what was wrong and what is accepted: no TypeError, no
+silently ignored --io_type, no calibration on images the model never saw."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import tiny_mobilevitv2
+from keras_mobilevitv2 import MobileViTv2_050
+from quantization import android
+from quantization import calibrate
+from quantization import export
+from quantization import export_tflite
+from quantization import micro
+from quantization import onnx_export
+from quantization import quantize_model
+from quantization import targets
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.RandomState(0).rand(8, SIZE, SIZE, 3).astype("float32") * 255
+
+
+@pytest.fixture(scope="module")
+def float_model():
+    return tiny_mobilevitv2(SIZE)
+
+
+@pytest.fixture(scope="module")
+def qat_model(float_model, images):
+    return calibrate(quantize_model(float_model), images)
+
+
+@pytest.fixture(scope="module")
+def saved(float_model, qat_model, tmp_path_factory):
+    """.keras files of the float, QAT and a dynamic-size model, in folders
+    without a trainer's run_config.json."""
+    folder = tmp_path_factory.mktemp("models")
+    dynamic = MobileViTv2_050(weights=None, input_shape=(None, None, 3), classes=5)
+    paths = {}
+    for kind, model in (("float", float_model), ("qat", qat_model), ("dynamic", dynamic)):
+        paths[kind] = str(folder / f"{kind}.keras")
+        model.save(paths[kind])
+    return paths
+
+
+@pytest.fixture
+def no_export(monkeypatch):
+    """Replaces every export the CLI can run by one that records its
+    arguments: these tests are about what the CLI hands over."""
+    calls = []
+
+    def record(name):
+        def fake(*args, **kwargs):
+            calls.append((name, args, kwargs))
+            return {"models": []}
+
+        return fake
+
+    monkeypatch.setattr(export, "export_tflite", record("export_tflite"))
+    for target in targets.TARGETS:
+        monkeypatch.setattr(targets, f"export_for_{target}", record(target))
+    for module, formatter in ((android, "format_android_report"), (micro, "format_micro_report"),
+                              (onnx_export, "format_onnx_report")):
+        monkeypatch.setattr(module, formatter, lambda report: "")
+    return calls
+
+
+def _cli(capsys, *argv):
+    code = export.main([str(arg) for arg in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- 1. a dynamic input size
+
+
+def test_cli_dynamic_input_size_is_a_clear_error(saved, tmp_path, capsys, no_export):
+    actions = (("--mode", "float32", "--output", tmp_path / "m.tflite"), ("--target", "onnx", "--output_dir", tmp_path))
+    for action in actions:
+        code, _, err = _cli(capsys, "--model", saved["dynamic"], "--data", "embedded", *action)
+        assert code == 2
+        assert "needs a static input size" in err and "(None, None, None, 3)" in err
+        assert "input_shape=(H, W, 3)" in err
+    assert no_export == []
+
+
+@pytest.mark.parametrize("target", ["tflite", "edgetpu", "micro", "android", "onnx"])
+def test_api_dynamic_input_size_is_a_clear_error(target, tmp_path):
+    model = MobileViTv2_050(weights=None, input_shape=(None, None, 3), classes=5)
+    export_functions = {
+        "tflite": lambda: export_tflite(model, str(tmp_path / "m.tflite"), "float32"),
+        "edgetpu": lambda: targets.export_for_edgetpu(model, str(tmp_path), verbose=False),
+        "micro": lambda: targets.export_for_micro(model, str(tmp_path)),
+        "android": lambda: targets.export_for_android(model, str(tmp_path)),
+        "onnx": lambda: targets.export_for_onnx(model, str(tmp_path)),
+    }
+    with pytest.raises(ValueError, match=r"static input size; .*\(None, None, None, 3\)"):
+        export_functions[target]()
+    assert os.listdir(tmp_path) == []
+
+
+# -- 2. --io_type
+
+
+@pytest.mark.parametrize("target, io_type, accepted", [
+    ("micro", "uint8", "int8 input and output only"),
+    ("micro", "float32", "int8 input and output only"),
+    ("onnx", "int8", "float32 input and output only"),
+    ("onnx", "uint8", "float32 input and output only"),
+])
+def test_cli_refuses_an_io_type_the_target_cannot_give(target, io_type, accepted, saved, tmp_path, capsys, no_export):
+    code, _, err = _cli(capsys, "--model", saved["qat"], "--target", target, "--output_dir", tmp_path,
+                        "--io_type", io_type, "--data", "embedded")
+    assert code == 2 and f"{target} target takes {accepted}" in err and f"got io_type={io_type!r}" in err
+    assert no_export == []
+
+
+def test_cli_hands_io_type_to_the_android_int8_model(saved, tmp_path, capsys, no_export):
+    code, _, _ = _cli(capsys, "--model", saved["float"], "--target", "android", "--output_dir", tmp_path,
+                      "--io_type", "int8", "--data", "embedded", "--num_images", 4)
+    assert code == 0
+    [(name, _, kwargs)] = no_export
+    assert name == "android" and kwargs["int8_io_type"] == "int8"
+
+
+def test_api_refuses_an_io_type_the_target_cannot_give(float_model, qat_model, images, tmp_path):
+    with pytest.raises(ValueError, match=r"micro target takes int8 input and output only; got io_type='uint8'"):
+        targets.export_for_micro(qat_model, str(tmp_path), sample_images=images, io_type="uint8")
+    with pytest.raises(ValueError, match=r"onnx target takes float32 input and output only; got io_type='int8'"):
+        targets.export_for_onnx(float_model, str(tmp_path), io_type="int8")
+    with pytest.raises(ValueError, match=r"android target takes float32 or int8 or uint8 input and output \(of its"):
+        targets.export_for_android(float_model, str(tmp_path), int8_io_type="int16")
+    assert os.listdir(tmp_path) == []
+
+
+# -- 3. export_for_micro without images
+
+
+def test_micro_without_images_says_which_are_needed(float_model, qat_model, images, tmp_path):
+    with pytest.raises(ValueError, match=r"needs sample_images \(or calibration_images\): the model is run"):
+        targets.export_for_micro(qat_model, str(tmp_path))
+    # a float model is quantized after training: calibration images too
+    with pytest.raises(ValueError, match="needs calibration_images"):
+        targets.export_for_micro(float_model, str(tmp_path), sample_images=images)
+    with pytest.raises(ValueError, match=r"sample_images must be float32 images of shape \(N, 32, 32, 3\)"):
+        targets.export_for_micro(qat_model, str(tmp_path), sample_images=images[:, :16])
+    assert os.listdir(tmp_path) == []
+
+
+# -- 4. which images calibrate
+
+
+@pytest.mark.parametrize("action", [
+    ("--mode", "ptq_int8", "--output", "m.tflite"),
+    ("--target", "edgetpu", "--output_dir", "out"),
+    ("--target", "micro", "--output_dir", "out"),
+    ("--target", "android", "--output_dir", "out"),
+])
+def test_cli_post_training_quantization_needs_data(action, saved, tmp_path, capsys, no_export):
+    code, _, err = _cli(capsys, "--model", saved["float"], *action[:3], tmp_path / action[3])
+    assert code == 2
+    assert "calibrates the int8 ranges on --data" in err and "run_config.json" in err and "Give --data" in err
+    assert no_export == []
+
+
+def _write_image_folder(root, value):
+    """An ImageNet-style folder: two classes of flat images of one `value`."""
+    for name in ("a", "b"):
+        folder = os.path.join(root, "train", name)
+        os.makedirs(folder)
+        for index in range(2):
+            png = tf.io.encode_png(np.full((40, 40, 3), value, np.uint8))
+            tf.io.write_file(os.path.join(folder, f"{index}.png"), png)
+
+
+def _write_run(folder, model, data):
+    """A trainer's model_dir: model.keras and run_config.json naming `data`."""
+    os.makedirs(folder)
+    model.save(os.path.join(folder, "model.keras"))
+    with open(os.path.join(folder, "run_config.json"), "w") as f:
+        json.dump({"data": str(data), "dataset_dir": "", "num_classes": 2, "tfrecord_label_offset": 0}, f)
+    return os.path.join(folder, "model.keras")
+
+
+def test_cli_calibrates_on_the_data_recorded_beside_the_model(float_model, tmp_path, capsys, no_export):
+    _write_image_folder(tmp_path / "data", 200)
+    model_path = _write_run(tmp_path / "run", float_model, tmp_path / "data")
+    code, out, _ = _cli(capsys, "--model", model_path, "--mode", "ptq_int8", "--output", tmp_path / "m.tflite",
+                        "--num_images", 4)
+    assert code == 0
+    assert f"the data recorded in {tmp_path / 'run' / 'run_config.json'}" in out
+    [(name, _, kwargs)] = no_export
+    assert name == "export_tflite"
+    np.testing.assert_allclose(kwargs["representative_images"], 200, atol=1)  # the recorded images
+
+
+def test_cli_recorded_data_that_is_gone_is_a_clear_error(float_model, tmp_path, capsys, no_export):
+    model_path = _write_run(tmp_path / "run", float_model, tmp_path / "moved")
+    code, _, err = _cli(capsys, "--model", model_path, "--mode", "ptq_int8", "--output", tmp_path / "m.tflite")
+    assert code == 2 and "recorded in" in err and "does not exist" in err and "Give --data" in err
+    assert no_export == []
+
+
+@pytest.mark.parametrize("kind, action", [
+    ("qat", ("--mode", "qat_int8", "--output", "m.tflite")),
+    ("qat", ("--target", "micro", "--output_dir", "out")),
+    ("float", ("--mode", "float32", "--output", "m.tflite")),
+    ("float", ("--target", "onnx", "--output_dir", "out")),
+])
+def test_cli_without_calibration_audits_on_synthetic_images_and_says_so(kind, action, saved, tmp_path, capsys,
+                                                                         no_export):
+    # A QAT model keeps its trained ranges and a float export has none: the
+    # images only compare the export with Keras, so synthetic ones do.
+    code, out, _ = _cli(capsys, "--model", saved[kind], *action[:3], tmp_path / action[3], "--num_images", 4)
+    assert code == 0 and len(no_export) == 1
+    assert "synthetic embedded images (no --data given)" in out and "not to calibrate" in out
