@@ -81,7 +81,7 @@ def qat_model_fn(calibration_images):
     return build
 
 
-def run_qat(config, calibration_images=256, io_type="int8", verbose=True):
+def run_qat(config, calibration_images=256, io_type="int8", verbose=True, tpu_address=""):
     """QAT fine-tuning + int8 export. Returns (summary, audit report)."""
     import keras
 
@@ -94,7 +94,9 @@ def run_qat(config, calibration_images=256, io_type="int8", verbose=True):
         raise ValueError("QAT runs in float32 (fake quantization); drop --mixed_precision.")
     if not config.init_weights:
         raise ValueError("QAT starts from trained float weights: give --init_weights.")
-    trainer = Trainer(config, verbose=verbose, model_fn=qat_model_fn(calibration_images))
+    trainer = Trainer(
+        config, verbose=verbose, model_fn=qat_model_fn(calibration_images), tpu_address=tpu_address
+    )
     summary = trainer.run()
     if summary is None:  # not the chief
         return None, None
@@ -118,7 +120,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     return run_job(
-        lambda config: run_qat(config, flags.FLAGS.calibration_images, flags.FLAGS.io_type)
+        lambda config: run_qat(
+            config, flags.FLAGS.calibration_images, flags.FLAGS.io_type, tpu_address=flags.FLAGS.tpu
+        )
     )
 
 

@@ -55,6 +55,29 @@ class Split:
         records = self.records(shuffle_seed)
         return records.shard(num_shards, shard_index) if num_shards > 1 else records
 
+    def balanced_subset(self, count):
+        """At most `count` records spread evenly over the classes, the same
+        every time. A folder is sorted by class, so its first records would
+        be the first classes only; record sources (TFRecords, TFDS) carry no
+        label list and keep their first `count` records."""
+        if count <= 0 or count >= self.num_examples:
+            return self
+        if self.paths is None:
+            return Split(count, records=lambda seed: self.records(seed).take(count))
+        chosen = np.sort(_round_robin_over_classes(self.labels)[:count])
+        return Split(count, paths=[self.paths[i] for i in chosen], labels=[self.labels[i] for i in chosen])
+
+
+def _round_robin_over_classes(labels):
+    """Record indices in the order: the first image of every class, then the
+    second of every class, and so on."""
+    labels = np.asarray(labels)
+    rank_in_class = np.empty(len(labels), np.int64)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        rank_in_class[members] = np.arange(len(members))
+    return np.lexsort((labels, rank_in_class))
+
 
 def _int_seed(shuffle_seed):
     """A tuple seed as one int for tf.data's `shuffle` (None stays None)."""
@@ -369,19 +392,23 @@ def train_dataset(source, config, input_context, epoch, skip_batches=0):
         randaugment=config.randaugment,
         magnitude=config.randaugment_magnitude,
         erasing=config.random_erasing,
-        seed=config.seed,
         crop_min_scale=config.crop_min_scale,
     )
     shard = (input_context.num_input_pipelines, input_context.input_pipeline_id)
     records = source.train.dataset(shuffle_seed=(config.seed, epoch), shard=shard)
     records = records.repeat().enumerate()
     num_classes = source.num_classes
-    # Augmentation draws differ per worker (pipeline id) and per epoch.
+    # Per-batch draws (mixup/cutmix) differ per worker (pipeline id) and per epoch.
     augment_seed = int(np.random.default_rng([config.seed, epoch, shard[1]]).integers(2**62))
+    # Per-image draws are keyed by the image's position in the epoch's global
+    # order (record i of shard s of n is at i * n + s), not by the shard: an
+    # image gets the same crop, flip... with 1 or N workers, so a global batch
+    # is the same whatever the number of workers.
+    image_seed = int(np.random.default_rng([config.seed, epoch]).integers(2**62))
 
     def load(index, record):
         encoded, label = record
-        seed = tf.stack([tf.constant(augment_seed, tf.int64), index])
+        seed = tf.stack([tf.constant(image_seed, tf.int64), index * shard[0] + shard[1]])
         image = augmentation(_decode(encoded), seed)
         return index, image, tf.one_hot(label, num_classes)
 
@@ -404,13 +431,22 @@ def train_dataset(source, config, input_context, epoch, skip_batches=0):
     return batches.prefetch(tf.data.AUTOTUNE)
 
 
+def eval_split(source, config, shuffle_seed=None):
+    """The evaluation records: all, or `max_eval_images` of them spread over
+    the classes (a seeded random subset with `shuffle_seed`)."""
+    if shuffle_seed is not None or not config.max_eval_images:
+        return source.eval
+    return source.eval.balanced_subset(config.max_eval_images)
+
+
 def eval_dataset(source, config, batch_size, shuffle_seed=None):
     """Evaluation: resize the shorter side by 1/ratio (bicubic), center crop.
 
-    `shuffle_seed` draws a seeded random subset with `max_eval_images` (the
-    record order of a folder source is sorted by class)."""
+    The records are `eval_split`'s; `shuffle_seed` takes a seeded random
+    subset of `max_eval_images` instead. Undecodable images are dropped (the
+    caller counts them against `eval_split(...).num_examples`)."""
     resize = int(round(config.image_size / config.eval_resize_ratio))
-    records = source.eval.dataset(shuffle_seed=shuffle_seed)
+    records = eval_split(source, config, shuffle_seed).dataset(shuffle_seed=shuffle_seed)
     if config.max_eval_images:
         records = records.take(config.max_eval_images)
 

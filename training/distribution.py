@@ -17,7 +17,13 @@ def _tf_config():
 
 
 def make_strategy(name, tpu_address=""):
-    """`auto|one_device|mirrored|multi_worker|tpu` -> a tf.distribute.Strategy."""
+    """`auto|one_device|mirrored|multi_worker|tpu` -> a tf.distribute.Strategy.
+
+    `tpu_address` (tpu only): a TPU name, a grpc://host:port address or
+    'local'; empty lets TPUClusterResolver find it (TPU_NAME, Cloud metadata).
+    """
+    if tpu_address and name != "tpu":
+        raise ValueError(f"--tpu {tpu_address!r} is only used with --strategy=tpu, not {name!r}.")
     # Physical devices: listing logical ones would initialise the runtime, and
     # MultiWorkerMirroredStrategy must configure collectives before that.
     gpus = tf.config.list_physical_devices("GPU")
@@ -47,7 +53,7 @@ def make_strategy(name, tpu_address=""):
             )
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_address)
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_address or None)
         tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
@@ -69,3 +75,46 @@ def is_chief(strategy):
 def worker_index(strategy):
     resolver = getattr(strategy, "cluster_resolver", None)
     return getattr(resolver, "task_id", 0) or 0
+
+
+def _all_gather(strategy, values):
+    """`values` (ints) of every replica of every worker, one row each."""
+    row = tf.constant([values], tf.int64)
+
+    @tf.function
+    def gather():
+        return strategy.run(lambda: tf.distribute.get_replica_context().all_gather(row, axis=0))
+
+    return strategy.experimental_local_results(gather())[0].numpy().tolist()
+
+
+def shared_model_dir_error(views, model_dir):
+    """The error when the workers' `views` of model_dir differ, else None.
+
+    A view is (latest checkpoint step or -1, 1 if run_config.json is there).
+    """
+    if all(view == views[0] for view in views):
+        return None
+    seen = "; ".join(
+        f"replica {index}: latest checkpoint {'none' if step < 0 else step}, "
+        f"run configuration {'present' if config else 'absent'}"
+        for index, (step, config) in enumerate(views)
+    )
+    return (
+        f"The workers see different contents in --model_dir {model_dir} ({seen}). "
+        "With --strategy=multi_worker, model_dir must be one folder on a filesystem that "
+        "every worker reads and writes (e.g. GCS or NFS): every worker resumes from the "
+        "chief's checkpoints, and one that cannot see them would train from scratch."
+    )
+
+
+def check_shared_model_dir(strategy, model_dir, look):
+    """Raises on every worker at once when the workers see model_dir
+    differently; `look()` returns this worker's view (as for
+    `shared_model_dir_error`)."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    _all_gather(strategy, [0, 0])  # a barrier: the chief has prepared model_dir
+    message = shared_model_dir_error(_all_gather(strategy, look()), model_dir)
+    if message:
+        raise ValueError(message)

@@ -19,6 +19,9 @@ RECIPES = {
     "mobilevitv2_200": dict(width=2.0, lr=0.0020, min_lr=0.00020, weight_decay=0.050),
 }
 assert {r["width"] for r in RECIPES.values()} == set(WIDTHS.values())
+# The effective batch (batch_size x grad_accum_steps) the RECIPES learning
+# rates are for: 128 images per GPU x 8 GPUs in ml-cvnets.
+RECIPE_BATCH_SIZE = 1024
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")

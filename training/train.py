@@ -26,7 +26,8 @@ _HELP = {
     "ImageNet TFRecords (train-*, validation-*), tfds:NAME, or 'embedded' (a generated "
     "10-class dataset; no download).",
     "model_dir": "Checkpoints, TensorBoard logs, summary.json and the exported model.",
-    "strategy": "tf.distribute strategy; multi_worker reads TF_CONFIG.",
+    "strategy": "tf.distribute strategy; multi_worker reads TF_CONFIG and needs --model_dir on a "
+    "filesystem all workers share; tpu uses --tpu.",
     "batch_size": "Global batch of one step over all replicas.",
     "grad_accum_steps": "Micro-batches per optimizer step (effective batch = batch_size x this).",
     "epochs": "Training epochs (ignored when --steps > 0).",
@@ -34,8 +35,9 @@ _HELP = {
     "image_size": "Training crop size (square).",
     "num_classes": "Number of classes; 0 = from the data.",
     "mixed_precision": "Keras dtype policy.",
-    "init_weights": "Start from these weights: 'imagenet', a .weights.h5, or a PyTorch "
-    "checkpoint (.pt/.pth/.safetensors). A classifier of another size is dropped.",
+    "init_weights": "Start from these weights: 'imagenet', a .weights.h5, a .keras model, or a "
+    "PyTorch checkpoint (.pt/.pth/.safetensors). A classifier of another size is dropped (with a "
+    "warning) and trained anew; weights of another model or attention norm are refused.",
     "lr": "Peak learning rate; default: the model's ml-cvnets recipe.",
     "min_lr": "Final learning rate of the cosine; default: recipe.",
     "weight_decay": "AdamW weight decay (not on 1-D parameters); default: recipe.",
@@ -67,6 +69,11 @@ def _define_flags():
 
 
 _define_flags()
+# Where to run, not what is trained: a flag outside TrainConfig.
+flags.DEFINE_string(
+    "tpu", "", "The TPU of --strategy=tpu: its name, a grpc://host:8470 address, or 'local' "
+    "(a TPU VM); empty: found by TPUClusterResolver (TPU_NAME, Cloud TPU metadata)."
+)
 
 
 def config_from_flags():
@@ -95,7 +102,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from training.trainer import Trainer
 
-    return run_job(lambda config: Trainer(config).run())
+    return run_job(lambda config: Trainer(config, tpu_address=flags.FLAGS.tpu).run())
 
 
 def run():

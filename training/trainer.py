@@ -14,14 +14,19 @@ import math
 import os
 import shutil
 import time
+import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from keras_mobilevitv2.mobilevitv2 import MobileViTv2
 from training.data import eval_dataset
+from training.data import eval_split
 from training.data import resolve_source
 from training.data import train_dataset
+from training.distribution import check_shared_model_dir
 from training.distribution import is_chief
 from training.distribution import make_strategy
 from training.distribution import worker_index
@@ -35,7 +40,7 @@ SUMMARY = "summary.json"
 EXPORT_NAME = "model.keras"
 # Settings whose change makes an existing checkpoint meaningless.
 COMPATIBILITY_FIELDS = (
-    "model", "image_size", "num_classes", "data", "batch_size", "grad_accum_steps",
+    "model", "attention_norm", "image_size", "num_classes", "data", "batch_size", "grad_accum_steps",
     "mixed_precision",  # the optimizer (loss scaling or not) must match the checkpoint
     "seed",  # the data order that a resume skips through
 )
@@ -67,18 +72,51 @@ def build_model(config, num_classes, weights=None, classifier_activation=None):
 
 
 def _load_init_weights(model, config, weights):
-    """Fine-tuning start: any weights the models accept. The classifier is
-    loaded when its size matches; otherwise only the backbone is."""
+    """Fine-tuning start from any weights the models accept. A classifier of
+    another size is dropped, with a warning: the backbone is loaded and the
+    classifier keeps its fresh initialisation."""
     path = str(weights)
     if path.endswith((".h5", ".keras")):
-        try:
-            model.load_weights(path)
-        except ValueError as error:
-            raise ValueError(
-                f"--init_weights {path} does not fit {config.model} with "
-                f"{model.output_shape[-1]} classes: {error}"
-            ) from None
-        return
+        dropped = _load_keras_file(model, config, path)
+    else:
+        dropped = _load_released_weights(model, config, weights)
+    if dropped:
+        logging.warning(
+            "--init_weights %s: its classifier is not for %d classes; it is dropped and "
+            "a new one is trained from scratch (the backbone is loaded).",
+            path, model.output_shape[-1],
+        )
+
+
+def _load_keras_file(model, config, path):
+    """Loads a Keras weights/model file; True when its classifier was dropped."""
+    initial = [w.numpy() for w in model.weights]
+    for weight in model.weights:  # NaN marks "not loaded": skip_mismatch is silent
+        weight.assign(np.full(weight.shape, np.nan, weight.dtype))
+    try:
+        with warnings.catch_warnings():  # Keras' per-layer warnings: the checks below say it better
+            warnings.simplefilter("ignore")
+            model.load_weights(path, skip_mismatch=True)
+    except ValueError as error:
+        raise ValueError(f"--init_weights {path} cannot be read as Keras weights: {error}") from None
+    classifier = {id(w) for w in model.get_layer("logits").weights}
+    not_loaded = [w for w in model.weights if np.isnan(w.numpy()).all()]
+    for weight, value in zip(model.weights, initial):
+        if np.isnan(weight.numpy()).all():
+            weight.assign(value)
+    backbone_missing = [w.path for w in not_loaded if id(w) not in classifier]
+    if backbone_missing:
+        raise ValueError(
+            f"--init_weights {path} does not fit {config.model} (attention_norm "
+            f"{config.attention_norm}): {len(backbone_missing)} backbone weights are missing "
+            f"from it or have another shape, e.g. {backbone_missing[:3]}. Accepted: weights "
+            "of the same model and attention norm, with any number of classes."
+        )
+    return bool(not_loaded)
+
+
+def _load_released_weights(model, config, weights):
+    """'imagenet' or a PyTorch checkpoint; True when its classifier was dropped."""
     try:
         full = MobileViTv2(
             config.width,
@@ -87,7 +125,7 @@ def _load_init_weights(model, config, weights):
             input_shape=(config.image_size, config.image_size, 3),
         )
         model.set_weights(full.get_weights())
-        return
+        return False
     except ValueError:  # the checkpoint's classifier has another size
         pass
     backbone = MobileViTv2(
@@ -99,6 +137,7 @@ def _load_init_weights(model, config, weights):
     for layer in backbone.layers:
         if layer.weights:
             model.get_layer(layer.name).set_weights(layer.get_weights())
+    return True
 
 
 def default_model_fn(config, num_classes, source, classifier_activation, initialize):
@@ -113,20 +152,25 @@ class Trainer:
     moving average (what is evaluated and exported).
     """
 
-    def __init__(self, config, progress_stream=None, verbose=True, model_fn=None):
+    def __init__(self, config, progress_stream=None, verbose=True, model_fn=None, tpu_address=""):
         """`model_fn(config, num_classes, source, classifier_activation,
         initialize)` builds the model; `initialize` is True for the model that
         is trained (load `init_weights`, calibrate...), False for the copies
         that receive its weights (evaluation, export). Default: `build_model`.
+        `tpu_address`: the TPU of `strategy="tpu"` (where to run, not part of
+        the run's configuration), as `make_strategy` takes it.
         """
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.config = config
         self.model_fn = model_fn or default_model_fn
+        self.tpu_address = tpu_address
         self.progress_stream = progress_stream
         self.verbose = verbose
         self.model = None
+        self.optimizer = None  # LossScaleOptimizer(AdamW) under mixed_float16
         self.ema_weights = None
+        self.skipped_eval_images = 0  # undecodable images left out of the last evaluation
         self.step_losses = []  # training loss of every optimizer step run here
 
     # ------------------------------------------------------------ set-up
@@ -139,10 +183,12 @@ class Trainer:
         if os.path.exists(path):
             with open(path) as f:
                 previous = json.load(f)
+            # A field a run_config.json predates had its default value then.
+            defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
             changed = {
-                field: (previous.get(field), current[field])
+                field: (previous.get(field, defaults.get(field)), current[field])
                 for field in COMPATIBILITY_FIELDS
-                if previous.get(field) != current[field]
+                if previous.get(field, defaults.get(field)) != current[field]
             }
             if changed:
                 details = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
@@ -181,7 +227,7 @@ class Trainer:
 
     def _run(self):
         config = self.config
-        strategy = make_strategy(config.strategy)
+        strategy = make_strategy(config.strategy, tpu_address=self.tpu_address)
         self._chief = chief = is_chief(strategy)
         replicas = strategy.num_replicas_in_sync
         if config.batch_size % replicas:
@@ -227,6 +273,9 @@ class Trainer:
             f"{config.mixed_precision}"
         )
 
+        # Initial weights from --seed: a rerun, or the run a resume continues,
+        # starts from the same model.
+        keras.utils.set_random_seed(config.seed)
         with strategy.scope():
             model = self.model_fn(config, num_classes, source, None, True)
             if replicas > 1:
@@ -272,6 +321,10 @@ class Trainer:
             checkpoint_dir = os.path.join(config.model_dir, ".workers", f"worker_{worker_index(strategy)}")
         manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=config.keep_checkpoints)
         latest = tf.train.latest_checkpoint(os.path.join(config.model_dir, "checkpoints"))
+        check_shared_model_dir(strategy, config.model_dir, lambda: [
+            int(latest.rsplit("-", 1)[-1]) if latest else -1,
+            int(os.path.exists(os.path.join(config.model_dir, RUN_CONFIG))),
+        ])
         if latest:
             checkpoint.restore(latest).assert_existing_objects_matched()
             self._log(f"Resumed from {latest} at step {int(state['step'].numpy())}.")
@@ -367,6 +420,7 @@ class Trainer:
                 shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
         self.model = model
+        self.optimizer = optimizer
         step = int(state["step"].numpy())
         epoch = int(state["epoch"].numpy())
         step_in_epoch = int(state["step_in_epoch"].numpy())
@@ -475,7 +529,14 @@ class Trainer:
         results = {}
         for label, weights in (("", [w.numpy() for w in model.weights]), ("ema_", [v.numpy() for v in ema])):
             eval_model.set_weights(weights)
-            results.update({label + k: v for k, v in evaluate(eval_model, source, self.config).items()})
+            metrics = evaluate(eval_model, source, self.config)
+            self.skipped_eval_images = metrics.pop("skipped_images")
+            results.update({label + k: v for k, v in metrics.items()})
+        if self.skipped_eval_images:
+            self._log(
+                f"Evaluation: {self.skipped_eval_images} undecodable images skipped; the "
+                "metrics are over the other images."
+            )
         if writers:
             writers["eval"].write(step, results)
         return results
@@ -506,18 +567,25 @@ class Trainer:
             "eval": history["eval"],
             "images_per_second": rate,
             "skipped_images": skipped,
+            "skipped_eval_images": self.skipped_eval_images,
             "num_replicas": strategy.num_replicas_in_sync,
             "strategy": type(strategy).__name__,
             "exported_model": export_path,
             "exported_weights": "ema",
         }
         _write_json_atomically(os.path.join(config.model_dir, SUMMARY), summary)
+        if skipped or self.skipped_eval_images:
+            self._progress.message(
+                f"Undecodable images skipped: {skipped} in training (each pass counts), "
+                f"{self.skipped_eval_images} in the last evaluation."
+            )
         self._progress.message(f"Done: step {step}; summary in {os.path.join(config.model_dir, SUMMARY)}")
         return summary
 
 
 def evaluate(model, source, config, batch_size=64):
-    """top-1, top-5 and cross-entropy of `model` (logits) on the eval split."""
+    """top-1, top-5 and cross-entropy of `model` (logits) on the eval split,
+    and `skipped_images`: the undecodable images left out of them."""
     predict = tf.function(lambda images: tf.cast(model(images, training=False), tf.float32))
     top1 = top5 = loss = 0.0
     count = 0
@@ -529,7 +597,8 @@ def evaluate(model, source, config, batch_size=64):
         count += int(images.shape[0])
     if count == 0:
         raise ValueError("The evaluation split yielded no decodable image.")
-    return {"top1": top1 / count, "top5": top5 / count, "loss": loss / count}
+    skipped = eval_split(source, config).num_examples - count
+    return {"top1": top1 / count, "top5": top5 / count, "loss": loss / count, "skipped_images": skipped}
 
 
 def train(config=None, **overrides):
