@@ -250,8 +250,17 @@ def _match_weights(model, state_dict, naming):
         "missing": missing,
         "mismatched": mismatched,
         "unused": sorted(_expected_tensors(model, state_dict, naming) - used),
-        "uncovered": [v.path for v in model.weights if id(v) not in covered],
+        "uncovered": [v.path for v in _network_weights(model) if id(v) not in covered],
     }
+
+
+def _network_weights(model):
+    """The weights of the stem and everything after it. Layers before the
+    stem (in topological order) preprocess a user's `input_tensor`: no
+    checkpoint has them, and they are the user's, not ours to load."""
+    layers = model.layers
+    first = next(i for i, layer in enumerate(layers) if layer.name == "stem_conv")
+    return [w for layer in layers[first:] for w in layer.weights]
 
 
 def _expected_tensors(model, state_dict, naming):

@@ -78,7 +78,12 @@ def main(argv=None):
     if weights is not None:
         from keras_mobilevitv2.weights import load_weights_into
 
-        load_weights_into(model, weights, args.width)
+        try:
+            load_weights_into(model, weights, args.width)
+        except ImportError as error:  # a .bin/.pt checkpoint without PyTorch
+            if args.weights is not None:
+                raise SystemExit(f"error: {error}") from None
+            print(f"      RANDOM weights after all: {error}")
     params = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     print(f"      {params:,} parameters")
 

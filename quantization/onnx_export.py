@@ -62,15 +62,11 @@ _LAYOUT_OPS = ("Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transp
 
 def _static_image_shape(model):
     """(H, W, C) of the model's single image input; ValueError when not static."""
+    from quantization.export import static_input_shape
+
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ValueError("export_onnx expects a single-input, single-output image model.")
-    shape = tuple(model.inputs[0].shape[1:])
-    if len(shape) != 3 or None in shape:
-        raise ValueError(
-            f"ONNX export needs a static image input (H, W, C); the model's input is {shape}. "
-            "Build the model with input_shape=(H, W, 3)."
-        )
-    return shape
+    return static_input_shape(model, "The ONNX export")
 
 
 def _check_sample_images(images, image_shape):

@@ -56,9 +56,9 @@ def load_float_weights(model, config, path):
             raise ValueError(f"{path} is not a {config.model} with this number of classes.")
         model.set_weights(trained.get_weights())
     else:
-        from training.trainer import _load_init_weights
+        from training.trainer import load_init_weights
 
-        _load_init_weights(model, config, path)
+        load_init_weights(model, config, path)
 
 
 def qat_model_fn(calibration_images):

@@ -88,7 +88,7 @@ def export_for_edgetpu(model, output_dir, name=None, calibration_images=None, sa
             `allow_cpu_fallback`), the batch is not 1, or the rewritten
             model disagrees with the original.
     """
-    check_io_type("edgetpu", io_type)
+    io_type = check_io_type("edgetpu", io_type)
     name = name or model.name
     shape = static_input_shape(model, "The Edge TPU export")
     if sample_images is not None:
@@ -175,7 +175,7 @@ def export_for_micro(model, output_dir, name=None, calibration_images=None, samp
     """
     from quantization.micro import export_micro
 
-    check_io_type("micro", io_type)
+    io_type = check_io_type("micro", io_type)
     name = name or model.name
     shape = static_input_shape(model, "The TFLite Micro export")
     if sample_images is None and calibration_images is None:
@@ -199,7 +199,7 @@ def export_for_android(float_model, output_dir, name=None, representative_images
     uint8); the float16 model always has float32 I/O."""
     from quantization.android import export_android
 
-    check_io_type("android", int8_io_type)
+    int8_io_type = check_io_type("android", int8_io_type)
     static_input_shape(float_model, "The Android export")
     return export_android(float_model, output_dir, name or float_model.name, representative_images,
                           sample_images=sample_images, qat_model=qat_model, int8_io_type=int8_io_type)
@@ -211,7 +211,7 @@ def export_for_onnx(model, output_dir, name=None, sample_images=None, io_type="f
     float32: a QDQ graph quantizes the float image itself."""
     from quantization.onnx_export import export_onnx
 
-    check_io_type("onnx", io_type)
+    io_type = check_io_type("onnx", io_type)
     static_input_shape(model, "The ONNX export")
     suffix = "qat" if is_qat(model) else "float"
     os.makedirs(output_dir, exist_ok=True)

@@ -234,3 +234,14 @@ def test_width_without_recorded_hash_refuses_imagenet(tmp_path, monkeypatch):
 def test_unknown_width_lists_the_widths_with_weights():
     with pytest.raises(ValueError, match=r"\[0\.5, 0\.75, 1\.0, 1\.25, 1\.5, 1\.75, 2\.0\].*0\.6"):
         weights_lib.imagenet_weights_path(0.6)
+
+
+def test_layers_before_the_stem_are_the_users_own(timm_reference):
+    # MobileViTv2(input_tensor=...) takes the caller's preprocessing layers
+    # into the model; loading must not ask a checkpoint for them.
+    inputs = keras.Input((64, 64, 3))
+    scaled = keras.layers.Dense(3, name="user_colour_mix")(inputs)
+    model = MobileViTv2(0.5, weights=None, input_tensor=scaled, include_preprocessing=False)
+    user_kernel = model.get_layer("user_colour_mix").get_weights()[0].copy()
+    assert load_pytorch_weights(model, _numpy_state(timm_reference("050"))) == "timm"
+    np.testing.assert_array_equal(model.get_layer("user_colour_mix").get_weights()[0], user_kernel)

@@ -67,11 +67,11 @@ def build_model(config, num_classes, weights=None, classifier_activation=None):
         name=config.model,
     )
     if weights:
-        _load_init_weights(model, config, weights)
+        load_init_weights(model, config, weights)
     return model
 
 
-def _load_init_weights(model, config, weights):
+def load_init_weights(model, config, weights):
     """Fine-tuning start from any weights the models accept. A classifier of
     another size is dropped, with a warning: the backbone is loaded and the
     classifier keeps its fresh initialisation."""
@@ -97,7 +97,10 @@ def _load_keras_file(model, config, path):
         with warnings.catch_warnings():  # Keras' per-layer warnings: the checks below say it better
             warnings.simplefilter("ignore")
             model.load_weights(path, skip_mismatch=True)
-    except ValueError as error:
+    except Exception as error:
+        model.set_weights(initial)  # not left full of NaN markers
+        if not isinstance(error, ValueError):
+            raise
         raise ValueError(f"--init_weights {path} cannot be read as Keras weights: {error}") from None
     classifier = {id(w) for w in model.get_layer("logits").weights}
     not_loaded = [w for w in model.weights if np.isnan(w.numpy()).all()]
@@ -123,6 +126,7 @@ def _load_released_weights(model, config, weights):
             weights=weights,
             classes=model.output_shape[-1],
             input_shape=(config.image_size, config.image_size, 3),
+            attention_norm=config.attention_norm,
         )
         model.set_weights(full.get_weights())
         return False
@@ -133,6 +137,7 @@ def _load_released_weights(model, config, weights):
         weights=weights,
         include_top=False,
         input_shape=(config.image_size, config.image_size, 3),
+        attention_norm=config.attention_norm,
     )
     for layer in backbone.layers:
         if layer.weights:
