@@ -302,7 +302,11 @@ def test_mixed_precision_logits_are_close_to_float32(network):
         error = float(np.max(np.abs(got - expected)) / scale)
         assert error < bound, (network, policy, error)
         assert error > 0  # the policy really computed in half precision
-        np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
+        # The same class wherever float32's top-2 margin exceeds twice the
+        # bound: closer calls may flip on another CPU without any bug.
+        top2 = np.sort(expected, axis=-1)[:, -2:]
+        clear = (top2[:, 1] - top2[:, 0]) > 2 * bound * scale
+        np.testing.assert_array_equal(got.argmax(-1)[clear], expected.argmax(-1)[clear])
 
 
 def test_mixed_float16_training_scales_the_loss_and_skips_overflowing_steps(tmp_path, image_folder):
