@@ -28,10 +28,10 @@ from benchmarks.console import log
 from benchmarks.console import short_reason
 from benchmarks.isolation import REPOSITORY_ROOT
 from benchmarks.isolation import WorkerError
-from benchmarks.latency import SEED
-from benchmarks.latency import _images
-from benchmarks.latency import _prepare_worker_process
-from benchmarks.latency import _row as latency_row
+from benchmarks.latency_common import SEED
+from benchmarks.latency_common import latency_row
+from benchmarks.latency_common import prepare_worker_process
+from benchmarks.latency_common import random_images
 from benchmarks.settings import Settings
 from benchmarks.timing import time_interleaved
 
@@ -128,20 +128,21 @@ def time_in_turn(settings):
 
 def _serve(implementation, width, batch, settings):
     """Builds the model and its runner, then runs it once per CALL line."""
-    _prepare_worker_process(implementation, settings.threads)
+    prepare_worker_process(implementation, settings.threads)
     image_size = implementation.image_size(settings)
     if implementation.framework == "torch":
         from benchmarks.random_weights import randomize_torch_weights
         from benchmarks.runtimes import torch_runner
 
         model = randomize_torch_weights(implementation.build(width, image_size), seed=SEED)
-        run = torch_runner(model, _images(implementation, batch, image_size, seed=2, channels_first=True))
+        run = torch_runner(model, random_images(implementation, batch, image_size, seed=2, channels_first=True))
     else:
         from benchmarks.random_weights import randomize_keras_weights
         from benchmarks.runtimes import keras_runner
 
         model = randomize_keras_weights(implementation.build(width, image_size), seed=SEED)
-        run = keras_runner(model, _images(implementation, batch, image_size, seed=2), RUNTIMES[implementation.key][0])
+        images = random_images(implementation, batch, image_size, seed=2)
+        run = keras_runner(model, images, RUNTIMES[implementation.key][0])
     run()  # tracing, allocation
     print(READY, flush=True)
     for line in sys.stdin:

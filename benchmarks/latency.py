@@ -29,49 +29,28 @@ import os
 import sys
 import tempfile
 
-import numpy as np
-
 from benchmarks import competitors
+from benchmarks import in_turn
 from benchmarks.console import log
 from benchmarks.console import short_reason
+from benchmarks.latency_common import SEED
+from benchmarks.latency_common import latency_row
+from benchmarks.latency_common import prepare_worker_process
+from benchmarks.latency_common import random_images
 from benchmarks.settings import Settings
 from benchmarks.tflite_export import TFLiteExporter
 from benchmarks.timing import time_callable
 from benchmarks.timing import time_interleaved
 
-SEED = 0
-
-
-def _row(implementation, width, batch, image_size, runtime, status="ok", reason="", timing=None, tflite=None):
-    return {
-        "implementation": implementation.key,
-        "label": implementation.label,
-        "width": width,
-        "batch": batch,
-        "image_size": image_size,
-        "runtime": runtime,
-        "status": status,
-        "reason": reason,
-        "timing": timing.to_dict() if timing is not None else None,
-        "tflite": tflite,
-    }
-
 
 def _failed_rows(implementation, settings, reason, widths=None):
     image_size = implementation.image_size(settings)
     return [
-        _row(implementation, width, batch, image_size, runtime, "n/a", reason)
+        latency_row(implementation, width, batch, image_size, runtime, "n/a", reason)
         for width in (widths or implementation.widths(settings))
         for batch in settings.batch_sizes
         for runtime in implementation.runtimes
     ]
-
-
-def _images(implementation, count, image_size, seed, channels_first=False):
-    low, high = implementation.input_range
-    rng = np.random.default_rng(seed)
-    shape = (count, 3, image_size, image_size) if channels_first else (count, image_size, image_size, 3)
-    return rng.uniform(low, high, shape).astype(np.float32)
 
 
 def _time(run, settings):
@@ -113,15 +92,15 @@ def _measure_keras(implementation, settings, width):
         model = randomize_keras_weights(implementation.build(width, image_size), seed=SEED)
     except Exception as error:  # import or build failure: every row of this width
         return _failed_rows(implementation, settings, short_reason(error), widths=(width,))
-    calibration = _images(implementation, settings.calibration_images, image_size, seed=1)
+    calibration = random_images(implementation, settings.calibration_images, image_size, seed=1)
     exporter = TFLiteExporter(implementation, model, calibration)
     rows = []
     for batch in settings.batch_sizes:
-        images = _images(implementation, batch, image_size, seed=2)
+        images = random_images(implementation, batch, image_size, seed=2)
         for runtime in implementation.runtimes:
             skipped = _skip_reason(implementation, runtime, settings)
             if skipped:
-                rows.append(_row(implementation, width, batch, image_size, runtime, "skipped", skipped))
+                rows.append(latency_row(implementation, width, batch, image_size, runtime, "skipped", skipped))
                 continue
             log(f"{implementation.key} width {width} batch {batch} {image_size}x{image_size}: {runtime}")
             try:
@@ -129,14 +108,15 @@ def _measure_keras(implementation, settings, width):
                     implementation, model, exporter, width, runtime, images, settings
                 )
                 status = "ok" if timing is not None else "pending"
-                rows.append(_row(implementation, width, batch, image_size, runtime, status, timing=timing, tflite=tflite))
+                rows.append(latency_row(implementation, width, batch, image_size, runtime, status, timing=timing,
+                                        tflite=tflite))
                 if timing is None:
                     log("  exported; timed at the end with the other TFLite models")
                 else:
                     log(f"  median {timing.median_ms:.2f} ms over {timing.runs} runs")
             except Exception as error:
                 log(f"  n/a: {short_reason(error)}")
-                rows.append(_row(implementation, width, batch, image_size, runtime, "n/a", short_reason(error)))
+                rows.append(latency_row(implementation, width, batch, image_size, runtime, "n/a", short_reason(error)))
     return rows
 
 
@@ -151,14 +131,14 @@ def _measure_torch(implementation, settings, width):
         return _failed_rows(implementation, settings, short_reason(error), widths=(width,))
     rows = []
     for batch in settings.batch_sizes:
-        images = _images(implementation, batch, image_size, seed=2, channels_first=True)
+        images = random_images(implementation, batch, image_size, seed=2, channels_first=True)
         log(f"{implementation.key} width {width} batch {batch} {image_size}x{image_size}: torch")
         try:
             timing = _time(torch_runner(model, images), settings)
-            rows.append(_row(implementation, width, batch, image_size, "torch", timing=timing))
+            rows.append(latency_row(implementation, width, batch, image_size, "torch", timing=timing))
             log(f"  median {timing.median_ms:.2f} ms over {timing.runs} runs")
         except Exception as error:
-            rows.append(_row(implementation, width, batch, image_size, "torch", "n/a", short_reason(error)))
+            rows.append(latency_row(implementation, width, batch, image_size, "torch", "n/a", short_reason(error)))
     return rows
 
 
@@ -196,7 +176,7 @@ def _pending_runner(row, settings):
     from benchmarks.runtimes import tflite_runner
 
     implementation = competitors.BY_KEY[row["implementation"]]
-    images = _images(implementation, row["batch"], row["image_size"], seed=2)
+    images = random_images(implementation, row["batch"], row["image_size"], seed=2)
     with open(row["tflite"]["path"], "rb") as f:
         run = tflite_runner(f.read(), images, settings.threads)
     start = time.perf_counter()
@@ -252,29 +232,9 @@ def run_section(settings):
             else:
                 rows += measure_implementation(implementation, settings)
         rows = time_pending_tflite(rows, settings)
-    from benchmarks import in_turn  # it builds on this module
-
     if {in_turn.OURS, in_turn.REFERENCE} <= {implementation.key for implementation in selected}:
         rows += in_turn.time_in_turn(settings)
     return rows
-
-
-def _prepare_worker_process(implementation, threads):
-    """Thread settings before the framework runs its first op."""
-    if implementation.framework == "torch":
-        from benchmarks.runtimes import configure_torch_threads
-
-        configure_torch_threads(threads)
-        return
-    if implementation.framework == "tf_keras":
-        # Before TensorFlow is imported: tf.keras is then tf_keras (Keras 2).
-        os.environ["TF_USE_LEGACY_KERAS"] = "1"
-    from benchmarks.runtimes import configure_tensorflow_threads
-
-    configure_tensorflow_threads(threads)
-    import tensorflow as tf
-
-    tf.get_logger().setLevel("ERROR")  # retracing notices: every runner has its own tf.function
 
 
 def main(argv=None):
@@ -286,7 +246,7 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     implementation = competitors.BY_KEY[args.implementation]
     settings = Settings.from_json(args.settings)
-    _prepare_worker_process(implementation, settings.threads)
+    prepare_worker_process(implementation, settings.threads)
     rows = measure_implementation(implementation, settings)
     with open(args.output, "w") as f:
         json.dump(rows, f)

@@ -10,6 +10,8 @@ near 1, shifts and running means near 0, running variances in [0.5, 1.5].
 
 import numpy as np
 
+from keras_mobilevitv2.layers.nesting import nested_layers
+
 
 def _leaf_name(variable):
     # Keras 3 variables have `path` ("block/conv/kernel"); tf_keras ones only
@@ -26,9 +28,8 @@ def _numpy_dtype(variable):
 def _depthwise_kernel_ids(model):
     # A depthwise kernel [kh, kw, C, 1] has fan-in kh*kw, not kh*kw*C; the
     # layer type is the only reliable sign (Keras 3 names it plain "kernel").
-    # `_flatten_layers` exists in Keras 3 and tf_keras alike.
     ids = set()
-    for layer in model._flatten_layers(include_self=False):
+    for layer in nested_layers(model, include_self=False):
         if "Depthwise" in type(layer).__name__:
             ids.update(id(variable) for variable in layer.weights if len(variable.shape) == 4)
     return ids

@@ -7,7 +7,7 @@ import os
 import keras
 
 from keras_mobilevitv2.config import WIDTHS
-from keras_mobilevitv2.convert import load_pytorch_weights
+from keras_mobilevitv2.pytorch_weights import load_pytorch_weights
 
 # The ml-cvnets ImageNet-1k weights, as republished on the Hugging Face Hub.
 # Per timm suffix: the file's URL at a fixed revision and its SHA-256 (the
@@ -63,12 +63,13 @@ CACHE_DIR = None
 def _cache_dir():
     if CACHE_DIR is not None:
         return CACHE_DIR
-    try:
-        from keras.src.backend.config import keras_home
-
-        return keras_home()
-    except ImportError:  # private Keras API; fall back to its documented default
-        return os.path.join(os.path.expanduser("~"), ".keras")
+    # Keras' own cache folder, worked out as Keras documents it (its helper,
+    # keras_home, is private API): $KERAS_HOME, else ~/.keras, or /tmp/.keras
+    # when the home folder is not writable.
+    if "KERAS_HOME" in os.environ:
+        return os.environ["KERAS_HOME"]
+    home = os.path.expanduser("~")
+    return os.path.join(home if os.access(home, os.W_OK) else "/tmp", ".keras")
 
 
 def _suffix_of(width_multiplier):

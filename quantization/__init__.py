@@ -4,8 +4,8 @@ Never imports tensorflow-model-optimization (it switches the process to
 legacy Keras); the QAT scheme is re-implemented on Keras 3.
 """
 
-from quantization.export import MODES
-from quantization.export import export_tflite
+from quantization.tflite_export import MODES
+from quantization.tflite_export import export_tflite
 from quantization.quantize import calibrate
 from quantization.quantize import quantize_model
 

@@ -10,14 +10,26 @@ options, tensor ranks, dtypes, which inputs are constant, static shapes.
 What only a device shows (driver bugs, OpenCL vs OpenGL differences, memory)
 is out of its reach; the delegate's own log on the phone remains the last word.
 
+`run_analyzer` asks TensorFlow's own checker, `tf.lite.experimental.Analyzer`
+(gpu_compatibility=True, which calls gpu_compatibility.cc per op), and
+`compare_with_analyzer` sets its verdict beside ours, naming the deciding rule
+where they differ. `analyzer_checks_gpu` first tests whether the Analyzer
+checks at all: TensorFlow 2.21's wheel calls every model compatible (its
+analyzer has no warning code; ARG_MAX, CUMSUM, TOPK_V2 and 5-D TRANSPOSE all
+pass), so there its verdict is recorded but proves nothing.
+
 `xnnpack_latency` times the default CPU runtime (LiteRT with its default op
 resolver, which applies the XNNPACK delegate) on this machine: a relative
 figure between models, not a phone measurement.
 """
 
+import functools
 import json
 import os
+import re
+import shutil
 import statistics
+import tempfile
 import time
 
 import numpy as np
@@ -553,6 +565,120 @@ def gpu_delegate_compatibility(flatbuffer, enhanced_broadcast=False):
     }
 
 
+# ---------------------------------------------------------------- TensorFlow's Analyzer
+
+_WARNING = "GPU COMPATIBILITY WARNING: "
+_OP_LINE = re.compile(r"^\s*Op#(\d+) (\S+?)\(")
+_COMPATIBLE_LINE = "looks compatible with GPU delegate"
+# The delegate's source files the rules above follow (tensorflow/lite/...).
+_OP_RULES = "tools/versioning/gpu_compatibility.cc"
+_TENSOR_RULES = "delegates/gpu/common/model_builder.cc"
+
+
+def parse_analyzer_output(text):
+    """The GPU verdict in the text of `tf.lite.experimental.Analyzer.analyze`:
+    {compatible (its closing "looks compatible" line), flagged: {op index:
+    message}} for the main subgraph (Subgraph#0)."""
+    flagged = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("Subgraph#") and not line.startswith("Subgraph#0"):
+            current = None  # ops of other subgraphs (control flow bodies) are not the main graph's
+            continue
+        match = _OP_LINE.match(line)
+        if match:
+            current = int(match.group(1))
+            continue
+        stripped = line.strip()
+        if stripped.startswith(_WARNING) and current is not None and not stripped[len(_WARNING):].startswith(
+                "Subgraph#"):
+            flagged[current] = stripped[len(_WARNING):]
+    return {"compatible": _COMPATIBLE_LINE in text, "flagged": flagged}
+
+
+def run_analyzer(flatbuffer):
+    """TensorFlow's own check: the Analyzer with gpu_compatibility=True, which
+    calls gpu_compatibility.cc's CheckGpuDelegateCompatibility per op. It
+    prints its report from Python (the C++ side returns a string), so
+    redirecting sys.stdout captures all of it."""
+    import contextlib
+    import io
+
+    import tensorflow as tf
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        tf.lite.experimental.Analyzer.analyze(model_content=flatbuffer, gpu_compatibility=True)
+    return parse_analyzer_output(text.getvalue())
+
+
+@functools.lru_cache(maxsize=1)
+def analyzer_checks_gpu():
+    """Whether this TensorFlow's Analyzer really checks GPU compatibility:
+    it must flag ARG_MAX, an op gpu_compatibility.cc has no case for (its
+    default branch answers "Not supported op"). TF 2.21's wheel does not: its
+    analyzer lacks the warning code and calls every model compatible."""
+    import tensorflow as tf
+
+    function = tf.function(lambda x: tf.argmax(x, axis=-1))
+    concrete = function.get_concrete_function(tf.TensorSpec((1, 4), tf.float32))
+    flatbuffer = tf.lite.TFLiteConverter.from_concrete_functions([concrete], tf.Module()).convert()
+    return bool(run_analyzer(flatbuffer)["flagged"])
+
+
+def _camel(name):
+    return "".join(part.capitalize() for part in name.split("_"))
+
+
+def gpu_rule(op, reason):
+    """Where in the delegate's source the verdict on `op` (name) with our
+    `reason` (None: supported) is decided."""
+    if reason and reason.startswith("tensor "):
+        return f"{_TENSOR_RULES}: tensor checks (rank <= 4, static shape, float/int8 runtime tensors)"
+    if op.startswith("CUSTOM:"):
+        return f"{_OP_RULES}: case kTfLiteBuiltinCustom (CheckCustomOpsGpuDelegateCompatibility)"
+    if reason and reason.endswith("is not supported by the GPU delegate"):
+        return f"{_OP_RULES}: no case for {op}, default branch (\"Not supported op\")"
+    if reason and reason.startswith("broadcasting"):
+        return (f"{_OP_RULES}: CheckAddMulBroadcastCompatibility (the offline checker assumes the enhanced-"
+                "broadcast flag, off by default on the device)")
+    return f"{_OP_RULES}: case kTfLiteBuiltin{_camel(op)}"
+
+
+def compare_with_analyzer(gpu_report, analyzer, analyzer_checks):
+    """Our per-op verdict (`gpu_delegate_compatibility`) next to the
+    Analyzer's (`run_analyzer`); `analyzer_checks` from `analyzer_checks_gpu`.
+
+    Returns {analyzer_checks_gpu, analyzer_compatible, analyzer_flagged:
+    [{index, op, message}], ours_unsupported, agree, disagreements: [{index,
+    op, ours, analyzer, rule}], note}.
+    """
+    flagged = analyzer["flagged"]
+    names = {entry["index"]: entry["op"] for entry in gpu_report["ops"]}
+    disagreements = []
+    for entry in gpu_report["ops"]:
+        message = flagged.get(entry["index"])
+        if entry["supported"] == (message is None):
+            continue
+        disagreements.append({
+            "index": entry["index"], "op": entry["op"], "ours": entry["reason"] or "supported",
+            "analyzer": message or "compatible", "rule": gpu_rule(entry["op"], entry["reason"]),
+        })
+    note = None
+    if not analyzer_checks:
+        note = ("This TensorFlow's Analyzer does not check GPU compatibility (it calls ARG_MAX, which "
+                "gpu_compatibility.cc rejects, compatible): its verdict is no evidence either way.")
+    return {
+        "analyzer_checks_gpu": bool(analyzer_checks),
+        "analyzer_compatible": analyzer["compatible"],
+        "analyzer_flagged": [{"index": i, "op": names.get(i), "message": m} for i, m in sorted(flagged.items())],
+        "ours_unsupported": len(gpu_report["unsupported"]),
+        "agree": not disagreements,
+        "disagreements": disagreements,
+        "note": note,
+    }
+
+
 # ---------------------------------------------------------------- latency
 
 
@@ -631,7 +757,7 @@ def _summarize_gpu(report):
 
 
 def export_android(float_model, output_dir, name, representative_images, sample_images=None, qat_model=None,
-                   int8_io_type="float32", threads=2, warmup=5, repeats=30):
+                   int8_io_type="float32", threads=2, warmup=5, repeats=30, allow_cpu_fallback=False):
     """Writes the two Android models of `float_model` and their report.
 
     Files in `output_dir`:
@@ -640,7 +766,7 @@ def export_android(float_model, output_dir, name, representative_images, sample_
         <name>.int8.tflite     int8: `qat_model` converted with mode
                                qat_int8 when given, else `float_model` by
                                post-training quantization (ptq_int8);
-        <name>.*.audit.json    each export's audit (quantization.export);
+        <name>.*.audit.json    each export's audit (quantization.tflite_export);
         <name>.android_report.json  this function's report.
 
     Args:
@@ -658,17 +784,26 @@ def export_android(float_model, output_dir, name, representative_images, sample_
             for both models), "int8" or "uint8" (raw uint8 pixels for a QAT
             model, whose input scale is 1).
         threads, warmup, repeats: For `xnnpack_latency`.
+        allow_cpu_fallback: Write the models even when the float16 model
+            has ops the GPU delegate cannot run (by `gpu_delegate_compatibility`
+            or TensorFlow's Analyzer); they then run on the CPU.
 
     Returns:
         The report: {name, output_dir, models: [{variant, mode, path,
-        size_bytes, io_type, agreement, gpu, xnnpack}], notes}.
+        size_bytes, io_type, agreement, gpu, analyzer, xnnpack}], notes}.
+        `analyzer` sets TensorFlow's own check
+        (`tf.lite.experimental.Analyzer`, gpu_compatibility=True) beside
+        ours: see `compare_with_analyzer`.
 
     Raises:
+        GpuFallbackError (a ValueError): the float16 model has ops the GPU
+            delegate cannot run and allow_cpu_fallback is False.
         ValueError: from the exports (bad images, a failed audit, a float
-            model passed as qat_model...); no report is written then.
+            model passed as qat_model...).
+        Nothing is written in output_dir when it raises.
     """
-    from quantization.export import export_tflite
-    from quantization.export import is_qat
+    from quantization.tflite_export import export_tflite
+    from quantization.tflite_export import is_qat
 
     if not name or os.sep in name or (os.altsep and os.altsep in name):
         raise ValueError(f"name must be a plain file name stem; got {name!r}")
@@ -676,7 +811,6 @@ def export_android(float_model, output_dir, name, representative_images, sample_
         raise ValueError("float_model is a QAT model; pass the float model, and the QAT model as qat_model.")
     if qat_model is not None and not is_qat(qat_model):
         raise ValueError("qat_model must come from quantization.quantize_model (and be calibrated).")
-    os.makedirs(output_dir, exist_ok=True)
     variants = [("float16", "float16", float_model, "float32")]
     if qat_model is not None:
         variants.append(("int8", "qat_int8", qat_model, int8_io_type))
@@ -684,30 +818,94 @@ def export_android(float_model, output_dir, name, representative_images, sample_
         variants.append(("int8", "ptq_int8", float_model, int8_io_type))
 
     report = {"name": name, "output_dir": os.path.abspath(output_dir), "models": [], "notes": [PARTITION_NOTE]}
-    for variant, mode, model, io_type in variants:
-        path = os.path.join(output_dir, f"{name}.{variant}.tflite")
-        audit = export_tflite(
-            model, path, mode, io_type=io_type, representative_images=representative_images,
-            sample_images=sample_images, verbose=False,
-        )
-        with open(path, "rb") as f:
-            flatbuffer = f.read()
-        gpu = gpu_delegate_compatibility(flatbuffer)
-        report["models"].append(
-            {
-                "variant": variant,
-                "mode": mode,
-                "path": os.path.abspath(path),
-                "size_bytes": len(flatbuffer),
-                "io_type": io_type,
-                "agreement": audit.get("agreement"),
-                "gpu": _summarize_gpu(gpu),
-                "xnnpack": xnnpack_latency(flatbuffer, threads=threads, warmup=warmup, repeats=repeats),
-            }
-        )
-    with open(os.path.join(output_dir, f"{name}.android_report.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    # Everything is written to a staging folder and moved into output_dir at
+    # the end, so a refused or failed export leaves output_dir as it was.
+    with tempfile.TemporaryDirectory(prefix=".android-", dir=_staging_parent(output_dir)) as staging:
+        for variant, mode, model, io_type in variants:
+            staged = os.path.join(staging, f"{name}.{variant}.tflite")
+            audit = export_tflite(
+                model, staged, mode, io_type=io_type, representative_images=representative_images,
+                sample_images=sample_images, verbose=False,
+            )
+            entry = _model_entry(staged, os.path.join(output_dir, os.path.basename(staged)), variant, mode,
+                                 io_type, audit, (threads, warmup, repeats))
+            report["models"].append(entry)
+            if variant == "float16" and not allow_cpu_fallback:
+                _refuse_cpu_fallback(entry, report)
+        with open(os.path.join(staging, f"{name}.android_report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        _move_staged(staging, output_dir)
     return report
+
+
+class GpuFallbackError(ValueError):
+    """The float16 model has ops the GPU delegate would leave to the CPU;
+    `report` is the Android report so far."""
+
+    def __init__(self, message, report):
+        super().__init__(message)
+        self.report = report
+
+
+def _staging_parent(output_dir):
+    """The folder above output_dir when it exists and is writable (the final
+    move is then a rename on one file system), else the system's temporary
+    folder."""
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    return parent if os.path.isdir(parent) and os.access(parent, os.W_OK) else None
+
+
+def _move_staged(staging, output_dir):
+    """Moves every staged file into output_dir, fixing the model path the
+    audits recorded (they were written in the staging folder)."""
+    os.makedirs(output_dir, exist_ok=True)
+    for file_name in sorted(os.listdir(staging)):
+        source = os.path.join(staging, file_name)
+        if file_name.endswith(".audit.json"):
+            with open(source) as f:
+                audit = json.load(f)
+            audit["path"] = os.path.abspath(os.path.join(output_dir, file_name[: -len(".audit.json")] + ".tflite"))
+            with open(source, "w") as f:
+                json.dump(audit, f, indent=2)
+        shutil.move(source, os.path.join(output_dir, file_name))
+
+
+def _model_entry(staged, path, variant, mode, io_type, audit, timing):
+    """One model's part of the report: our GPU verdict, TensorFlow's
+    Analyzer next to it, and XNNPACK latency."""
+    with open(staged, "rb") as f:
+        flatbuffer = f.read()
+    gpu = gpu_delegate_compatibility(flatbuffer)
+    threads, warmup, repeats = timing
+    return {
+        "variant": variant,
+        "mode": mode,
+        "path": os.path.abspath(path),
+        "size_bytes": len(flatbuffer),
+        "io_type": io_type,
+        "agreement": audit.get("agreement"),
+        "gpu": _summarize_gpu(gpu),
+        "analyzer": compare_with_analyzer(gpu, run_analyzer(flatbuffer), analyzer_checks_gpu()),
+        "xnnpack": xnnpack_latency(flatbuffer, threads=threads, warmup=warmup, repeats=repeats),
+    }
+
+
+def _refuse_cpu_fallback(entry, report):
+    """GpuFallbackError when our rules or the Analyzer find an op of the
+    float16 model the GPU delegate cannot run: that model exists for the GPU,
+    and a silent CPU fallback would cost the latency it is meant to save."""
+    ours = entry["gpu"]["unsupported"]
+    theirs = entry["analyzer"]["analyzer_flagged"]
+    if not ours and not theirs:
+        return
+    found = [f"op #{op['index']} {op['op']}: {op['reason']}" for op in ours[:5]]
+    found += [f"op #{op['index']} {op['op']}: {op['message']} (TensorFlow's Analyzer)" for op in theirs[:5]]
+    raise GpuFallbackError(
+        f"The float16 Android model has {max(len(ours), len(theirs))} op(s) the GPU delegate cannot run, so "
+        f"they would fall back to the CPU: {'; '.join(found)}. Nothing was written. Change the model, or pass "
+        "allow_cpu_fallback=True (--allow_cpu_fallback) to export it anyway.",
+        report,
+    )
 
 
 def format_android_report(report):
@@ -732,6 +930,9 @@ def format_android_report(report):
     for model in report["models"]:
         for reason, count in model["gpu"]["unsupported_summary"].items():
             lines.append(f"- {os.path.basename(model['path'])}: {count} x {reason}")
+    for model in report["models"]:
+        if "analyzer" in model:
+            lines.extend(_analyzer_lines(os.path.basename(model["path"]), model["analyzer"]))
     notes = list(report.get("notes", []))
     for model in report["models"]:
         for note in model["gpu"]["notes"]:
@@ -739,3 +940,21 @@ def format_android_report(report):
                 notes.append(note)
     lines.extend(f"- {note}" for note in notes)
     return "\n".join(lines)
+
+
+def _analyzer_lines(file_name, comparison):
+    """The Analyzer's verdict next to ours, one line, then each disagreement."""
+    if comparison["analyzer_flagged"]:
+        verdict = f"flags {len(comparison['analyzer_flagged'])} op(s)"
+    else:
+        verdict = "compatible" if comparison["analyzer_compatible"] else "no verdict"
+    agreement = "agree" if comparison["agree"] else f"{len(comparison['disagreements'])} disagreement(s)"
+    line = (f"- {file_name}: TensorFlow's Analyzer: {verdict}; ours: {comparison['ours_unsupported']} "
+            f"unsupported op(s); {agreement}")
+    if comparison["note"]:
+        line += f". {comparison['note']}"
+    lines = [line]
+    for op in comparison["disagreements"]:
+        lines.append(f"  - op #{op['index']} {op['op']}: ours: {op['ours']}; Analyzer: {op['analyzer']}; "
+                     f"decided by {op['rule']}")
+    return lines

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 
 from quantization.audit import read_operators
+from quantization.audit import read_structure
 
 MAPPED = "Mapped to Edge TPU"
 AFTER_FALLBACK = "More than one subgraph is not supported"
@@ -300,11 +301,24 @@ def run_compiler(tflite_path, output_dir, timeout=600):
     return parsed
 
 
+_IO_TYPES = ("INT8", "UINT8")
+
+
 def check_edgetpu_io(flatbuffer):
-    """Problems with the model's interface for the Edge TPU (batch, dtypes)."""
-    operators = read_operators(flatbuffer)
+    """Problems with the model's interface for the Edge TPU: every graph input
+    and output must have batch 1 (the compiler needs a static batch of one)
+    and an int8 or uint8 dtype (the Edge TPU computes integers only; a float
+    interface adds QUANTIZE/DEQUANTIZE ops the CPU runs). Returns a list of
+    messages, empty when the interface fits."""
+    structure = read_structure(flatbuffer)
     problems = []
-    first_input = next(t for t in operators[0]["inputs"] if t and not t["is_constant"])
-    if first_input["shape"] and first_input["shape"][0] != 1:
-        problems.append(f"batch size {first_input['shape'][0]}: the Edge TPU needs batch 1")
+    for kind in ("inputs", "outputs"):
+        for index in structure[kind]:
+            tensor = structure["tensors"][index]
+            where = f"{kind[:-1]} {tensor['name']!r}"
+            if not tensor["shape"] or tensor["shape"][0] != 1:
+                problems.append(f"{where} has shape {tensor['shape']}: the Edge TPU needs batch 1 (shape [1, ...])")
+            if tensor["dtype"] not in _IO_TYPES:
+                problems.append(f"{where} is {tensor['dtype'].lower()}: the Edge TPU takes int8 or uint8 input "
+                                "and output only")
     return problems

@@ -2,176 +2,29 @@
 
 Every export is audited (see `audit.py`); the audit is printed and written as
 JSON beside the model, and a model that fails it is not written.
+
+`python -m quantization.export` (`mobilevitv2-export`) is the command line.
+The library is `quantization.tflite_export`, below the deployment targets that
+this command line also drives; its names stay importable from here.
 """
 
 import json
 import os
-import tempfile
 
 import keras
-import numpy as np
-import tensorflow as tf
 
-from keras_mobilevitv2.layers.folding import fold_norm_affines
+from quantization.tflite_export import IO_TYPES
+from quantization.tflite_export import MODES
+from quantization.tflite_export import check_images
+from quantization.tflite_export import convert
+from quantization.tflite_export import export_tflite
+from quantization.tflite_export import is_qat
+from quantization.tflite_export import static_input_shape
+from quantization.tflite_export import write_model
 
-from quantization.audit import audit as audit_flatbuffer
-from quantization.audit import format_report
-from quantization.fake_quant import ActivationQuantizer
-from quantization.merge_pointwise import merge_linear_pointwise_pairs
-
-MODES = ("float32", "float16", "dynamic", "ptq_int8", "qat_int8")
-IO_TYPES = ("int8", "uint8", "float32")
-
-
-def is_qat(model):
-    """True for a model from `quantize_model` (it holds activation fake-quants)."""
-    return any(isinstance(layer, ActivationQuantizer) for layer in model._flatten_layers())
-
-
-def static_input_shape(model, what="TFLite export"):
-    """(H, W, C) of the model's input; ValueError naming the shape when a size
-    is dynamic, since every export traces one fixed-size graph."""
-    shape = tuple(model.inputs[0].shape[1:])
-    if None in shape:
-        full = tuple(model.inputs[0].shape)
-        raise ValueError(
-            f"{what} needs a static input size; {model.name}'s input shape is {full}. Rebuild the model with "
-            "input_shape=(H, W, 3) (e.g. MobileViTv2_050(weights=None, input_shape=(256, 256, 3))), copy the "
-            "weights over with model.set_weights(loaded.get_weights()) and export that."
-        )
-    return shape
-
-
-def check_images(images, shape, what):
-    """`images` as float32 (N, *shape); ValueError saying what is expected."""
-    raw = np.asarray(images)
-    expected = f"float32 images of shape (N, {', '.join(map(str, shape))}) in the model's input range"
-    if raw.dtype.kind not in "fiu":  # floats, or integer pixels that cast exactly
-        raise ValueError(f"{what} must be {expected}; got dtype {raw.dtype}.")
-    if raw.ndim != 4 or tuple(raw.shape[1:]) != tuple(shape):
-        raise ValueError(f"{what} must be {expected}; got shape {raw.shape}.")
-    images = raw.astype(np.float32)
-    if len(images) == 0:
-        raise ValueError(f"{what} is empty.")
-    return images
-
-
-def convert(model, mode, io_type="int8", representative_images=None, batch_size=1):
-    """Returns the TFLite flatbuffer (bytes) of `model` in `mode`."""
-    if mode not in MODES:
-        raise ValueError(f"Unknown mode {mode!r}; choose one of {MODES}.")
-    if io_type not in IO_TYPES:
-        raise ValueError(f"Unknown io_type {io_type!r}; choose one of {IO_TYPES}.")
-    integer = mode in ("ptq_int8", "qat_int8")
-    if io_type != "float32" and not integer:
-        raise ValueError(f"io_type={io_type!r} needs an int8 mode (ptq_int8 or qat_int8); {mode} has float I/O.")
-    shape = static_input_shape(model)
-    qat = is_qat(model)
-    if mode == "qat_int8":
-        if not qat:
-            raise ValueError("mode='qat_int8' needs a model from quantization.quantize_model.")
-        from quantization.quantize import uncalibrated_quantizers
-
-        missing = uncalibrated_quantizers(model)
-        if missing:
-            raise ValueError(
-                f"{len(missing)} activation ranges of the QAT model were never set (e.g. "
-                f"{missing[:3]}): run quantization.calibrate(model, images) first."
-            )
-    elif qat:
-        raise ValueError(f"mode={mode!r} takes the float model; this is a QAT model (use 'qat_int8').")
-    if mode == "ptq_int8" and representative_images is None:
-        raise ValueError("mode='ptq_int8' needs representative_images (about 100 typical inputs).")
-    if representative_images is not None:
-        representative_images = check_images(representative_images, shape, "representative_images")
-
-    with tempfile.TemporaryDirectory() as saved_model:
-        # Traced with each norm's affine folded into the next 1x1 convolution
-        # (the converter does not do it): one MUL and ADD fewer per norm.
-        with fold_norm_affines():
-            archive = keras.export.ExportArchive()
-            archive.track(model)
-            archive.add_endpoint(
-                "serve",
-                lambda images: model(images, training=False),
-                input_signature=[tf.TensorSpec((batch_size,) + shape, tf.float32, name="image")],
-            )
-            archive.write_out(saved_model, verbose=False)
-        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        if mode != "float32":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if mode == "float16":
-            converter.target_spec.supported_types = [tf.float16]
-        if integer:
-            if representative_images is not None:
-                def dataset():
-                    for image in representative_images:
-                        yield [image[None].repeat(batch_size, 0)]
-
-                converter.representative_dataset = dataset
-                converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            io_dtype = {"int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}[io_type]
-            converter.inference_input_type = io_dtype
-            converter.inference_output_type = io_dtype
-        flatbuffer = converter.convert()
-    if mode == "float32":
-        # Linear 1x1 conv pairs across block boundaries become one conv.
-        flatbuffer, _ = merge_linear_pointwise_pairs(flatbuffer)
-    return flatbuffer
-
-
-def export_tflite(model, path, mode, io_type=None, representative_images=None, sample_images=None,
-                  batch_size=1, allow_float=False, verbose=True):
-    """Converts, audits and writes `model` to `path` (a .tflite file).
-
-    Args:
-        model: A float Keras model (modes float32, float16, dynamic, ptq_int8)
-            or a calibrated QAT model from `quantize_model` (qat_int8).
-        path: Output file; the audit goes to `<path without .tflite>.audit.json`.
-        mode: One of float32, float16, dynamic, ptq_int8, qat_int8.
-        io_type: int8, uint8 or float32 input/output; int8 modes default to
-            int8, the others are float32.
-        representative_images: Float images in the model's input range; needed
-            for ptq_int8, used by qat_int8 to let the converter check that
-            everything is int8.
-        sample_images: Images to compare TFLite with Keras on (the audit).
-        batch_size: Static batch of the exported model (1 by default).
-        allow_float: Accept float tensors inside an int8 model.
-
-    Returns:
-        The audit dict. Raises ValueError (and writes no model) when the audit
-        finds non-builtin ops, a tensor of rank > 4, or float tensors inside
-        an int8 model.
-    """
-    if not str(path).endswith(".tflite"):
-        raise ValueError(f"path must end in .tflite; got {path!r}")
-    if io_type is None:
-        io_type = "int8" if mode in ("ptq_int8", "qat_int8") else "float32"
-    flatbuffer = convert(model, mode, io_type, representative_images, batch_size)
-    if sample_images is not None:
-        sample_images = check_images(sample_images, static_input_shape(model), "sample_images")
-    report = audit_flatbuffer(flatbuffer, mode, model, sample_images, allow_float=allow_float)
-    report["path"] = str(path)
-    report["io_type"] = io_type
-    if verbose:
-        print(format_report(report))
-    if report["errors"]:
-        raise ValueError(f"The {mode} export of {model.name} failed its audit: " + "; ".join(report["errors"]))
-    write_model(flatbuffer, path)
-    with open(str(path)[: -len(".tflite")] + ".audit.json", "w") as f:
-        json.dump(report, f, indent=2)
-    return report
-
-
-def write_model(content, path):
-    """Writes bytes atomically: a reader never sees a half-written model."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(temporary, "wb") as f:
-        f.write(content)
-    os.replace(temporary, path)
+# The library names this module has always offered.
+__all__ = ["IO_TYPES", "MODES", "check_images", "convert", "export_tflite", "is_qat", "main", "static_input_shape",
+           "write_model"]
 
 
 def _export_target(args, model, images):
@@ -201,7 +54,8 @@ def _export_target(args, model, images):
         qat = keras.models.load_model(args.qat_model, compile=False) if args.qat_model else None
         report = targets.export_for_android(model, args.output_dir, name, representative_images=calibration,
                                             sample_images=samples, qat_model=qat,
-                                            int8_io_type=args.io_type)
+                                            int8_io_type=args.io_type,
+                                            allow_cpu_fallback=args.allow_cpu_fallback)
         print(format_android_report(report))
     else:
         from quantization.onnx_export import format_onnx_report
@@ -328,7 +182,8 @@ def main(argv=None):
     parser.add_argument("--num_images", type=int, default=128, help="Representative / sample images.")
     parser.add_argument("--allow_float", action="store_true", help="Accept float tensors in an int8 model.")
     parser.add_argument("--allow_cpu_fallback", action="store_true",
-                        help="edgetpu: write the model even when some ops would run on the CPU.")
+                        help="edgetpu: write the model even when some ops would run on the CPU; android: "
+                        "even when the float16 model has ops the GPU delegate cannot run.")
     parser.add_argument("--arena_budget", type=int, default=None, help="micro: RAM for the tensor arena, bytes.")
     parser.add_argument("--flash_budget", type=int, default=None, help="micro: flash for the model, bytes.")
     parser.add_argument("--qat_model", default=None, help="android: the QAT .keras model for the int8 export "

@@ -779,7 +779,7 @@ def export_micro(flatbuffer, output_dir, name, sample_images, arena_budget_bytes
 
     Args:
         flatbuffer: The `.tflite` model (bytes), e.g. from
-            `quantization.export.convert(..., "qat_int8", io_type="int8")`.
+            `quantization.tflite_export.convert(..., "qat_int8", io_type="int8")`.
         output_dir: Folder for the files.
         name: Base name of the files.
         sample_images: float32 [N, H, W, C] in the model's input range.

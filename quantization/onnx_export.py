@@ -62,7 +62,7 @@ _LAYOUT_OPS = ("Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transp
 
 def _static_image_shape(model):
     """(H, W, C) of the model's single image input; ValueError when not static."""
-    from quantization.export import static_input_shape
+    from quantization.tflite_export import static_input_shape
 
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ValueError("export_onnx expects a single-input, single-output image model.")
@@ -316,7 +316,7 @@ def export_onnx(model, path, sample_images=None, opset=DEFAULT_OPSET, batch_size
     image_shape = _static_image_shape(model)
     if sample_images is not None:
         sample_images = _check_sample_images(sample_images, image_shape)
-    from quantization.export import is_qat
+    from quantization.tflite_export import is_qat
 
     quantized = is_qat(model)
     activation_quantizers = 0

@@ -65,8 +65,8 @@ def main(argv=None):
     import keras_mobilevitv2  # noqa: F401
     import quantization  # noqa: F401
     from quantization.audit import format_report
-    from quantization.export import export_tflite
-    from quantization.export import convert
+    from quantization.tflite_export import export_tflite
+    from quantization.tflite_export import convert
     from quantization.qat import run_qat
     from quantization.qat import sample_images
     from training import TrainConfig

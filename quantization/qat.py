@@ -17,12 +17,18 @@ import numpy as np
 from absl import app
 from absl import flags
 
-# Importing the module (not `training.train`, the function the package exports
-# under that name) defines the trainer's flags, shared by this command.
-from training.train import run_job
+from training.flags import define_flags
+from training.flags import run_job
 
-flags.DEFINE_integer("calibration_images", 256, "Training images used to initialise the activation ranges.")
-flags.DEFINE_enum("io_type", "int8", ["int8", "uint8", "float32"], "Input/output type of the exported model.")
+
+def define_qat_flags():
+    """The trainer's flags and this command's own; a second call does nothing.
+    Only the command line calls it: importing this module defines no flag."""
+    define_flags()
+    if flags.FLAGS.find_module_defining_flag("calibration_images") == __name__:
+        return
+    flags.DEFINE_integer("calibration_images", 256, "Training images used to initialise the activation ranges.")
+    flags.DEFINE_enum("io_type", "int8", ["int8", "uint8", "float32"], "Input/output type of the exported model.")
 
 
 def sample_images(source, config, count, split="train", seed=1234, with_labels=False):
@@ -86,7 +92,7 @@ def run_qat(config, calibration_images=256, io_type="int8", verbose=True, tpu_ad
     import keras
 
     import quantization  # noqa: F401  (registers the QAT layers)
-    from quantization.export import export_tflite
+    from quantization.tflite_export import export_tflite
     from training.data import resolve_source
     from training.trainer import Trainer
 
@@ -127,6 +133,8 @@ def main(argv):
 
 
 def run():
+    """Console-script entry point."""
+    define_qat_flags()
     app.run(main)
 
 

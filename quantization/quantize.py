@@ -11,6 +11,7 @@ import numpy as np
 
 from keras_mobilevitv2.layers import InvertedResidual
 from keras_mobilevitv2.layers import MobileViTv2Block
+from keras_mobilevitv2.layers.nesting import nested_layers
 from quantization.fake_quant import ActivationQuantizer
 from quantization.layers import GRAPHS
 from quantization.layers import QuantizedConv
@@ -290,7 +291,7 @@ def rewrite_graph(qat_model, graph):
 
 
 def quantizers(model):
-    return [layer for layer in model._flatten_layers() if isinstance(layer, ActivationQuantizer)]
+    return [layer for layer in nested_layers(model) if isinstance(layer, ActivationQuantizer)]
 
 
 def uncalibrated_quantizers(model):

@@ -14,11 +14,11 @@ import numpy as np
 
 from quantization.audit import audit
 from quantization.audit import format_report
-from quantization.export import check_images
-from quantization.export import convert
-from quantization.export import is_qat
-from quantization.export import static_input_shape
-from quantization.export import write_model
+from quantization.tflite_export import check_images
+from quantization.tflite_export import convert
+from quantization.tflite_export import is_qat
+from quantization.tflite_export import static_input_shape
+from quantization.tflite_export import write_model
 
 TARGETS = ("edgetpu", "micro", "android", "onnx")
 # The input/output types each target can give its model, default first.
@@ -192,17 +192,24 @@ def export_for_micro(model, output_dir, name=None, calibration_images=None, samp
 
 
 def export_for_android(float_model, output_dir, name=None, representative_images=None, sample_images=None,
-                       qat_model=None, int8_io_type="float32"):
+                       qat_model=None, int8_io_type="float32", allow_cpu_fallback=False):
     """float16 and int8 TFLite for Android with the GPU-delegate compatibility
     report and XNNPACK latency; see `quantization.android.export_android`.
     `int8_io_type` is the int8 model's input/output type (float32, int8 or
-    uint8); the float16 model always has float32 I/O."""
+    uint8); the float16 model always has float32 I/O. Raises TargetError,
+    writing nothing, when the float16 model has ops the GPU delegate cannot
+    run, unless `allow_cpu_fallback`."""
+    from quantization.android import GpuFallbackError
     from quantization.android import export_android
 
     int8_io_type = check_io_type("android", int8_io_type)
     static_input_shape(float_model, "The Android export")
-    return export_android(float_model, output_dir, name or float_model.name, representative_images,
-                          sample_images=sample_images, qat_model=qat_model, int8_io_type=int8_io_type)
+    try:
+        return export_android(float_model, output_dir, name or float_model.name, representative_images,
+                              sample_images=sample_images, qat_model=qat_model, int8_io_type=int8_io_type,
+                              allow_cpu_fallback=allow_cpu_fallback)
+    except GpuFallbackError as error:  # the same error type as the other targets' refusals
+        raise TargetError(str(error), error.report) from error
 
 
 def export_for_onnx(model, output_dir, name=None, sample_images=None, io_type="float32"):

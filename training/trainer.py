@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from keras_mobilevitv2.layers.nesting import nested_layers
 from keras_mobilevitv2.mobilevitv2 import MobileViTv2
 from training.data import eval_dataset
 from training.data import eval_split
@@ -284,7 +285,7 @@ class Trainer:
         with strategy.scope():
             model = self.model_fn(config, num_classes, source, None, True)
             if replicas > 1:
-                for layer in model._flatten_layers():
+                for layer in nested_layers(model):
                     if isinstance(layer, keras.layers.BatchNormalization):
                         layer.synchronized = True  # one set of BN statistics
             schedule = WarmupCosine(

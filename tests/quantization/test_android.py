@@ -175,3 +175,97 @@ def test_bad_arguments(float_model, android_export, tmp_path):
     with pytest.raises(ValueError, match="name"):
         export_android(float_model, str(tmp_path), "a/b", None)
     assert os.listdir(tmp_path) == []
+
+
+# TensorFlow's Analyzer (tf.lite.experimental.Analyzer, gpu_compatibility=True)
+# in the format of tensorflow/lite/python/analyzer_wrapper/model_analyzer.cc:
+# a warning line after each op gpu_compatibility.cc rejects, then a summary.
+ANALYZER_TEXT = """Subgraph#0 main(T#0) -> [T#3]
+  Op#0 RELU(T#0) -> [T#1]
+  Op#1 REVERSE_V2(T#1, T#4[1]) -> [T#2]
+GPU COMPATIBILITY WARNING: Not supported op REVERSE_V2
+  Op#2 MUL(T#2, T#5) -> [T#3]
+
+GPU COMPATIBILITY WARNING: Subgraph#0 has GPU delegate compatibility issues at nodes 1 with TFLite runtime version 2.16.1
+
+Tensors of Subgraph#0
+  T#0(x) shape:[1, 4, 4, 8], type:FLOAT32
+"""
+
+
+def reverse_model(size=8):
+    """A tiny float model with REVERSE_V2, an op gpu_compatibility.cc has no
+    case for (the GPU delegate leaves it to the CPU)."""
+    import keras
+
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(4, 1)(inputs)
+    x = keras.layers.Lambda(lambda t: keras.ops.flip(t, axis=1))(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(3)(x))
+
+
+def test_analyzer_text_is_parsed_per_op():
+    from quantization.android import parse_analyzer_output
+
+    assert parse_analyzer_output(ANALYZER_TEXT) == {"compatible": False,
+                                                    "flagged": {1: "Not supported op REVERSE_V2"}}
+    clean = "\n".join(line for line in ANALYZER_TEXT.splitlines() if "WARNING" not in line)
+    assert parse_analyzer_output(clean + "\nYour model looks compatible with GPU delegate on TFLite runtime")[
+        "compatible"]
+
+
+def test_analyzer_and_our_report_agree_on_mobilevitv2(android_export):
+    from quantization.android import analyzer_checks_gpu
+    from quantization.android import run_analyzer
+
+    _, report = android_export
+    for model in report["models"]:
+        comparison = model["analyzer"]
+        assert comparison["agree"] and comparison["disagreements"] == [], comparison
+        assert comparison["analyzer_flagged"] == [] and comparison["analyzer_compatible"]
+        assert comparison["ours_unsupported"] == 0
+        with open(model["path"], "rb") as f:
+            assert run_analyzer(f.read()) == {"compatible": True, "flagged": {}}
+        assert comparison["analyzer_checks_gpu"] == analyzer_checks_gpu()
+    assert "TensorFlow's Analyzer: compatible; ours: 0 unsupported op(s); agree" in format_android_report(report)
+
+
+def test_an_op_the_gpu_cannot_run_is_flagged_and_the_export_refused(images, tmp_path):
+    from quantization.android import analyzer_checks_gpu
+    from quantization.targets import TargetError
+    from quantization.targets import export_for_android
+
+    model = reverse_model()
+    pictures = images[:8, :8, :8]
+    (tmp_path / "kept.txt").write_text("untouched")
+    with pytest.raises(TargetError, match="op #4 REVERSE_V2: REVERSE_V2 is not supported") as raised:
+        export_for_android(model, str(tmp_path), "reverse", representative_images=pictures)
+    assert "allow_cpu_fallback=True" in str(raised.value) and "Nothing was written" in str(raised.value)
+    assert sorted(os.listdir(tmp_path)) == ["kept.txt"]
+    assert not [name for name in os.listdir(tmp_path.parent) if name.startswith(".android-")]
+
+    float16 = raised.value.report["models"][0]
+    assert float16["gpu"]["unsupported"][0]["op"] == "REVERSE_V2"
+    comparison = float16["analyzer"]
+    if analyzer_checks_gpu():  # a TensorFlow whose Analyzer checks: it must flag the same op
+        assert [op["op"] for op in comparison["analyzer_flagged"]] == ["REVERSE_V2"] and comparison["agree"]
+    else:  # TF 2.21: the Analyzer calls everything compatible; the disagreement names the deciding rule
+        assert comparison["note"] and not comparison["agree"]
+        assert comparison["disagreements"] == [{
+            "index": 4, "op": "REVERSE_V2", "ours": "REVERSE_V2 is not supported by the GPU delegate",
+            "analyzer": "compatible",
+            "rule": "tools/versioning/gpu_compatibility.cc: no case for REVERSE_V2, default branch "
+                    "(\"Not supported op\")",
+        }]
+
+    report = export_for_android(model, str(tmp_path / "out"), "reverse", representative_images=pictures,
+                                allow_cpu_fallback=True)
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "reverse.android_report.json", "reverse.float16.audit.json", "reverse.float16.tflite",
+        "reverse.int8.audit.json", "reverse.int8.tflite",
+    ]
+    with open(tmp_path / "out" / "reverse.float16.audit.json") as f:
+        assert json.load(f)["path"] == report["models"][0]["path"]
+    assert "decided by tools/versioning/gpu_compatibility.cc" in format_android_report(report) or (
+        analyzer_checks_gpu())

@@ -137,3 +137,36 @@ def test_batch_norm_attention_option_has_no_normalization_ops(images, tmp_path):
     assert names.count("RSQRT") == 3 and names.count("MEAN") == 3 * 2 + 1
     assert report["first_cpu_op"] is None
     assert report["rewrite_check"]["max_abs_difference"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def small_float_model():
+    import keras
+
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(5)(x))
+
+
+@pytest.mark.parametrize(
+    "batch_size, io_type, problems",
+    [
+        (1, "int8", []),
+        (1, "uint8", []),
+        (2, "int8", ["input 'serving_default_image:0' has shape [2, 32, 32, 3]: the Edge TPU needs batch 1",
+                     "has shape [2, 5]: the Edge TPU needs batch 1"]),
+        (1, "float32", ["input 'serving_default_image:0' is float32: the Edge TPU takes int8 or uint8",
+                        "is float32: the Edge TPU takes int8 or uint8"]),
+    ],
+    ids=["int8", "uint8", "batch_2", "float_io"],
+)
+def test_edgetpu_io_check_refuses_batch_and_float_interfaces(small_float_model, batch_size, io_type, problems):
+    from quantization.edgetpu import check_edgetpu_io
+
+    calibration = np.random.RandomState(0).rand(4, 32, 32, 3).astype("float32") * 255
+    flatbuffer = convert(small_float_model, "ptq_int8", io_type, calibration, batch_size=batch_size)
+    found = check_edgetpu_io(flatbuffer)
+    assert len(found) == len(problems), found
+    for expected, message in zip(problems, found):
+        assert expected in message, found

@@ -129,6 +129,15 @@ def test_cli_hands_io_type_to_the_android_int8_model(saved, tmp_path, capsys, no
     assert code == 0
     [(name, _, kwargs)] = no_export
     assert name == "android" and kwargs["int8_io_type"] == "int8"
+    assert kwargs["allow_cpu_fallback"] is False
+
+
+def test_cli_hands_allow_cpu_fallback_to_the_android_export(saved, tmp_path, capsys, no_export):
+    code, _, _ = _cli(capsys, "--model", saved["float"], "--target", "android", "--output_dir", tmp_path,
+                      "--data", "embedded", "--num_images", 4, "--allow_cpu_fallback")
+    assert code == 0
+    [(name, _, kwargs)] = no_export
+    assert name == "android" and kwargs["allow_cpu_fallback"] is True
 
 
 def test_api_refuses_an_io_type_the_target_cannot_give(float_model, qat_model, images, tmp_path):
@@ -222,3 +231,56 @@ def test_cli_without_calibration_audits_on_synthetic_images_and_says_so(kind, ac
     code, out, _ = _cli(capsys, "--model", saved[kind], *action[:3], tmp_path / action[3], "--num_images", 4)
     assert code == 0 and len(no_export) == 1
     assert "synthetic embedded images (no --data given)" in out and "not to calibrate" in out
+
+
+def color_model(size=8):
+    """Predicts the dominant colour of an image: every class occurs, so a
+    TFLite model that loses the colours really disagrees with Keras."""
+    import keras
+
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    dense = keras.layers.Dense(3)
+    model = keras.Model(inputs, dense(x))
+    dense.set_weights([np.eye(3, dtype="float32") * 4, np.zeros(3, "float32")])
+    return model
+
+
+def colored_images(count, seed, size=8):
+    rng = np.random.RandomState(seed)
+    colors = rng.rand(count, 1, 1, 3)
+    return (np.clip(colors + rng.rand(count, size, size, 3) * 0.1, 0, 1) * 255).astype("float32")
+
+
+def test_export_disagreeing_with_keras_is_refused_and_not_written(tmp_path):
+    model = color_model()
+    samples = colored_images(64, seed=1)
+    assert len(set(model.predict_on_batch(samples).argmax(-1))) == 3
+    path = tmp_path / "m.tflite"
+    # Calibrated on [0, 1] images while the model takes [0, 255] pixels: every
+    # input saturates the int8 input range, so all images look alike.
+    with pytest.raises(ValueError, match=r"top-1 agreement with Keras 0\.\d+ on 64 sample images is below the "
+                                         r"ptq_int8 minimum 0\.80") as raised:
+        export_tflite(model, str(path), "ptq_int8", io_type="float32", representative_images=samples / 255,
+                      sample_images=samples, verbose=False)
+    assert "min_top1_agreement=" in str(raised.value)
+    assert list(tmp_path.iterdir()) == []
+    # The override writes it, and records the minimum it was held to.
+    report = export_tflite(model, str(path), "ptq_int8", io_type="float32", representative_images=samples / 255,
+                           sample_images=samples, verbose=False, min_top1_agreement=0.2)
+    assert report["agreement"]["top1_agreement"] < 0.5 and report["agreement"]["min_top1_agreement"] == 0.2
+    assert path.exists()
+
+
+@pytest.mark.parametrize("mode", ["float32", "float16", "dynamic", "ptq_int8"])
+def test_export_agreeing_with_keras_passes(mode, tmp_path):
+    from quantization.tflite_export import MIN_TOP1_AGREEMENT
+
+    samples = colored_images(64, seed=1)
+    report = export_tflite(color_model(), str(tmp_path / "m.tflite"), mode, io_type="float32",
+                           representative_images=colored_images(32, seed=0), sample_images=samples, verbose=False)
+    assert report["agreement"]["top1_agreement"] == 1.0
+    assert report["agreement"]["min_top1_agreement"] == MIN_TOP1_AGREEMENT[mode]
+    with open(tmp_path / "m.audit.json") as f:
+        assert json.load(f)["agreement"]["min_top1_agreement"] == MIN_TOP1_AGREEMENT[mode]

@@ -257,6 +257,40 @@ def test_command_line_help_and_errors(tmp_path):
     assert result.returncode == 2 and "does not exist" in result.stderr
 
 
+# A user program that imports the libraries keeps every flag name for itself.
+_USER_PROGRAM = """
+from absl import flags
+import quantization.qat
+import training.train
+flags.DEFINE_integer("batch_size", 7, "the user's own flag")
+flags.FLAGS(["program", "--batch_size=3"])
+print("flags:", flags.FLAGS.batch_size, "tpu" in flags.FLAGS, "calibration_images" in flags.FLAGS)
+"""
+
+
+def test_command_line_flags_are_defined_by_the_command_lines_only():
+    result = subprocess.run([sys.executable, "-c", _USER_PROGRAM], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "flags: 3 False False" in result.stdout
+    result = subprocess.run(
+        [sys.executable, "-m", "quantization.qat", "--helpfull"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode in (0, 1)  # absl exits 1 after printing help
+    for flag in ("--calibration_images", "--io_type", "--batch_size", "--init_weights", "--tpu"):
+        assert flag in result.stdout
+
+
+def test_defining_the_flags_twice_is_harmless():
+    from absl import flags as absl_flags
+
+    from training.flags import define_flags
+
+    flag_values = absl_flags.FlagValues()
+    define_flags(flag_values)
+    define_flags(flag_values)
+    assert flag_values["batch_size"].default == TrainConfig().batch_size and "tpu" in flag_values
+
+
 # ------------------------------------------------- silent wrong answers (#15)
 
 
@@ -315,6 +349,7 @@ def test_the_tpu_flag_reaches_the_cluster_resolver(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tf.distribute.cluster_resolver, "TPUClusterResolver", Resolver)
     argv = ["train", "--strategy=tpu", "--tpu=grpc://10.1.2.3:8470", f"--model_dir={tmp_path / 'run'}"]
+    cli.define_flags()  # what the command line does before parsing
     flags.FLAGS(argv)
     try:
         with pytest.raises(ConnectionError):
