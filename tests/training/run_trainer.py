@@ -7,9 +7,21 @@ logical CPU replicas). Writes the final weights and EMA to --save_weights.
 import argparse
 import json
 import os
+import socket
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def free_ports(count):
+    """`count` loopback ports free at this moment (for a TF_CONFIG cluster)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 def tiny_model_fn(config, num_classes, source, classifier_activation, initialize):

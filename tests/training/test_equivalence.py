@@ -16,7 +16,6 @@ Runs use a tiny MobileViTv2-like model (equivalence_worker.tiny_model) at
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -34,6 +33,7 @@ WORKER = os.path.join(HERE, "equivalence_worker.py")
 sys.path.insert(0, HERE)
 
 import equivalence_worker  # noqa: E402
+from run_trainer import free_ports  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -171,16 +171,6 @@ def state_of(trainer):
     return _State(equivalence_worker.run_state(trainer))
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 # ---------------------------------------------------------------- workers
 
 
@@ -204,7 +194,7 @@ def test_two_workers_match_one_device_with_the_same_global_batch(tmp_path, image
     assert moving and all(not np.allclose(reference[f"w{i}"], initial[i]) for i in moving)
 
     config = deterministic_config(tmp_path / "two", image_folder, strategy="multi_worker")
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     processes = []
     for index in range(2):
         env = dict(os.environ)

@@ -4,7 +4,6 @@ import dataclasses
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,6 +16,8 @@ import keras_mobilevitv2  # noqa: F401  (registers the layers for load_model)
 from training import TrainConfig
 from training import Trainer
 from training.data import embedded_source
+
+from run_trainer import free_ports
 
 HARNESS = os.path.join(os.path.dirname(__file__), "run_trainer.py")
 
@@ -85,19 +86,9 @@ def test_short_run_lowers_the_loss_and_writes_its_outputs(tmp_path, dataset_dir)
         np.testing.assert_array_equal(exported_weight.numpy(), ema)
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def test_two_workers_train_the_same_steps_to_identical_weights(tmp_path, dataset_dir):
     config = fast_config(tmp_path / "run", dataset_dir, strategy="multi_worker", steps=4, max_eval_images=32)
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     processes = []
     for index in range(2):
         env = dict(os.environ)
@@ -380,7 +371,7 @@ def test_a_worker_without_the_chiefs_checkpoints_fails_clearly(tmp_path):
     chief_dir, other_dir = tmp_path / "chief", tmp_path / "elsewhere"
     config = fast_config(chief_dir, "", data=str(data), image_size=32, batch_size=4, steps=4, max_eval_images=0)
     Trainer(dataclasses.replace(config, steps=2), verbose=False, model_fn=_tiny_model_fn()).run()
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     processes = []
     try:
         for index, model_dir in enumerate((chief_dir, other_dir)):
