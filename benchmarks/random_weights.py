@@ -10,8 +10,6 @@ near 1, shifts and running means near 0, running variances in [0.5, 1.5].
 
 import numpy as np
 
-from keras_mobilevitv2.layers.nesting import nested_layers
-
 
 def _leaf_name(variable):
     # Keras 3 variables have `path` ("block/conv/kernel"); tf_keras ones only
@@ -28,6 +26,10 @@ def _numpy_dtype(variable):
 def _depthwise_kernel_ids(model):
     # A depthwise kernel [kh, kw, C, 1] has fan-in kh*kw, not kh*kw*C; the
     # layer type is the only reliable sign (Keras 3 names it plain "kernel").
+    # Imported here: the package loads TensorFlow, and a PyTorch worker that
+    # loads TensorFlow before timm/torchvision segfaults (torch first only).
+    from keras_mobilevitv2.layers.nesting import nested_layers
+
     ids = set()
     for layer in nested_layers(model, include_self=False):
         if "Depthwise" in type(layer).__name__:
