@@ -79,6 +79,12 @@ def _calibrates(args, model):
     return args.target in ("edgetpu", "micro")
 
 
+def _source_settings(data, dataset_dir="", num_classes=0, label_offset=0):
+    """The arguments of training.data.resolve_source, by name."""
+    return {"data": data, "dataset_dir": dataset_dir or "", "num_classes": num_classes or 0,
+            "tfrecord_label_offset": label_offset or 0}
+
+
 def _recorded_data(model_path):
     """The trainer's data settings recorded beside `model_path` (its
     model_dir/run_config.json): (dict with data, dataset_dir, num_classes,
@@ -92,12 +98,8 @@ def _recorded_data(model_path):
         run = json.load(f)
     if not run.get("data"):
         return None
-    settings = {
-        "data": run["data"],
-        "dataset_dir": run.get("dataset_dir") or "",
-        "num_classes": run.get("num_classes") or 0,
-        "tfrecord_label_offset": run.get("tfrecord_label_offset") or 0,
-    }
+    settings = _source_settings(run["data"], run.get("dataset_dir"), run.get("num_classes"),
+                                run.get("tfrecord_label_offset"))
     return settings, path
 
 
@@ -109,9 +111,7 @@ def _data_settings(args, model):
     use them to compare TFLite with Keras, never to calibrate.
     """
     if args.data:
-        settings = {"data": args.data, "dataset_dir": args.dataset_dir, "num_classes": 0,
-                    "tfrecord_label_offset": 0}
-        return settings, f"images from --data {args.data}"
+        return _source_settings(args.data, args.dataset_dir), f"images from --data {args.data}"
     recorded = _recorded_data(args.model)
     if recorded is not None:
         settings, path = recorded
@@ -128,8 +128,7 @@ def _data_settings(args, model):
             "trainer); calibrating on other images loses accuracy silently. Pass --data embedded only if the "
             "model was trained on the embedded dataset."
         )
-    settings = {"data": "embedded", "dataset_dir": args.dataset_dir, "num_classes": 0, "tfrecord_label_offset": 0}
-    return settings, ("synthetic embedded images (no --data given): used only to compare the export with Keras, "
+    return _source_settings("embedded", args.dataset_dir), ("synthetic embedded images (no --data given): used only to compare the export with Keras, "
                       "not to calibrate; the agreement figures say nothing about accuracy on real data")
 
 
