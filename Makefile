@@ -9,9 +9,9 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 # `torch` requirement would download several GB of CUDA libraries instead.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
-SOURCES := setup.py MANIFEST.in $(shell find keras_mobilevitv2 training quantization -name '*.py' -o -name '*.json')
+SOURCES := setup.py pyproject.toml MANIFEST.in $(shell find keras_mobilevitv2 training quantization -name '*.py' -o -name '*.json')
 
-.PHONY: demo test wheel venv venv-test clean
+.PHONY: demo test lint wheel venv venv-test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,12 +37,22 @@ $(VENV)/.test: $(VENV)/.runtime
 venv: $(VENV)/.runtime
 venv-test: $(VENV)/.test
 
-demo: $(VENV)/.runtime
+$(VENV)/.demo: $(VENV)/.runtime
+	$(PIP) install "$$(ls dist/keras_mobilevitv2-*.whl)[demo]"
+	touch $@
+
+demo: $(VENV)/.demo
 	$(PY) -m quantization.pipeline
 
 test: $(VENV)/.test
 	cd / && $(abspath $(PY)) -c "import keras_mobilevitv2, training, quantization; print('installed:', keras_mobilevitv2.__file__)"
 	KERAS_MOBILEVITV2_TEST_INSTALLED=1 $(VENV)/bin/pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The formatter and linter settings are in pyproject.toml; `ruff format .`
+# and `ruff check --fix .` apply them.
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info demo_output runs/pipeline

@@ -36,6 +36,8 @@ TEST = CONVERT + [
     "tf_keras",
     # bundles a small real image dataset (handwritten digits)
     "scikit-learn",
+    # formatter and linter (`make lint`); pinned: a new release may add rules
+    "ruff==0.17.6",
 ]
 # The tests also cover the deployment targets and smoke-run the benchmarks.
 TEST = TEST + DEPLOY + [b for b in BENCHMARKS if b not in TEST]
@@ -49,7 +51,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["keras_mobilevitv2", "keras_mobilevitv2.*", "training", "training.*", "quantization", "quantization.*"]),
+    packages=find_packages(
+        include=["keras_mobilevitv2", "keras_mobilevitv2.*", "training", "training.*", "quantization", "quantization.*"]
+    ),
     package_data={"keras_mobilevitv2": ["data/*.json"]},
     include_package_data=True,
     install_requires=["tensorflow>=2.16", "keras>=3.3", "absl-py"],
@@ -57,6 +61,7 @@ setup(
         "convert": CONVERT,
         "test": TEST,
         "deploy": DEPLOY,
+        "demo": DEPLOY + ["matplotlib"],  # `make demo`: every target and report.png
         "train": ["tensorboard"],  # to view the logs; writing them needs only TensorFlow
         "benchmarks": BENCHMARKS + ["ai-edge-litert"],
     },
@@ -67,7 +72,7 @@ setup(
             "mobilevitv2-train=training.train:run",
             "mobilevitv2-qat=quantization.qat:run",
             "mobilevitv2-export=quantization.export:main",
-            "mobilevitv2-pipeline=quantization.pipeline:main",
+            "mobilevitv2-pipeline=quantization.pipeline:run",
         ]
     },
     classifiers=[

@@ -122,7 +122,16 @@ def run_section(settings):
                 log(f"  median {rows[-1]['timing']['median_ms']:.3f} ms")
             except Exception as error:  # e.g. out of memory at large N
                 log(f"  n/a: {short_reason(error)}")
-                rows.append({"kind": kind, "tokens": tokens, "channels": settings.attention_channels,
-                             "status": "n/a", "reason": short_reason(error), "timing": None, "peak_bytes": None})
+                rows.append(
+                    {
+                        "kind": kind,
+                        "tokens": tokens,
+                        "channels": settings.attention_channels,
+                        "status": "n/a",
+                        "reason": short_reason(error),
+                        "timing": None,
+                        "peak_bytes": None,
+                    }
+                )
             gc.collect()
     return {"rows": rows, "growth": growth(rows)}

@@ -103,18 +103,30 @@ def _build_mobilenet_v3_large(width, image_size):
 
 
 IMPLEMENTATIONS = (
-    Implementation("keras_mobilevitv2", "keras_mobilevitv2 (this package)", "keras3", _build_ours, (0.0, 255.0), ours=True),
+    Implementation(
+        "keras_mobilevitv2", "keras_mobilevitv2 (this package)", "keras3", _build_ours, (0.0, 255.0), ours=True
+    ),
     Implementation("timm", "timm (PyTorch)", "torch", _build_timm, (-2.0, 2.0), isolated=True),
     Implementation("kimm", "kimm 0.2 (Keras 3)", "keras3", _build_kimm, (0.0, 255.0)),
     Implementation("kecam_keras3", "kecam (Keras 3)", "keras3", _build_kecam_in_keras3, (0.0, 1.0), isolated=True),
     Implementation("kecam", "kecam (tf_keras 2)", "tf_keras", _build_kecam, (0.0, 1.0), isolated=True),
     Implementation(
-        "mobilenet_v2", "keras.applications MobileNetV2", "keras3", _build_mobilenet_v2, (-1.0, 1.0),
-        fixed_width=1.0, reference_size=True,
+        "mobilenet_v2",
+        "keras.applications MobileNetV2",
+        "keras3",
+        _build_mobilenet_v2,
+        (-1.0, 1.0),
+        fixed_width=1.0,
+        reference_size=True,
     ),
     Implementation(
-        "mobilenet_v3_large", "keras.applications MobileNetV3Large", "keras3", _build_mobilenet_v3_large,
-        (0.0, 255.0), fixed_width=1.0, reference_size=True,
+        "mobilenet_v3_large",
+        "keras.applications MobileNetV3Large",
+        "keras3",
+        _build_mobilenet_v3_large,
+        (0.0, 255.0),
+        fixed_width=1.0,
+        reference_size=True,
     ),
 )
 BY_KEY = {implementation.key: implementation for implementation in IMPLEMENTATIONS}
@@ -135,7 +147,14 @@ def library_versions():
 
     versions = {}
     for package in (
-        "tensorflow", "keras", "tf_keras", "torch", "timm", "kimm", "keras-cv-attention-models", "ai-edge-litert",
+        "tensorflow",
+        "keras",
+        "tf_keras",
+        "torch",
+        "timm",
+        "kimm",
+        "keras-cv-attention-models",
+        "ai-edge-litert",
     ):
         try:
             versions[package] = metadata.version(package)

@@ -48,11 +48,29 @@ class RemoteRunner:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPOSITORY_ROOT, env.get("PYTHONPATH")]))
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        command = [sys.executable, "-m", "benchmarks.in_turn", "--implementation", implementation,
-                   "--width", repr(width), "--batch", str(batch), "--settings", settings.to_json()]
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.in_turn",
+            "--implementation",
+            implementation,
+            "--width",
+            repr(width),
+            "--batch",
+            str(batch),
+            "--settings",
+            settings.to_json(),
+        ]
         self._stderr_tail = collections.deque(maxlen=20)
-        self._process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, text=True, bufsize=1)
+        self._process = subprocess.Popen(
+            command,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         watchdog = threading.Timer(start_timeout_s, self._process.kill)
         watchdog.start()
@@ -111,8 +129,9 @@ def time_in_turn(settings):
                 # One untimed call opens each turn: these models run longer
                 # than a 50 ms turn, so the sample would else always be the
                 # first call after the other process's.
-                timings = time_interleaved(runners, settings.warmup, settings.repeats, settings.max_seconds,
-                                           settle_calls=1)
+                timings = time_interleaved(
+                    runners, settings.warmup, settings.repeats, settings.max_seconds, settle_calls=1
+                )
                 for key, timing in timings.items():
                     rows.append(_row(key, width, batch, settings, timing=timing))
                     log(f"  {key}: median {timing.median_ms:.2f} ms")

@@ -108,8 +108,9 @@ def _measure_keras(implementation, settings, width):
                     implementation, model, exporter, width, runtime, images, settings
                 )
                 status = "ok" if timing is not None else "pending"
-                rows.append(latency_row(implementation, width, batch, image_size, runtime, status, timing=timing,
-                                        tflite=tflite))
+                rows.append(
+                    latency_row(implementation, width, batch, image_size, runtime, status, timing=timing, tflite=tflite)
+                )
                 if timing is None:
                     log("  exported; timed at the end with the other TFLite models")
                 else:

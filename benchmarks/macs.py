@@ -39,7 +39,7 @@ def _einsum_macs(equation, input_shapes, output_shape):
     for term, shape in zip(inputs.split(","), input_shapes):
         if "..." in term:
             head, tail = term.split("...")
-            labelled = list(zip(head, shape[: len(head)])) + list(zip(tail, shape[len(shape) - len(tail):]))
+            labelled = list(zip(head, shape[: len(head)])) + list(zip(tail, shape[len(shape) - len(tail) :]))
         else:
             labelled = list(zip(term, shape))
         for label, size in labelled:
@@ -94,9 +94,7 @@ def count_keras_macs(model, batch_size=1):
     import tensorflow as tf
 
     shape = (batch_size,) + tuple(model.inputs[0].shape[1:])
-    concrete = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec(shape, tf.float32)
-    )
+    concrete = tf.function(lambda x: model(x, training=False)).get_concrete_function(tf.TensorSpec(shape, tf.float32))
     return count_graph_macs(concrete.graph)
 
 

@@ -5,7 +5,7 @@
 For every width multiplier and input size, builds MobileViTv2 (1000 classes),
 exports it as the int8 micro target is exported (`quantize_model` +
 `calibrate` + `convert(..., "qat_int8", io_type="int8")`) and measures, with
-the real TFLite Micro interpreter (`quantization.micro.measure_arena`, not an
+the real TFLite Micro interpreter (`quantization.targets.micro_runtime.measure_arena`, not an
 estimate):
 
 * arena: the tensor arena TFLM allocates (head + tail, `print_allocations()`);
@@ -54,9 +54,9 @@ def int8_flatbuffer(width, size, classes, seed=0, attention_norm=None):
 
 def measure(width, size, classes, attention_norm=None):
     """{width, size, arena_bytes, flash_bytes, operators, seconds, error}."""
-    from quantization.micro import MicroRuntimeError
-    from quantization.micro import check_micro_compatibility
-    from quantization.micro import measure_arena
+    from quantization.targets.micro_checks import check_micro_compatibility
+    from quantization.targets.micro_runtime import MicroRuntimeError
+    from quantization.targets.micro_runtime import measure_arena
 
     start = time.perf_counter()
     row = {"width": width, "size": size, "arena_bytes": None, "flash_bytes": None, "operators": None, "error": None}
@@ -134,7 +134,9 @@ def fit_table(rows, widths):
                 cells.append("none")
                 continue
             best = max(fitting, key=lambda row: row["size"])
-            cells.append(f"{best['size']}×{best['size']} (arena {_kib(best['arena_bytes'])}, flash {_mib(best['flash_bytes'])})")
+            cells.append(
+                f"{best['size']}×{best['size']} (arena {_kib(best['arena_bytes'])}, flash {_mib(best['flash_bytes'])})"
+            )
         lines.append(f"| {width} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -144,10 +146,17 @@ def main(argv=None):
     parser.add_argument("--widths", type=float, nargs="+", default=list(WIDTHS))
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--classes", type=int, default=1000)
-    parser.add_argument("--stop_above_bytes", type=int, default=2 * MIB,
-                        help="Stop growing a width's input size once its arena exceeds this (default 2 MiB).")
-    parser.add_argument("--attention_norm", default=None,
-                        help="Passed to MobileViTv2 when given (e.g. batch_norm_2d); default: the model's default.")
+    parser.add_argument(
+        "--stop_above_bytes",
+        type=int,
+        default=2 * MIB,
+        help="Stop growing a width's input size once its arena exceeds this (default 2 MiB).",
+    )
+    parser.add_argument(
+        "--attention_norm",
+        default=None,
+        help="Passed to MobileViTv2 when given (e.g. batch_norm_2d); default: the model's default.",
+    )
     parser.add_argument("--output", default=None, help="Also write the markdown to this file.")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -85,8 +85,9 @@ def _width_row(width, settings, measured):
     model = randomize_keras_weights(ours.build(width, size))
     row["params"] = int(model.count_params())
     counted = count_keras_macs(model)
-    row.update(macs=counted["macs"], elementwise_multiplies=counted["elementwise_multiplies"],
-               macs_by_op=counted["by_op"])
+    row.update(
+        macs=counted["macs"], elementwise_multiplies=counted["elementwise_multiplies"], macs_by_op=counted["by_op"]
+    )
     low, high = ours.input_range
     image = np.random.default_rng(2).uniform(low, high, (1, size, size, 3)).astype(np.float32)
     calibration = np.random.default_rng(1).uniform(low, high, (settings.calibration_images, size, size, 3))
@@ -113,7 +114,9 @@ def _width_row(width, settings, measured):
         try:
             flatbuffer, _ = exporter.export(runtime, 1)
             if runtime == "tflite_float":
-                row["tflite_float_timing"] = _time(tflite_runner(flatbuffer, image, settings.threads), settings).to_dict()
+                row["tflite_float_timing"] = _time(
+                    tflite_runner(flatbuffer, image, settings.threads), settings
+                ).to_dict()
             else:
                 row["int8_float_tensors_inside"] = float_tensors_inside(flatbuffer)
             row[key] = len(flatbuffer)

@@ -85,10 +85,12 @@ def timing_text(timing, busy):
 
 
 def busy_note(environment):
-    return (f"† measured while the 1-minute load average exceeded {busy_load(environment):g} (other processes "
-            f"competed for the CPUs): that figure is inflated. ‡ the interquartile range exceeds "
-            f"{UNSTABLE_SPREAD:.0%} of the median (e.g. timings switching between two levels): re-measure before "
-            "drawing conclusions from that cell.")
+    return (
+        f"† measured while the 1-minute load average exceeded {busy_load(environment):g} (other processes "
+        f"competed for the CPUs): that figure is inflated. ‡ the interquartile range exceeds "
+        f"{UNSTABLE_SPREAD:.0%} of the median (e.g. timings switching between two levels): re-measure before "
+        "drawing conclusions from that cell."
+    )
 
 
 # ---------------------------------------------------------------- header
@@ -161,14 +163,21 @@ def latency_table(rows, busy):
                 body.append([label, "all", "all", size, note] + [""] * (len(columns) - 1))
             continue
         seen = set()
-        body.append([label, _width_text(width), batch, size] + [_cell(cells.get(runtime), seen, busy) for runtime, _ in columns])
+        body.append(
+            [label, _width_text(width), batch, size] + [_cell(cells.get(runtime), seen, busy) for runtime, _ in columns]
+        )
     header = ["implementation", "width", "batch", "image"] + [name for _, name in columns]
     return table(header, body)
 
 
 def _find(rows, implementation, width, batch, runtime):
     for row in rows:
-        if (row["implementation"], row["width"], row["batch"], row["runtime"]) == (implementation, width, batch, runtime):
+        if (row["implementation"], row["width"], row["batch"], row["runtime"]) == (
+            implementation,
+            width,
+            batch,
+            runtime,
+        ):
             return row
     return None
 
@@ -179,14 +188,27 @@ def reference_ratio_table(rows):
     body = []
     for width, batch in keys:
         timm = _median(_find(rows, REFERENCE, width, batch, "torch"))
-        cells = [ratio(_median(_find(rows, OURS, width, batch, runtime)), timm)
-                 for runtime in ("eager", "graph", "xla", "tflite_float", "tflite_int8")]
-        in_turn = [_median(_find(rows, implementation, width, batch, runtime))
-                   for implementation, runtime in ((OURS, "graph_in_turn"), (REFERENCE, "torch_in_turn"))]
+        cells = [
+            ratio(_median(_find(rows, OURS, width, batch, runtime)), timm)
+            for runtime in ("eager", "graph", "xla", "tflite_float", "tflite_int8")
+        ]
+        in_turn = [
+            _median(_find(rows, implementation, width, batch, runtime))
+            for implementation, runtime in ((OURS, "graph_in_turn"), (REFERENCE, "torch_in_turn"))
+        ]
         cells.append(f"{ms(in_turn[0])} / {ms(in_turn[1])} = {ratio(*in_turn)}" if all(in_turn) else "-")
         body.append([_width_text(width), batch, ms(timm)] + cells)
-    header = ["width", "batch", "timm ms", "eager / timm", "graph / timm", "XLA / timm",
-              "TFLite float / timm", "TFLite int8 / timm", "graph / timm, timed in turn (ms)"]
+    header = [
+        "width",
+        "batch",
+        "timm ms",
+        "eager / timm",
+        "graph / timm",
+        "XLA / timm",
+        "TFLite float / timm",
+        "TFLite int8 / timm",
+        "graph / timm, timed in turn (ms)",
+    ]
     return table(header, body)
 
 
@@ -197,14 +219,23 @@ def other_keras_table(rows):
     for row in rows:
         if row["implementation"] != OURS or row["runtime"] == "tflite_int8_qat":
             continue
-        candidates = [(_median(_find(rows, other, row["width"], row["batch"], row["runtime"])), other)
-                      for other in sorted(others)]
+        candidates = [
+            (_median(_find(rows, other, row["width"], row["batch"], row["runtime"])), other) for other in sorted(others)
+        ]
         candidates = [(value, other) for value, other in candidates if value]
         if not candidates or not _median(row):
             continue
         best, name = min(candidates)
-        body.append([_width_text(row["width"]), row["batch"], RUNTIME_NAMES[row["runtime"]], ms(_median(row)),
-                     f"{name} {ms(best)}", ratio(_median(row), best)])
+        body.append(
+            [
+                _width_text(row["width"]),
+                row["batch"],
+                RUNTIME_NAMES[row["runtime"]],
+                ms(_median(row)),
+                f"{name} {ms(best)}",
+                ratio(_median(row), best),
+            ]
+        )
     header = ["width", "batch", "runtime", "this package ms", "fastest other Keras ms", "ours / fastest"]
     return table(header, body)
 
@@ -213,7 +244,7 @@ def int8_table(rows):
     """int8 against float TFLite per implementation, with what is inside the int8 model."""
     body = []
     failed = _failed_everywhere(rows)  # already a single row of the main table
-    for (implementation, label, width, batch, size), cells in _grouped(rows).items():
+    for (implementation, label, width, batch, _size), cells in _grouped(rows).items():
         if implementation in failed:
             continue
         float_row = cells.get("tflite_float")
@@ -224,44 +255,62 @@ def int8_table(rows):
             info = int8_row.get("tflite") or {}
             float_info = (float_row or {}).get("tflite") or {}
             status = "" if int8_row["status"] == "ok" else f"n/a ({_cut(int8_row['reason'])})"
-            body.append([
-                label + (" QAT" if runtime == "tflite_int8_qat" else ""), _width_text(width), batch,
-                ms(_median(float_row)), ms(_median(int8_row)) if not status else status,
-                ratio(_median(int8_row), _median(float_row)),
-                f"{float_info['bytes'] / 1e6:.2f}" if float_info else "-",
-                f"{info['bytes'] / 1e6:.2f}" if info else "-",
-                info.get("route", "-"), info.get("float_tensors_inside", "-"),
-            ])
-    header = ["implementation", "width", "batch", "float ms", "int8 ms", "int8 / float", "float MB", "int8 MB",
-              "int8 route", "float tensors inside int8"]
+            body.append(
+                [
+                    label + (" QAT" if runtime == "tflite_int8_qat" else ""),
+                    _width_text(width),
+                    batch,
+                    ms(_median(float_row)),
+                    ms(_median(int8_row)) if not status else status,
+                    ratio(_median(int8_row), _median(float_row)),
+                    f"{float_info['bytes'] / 1e6:.2f}" if float_info else "-",
+                    f"{info['bytes'] / 1e6:.2f}" if info else "-",
+                    info.get("route", "-"),
+                    info.get("float_tensors_inside", "-"),
+                ]
+            )
+    header = [
+        "implementation",
+        "width",
+        "batch",
+        "float ms",
+        "int8 ms",
+        "int8 / float",
+        "float MB",
+        "int8 MB",
+        "int8 route",
+        "float tensors inside int8",
+    ]
     return table(header, body)
 
 
 def latency_text(rows, environment):
-    return "\n\n".join([
-        "## 1. Inference latency (ms per batch)",
-        "Median [25th-75th percentile] in milliseconds per batch. Graph mode is `tf.function` with a fixed "
-        "input signature (the compiled path `predict_on_batch` takes); XLA is `tf.function(jit_compile=True)`; "
-        "TFLite is the default CPU runtime (LiteRT interpreter, XNNPACK delegate) with the model exported "
-        "at that batch size; the int8 models are post-training quantized with the same converter settings "
-        "for every implementation (this package's through its own `quantization.export.convert`). "
-        "All TFLite models of one width and batch size are timed in turn, one turn each per round (calls "
-        "repeated for 50 ms, their median one sample) in a rotating order, so the machine's drift during "
-        "the run falls on all of them alike.",
-        latency_table(rows, busy_load(environment)),
-        busy_note(environment),
-        "### This package / timm (PyTorch)",
-        "Time of this package on each runtime divided by timm's PyTorch eager time; below 1.00x this package "
-        "is faster. The columns before the last divide figures taken in different phases of the run; the "
-        "last one times this package's graph mode and timm in turn, each in its own process (rotating "
-        "order; each turn one untimed call, then calls for 50 ms, their median one sample; a call is a "
-        "round trip through a pipe, about 0.1 ms added to both), so the machine's drift falls on both alike.",
-        reference_ratio_table(rows),
-        "### This package / the fastest other Keras MobileViTv2 (kimm, kecam)",
-        other_keras_table(rows),
-        "### int8 / float TFLite",
-        int8_table(rows),
-    ])
+    return "\n\n".join(
+        [
+            "## 1. Inference latency (ms per batch)",
+            "Median [25th-75th percentile] in milliseconds per batch. Graph mode is `tf.function` with a fixed "
+            "input signature (the compiled path `predict_on_batch` takes); XLA is `tf.function(jit_compile=True)`; "
+            "TFLite is the default CPU runtime (LiteRT interpreter, XNNPACK delegate) with the model exported "
+            "at that batch size; the int8 models are post-training quantized with the same converter settings "
+            "for every implementation (this package's through its own `quantization.export.convert`). "
+            "All TFLite models of one width and batch size are timed in turn, one turn each per round (calls "
+            "repeated for 50 ms, their median one sample) in a rotating order, so the machine's drift during "
+            "the run falls on all of them alike.",
+            latency_table(rows, busy_load(environment)),
+            busy_note(environment),
+            "### This package / timm (PyTorch)",
+            "Time of this package on each runtime divided by timm's PyTorch eager time; below 1.00x this package "
+            "is faster. The columns before the last divide figures taken in different phases of the run; the "
+            "last one times this package's graph mode and timm in turn, each in its own process (rotating "
+            "order; each turn one untimed call, then calls for 50 ms, their median one sample; a call is a "
+            "round trip through a pipe, about 0.1 ms added to both), so the machine's drift falls on both alike.",
+            reference_ratio_table(rows),
+            "### This package / the fastest other Keras MobileViTv2 (kimm, kecam)",
+            other_keras_table(rows),
+            "### int8 / float TFLite",
+            int8_table(rows),
+        ]
+    )
 
 
 # ---------------------------------------------------------------- attention
@@ -292,14 +341,27 @@ def attention_text(section, environment):
             return timing_text(row["timing"], busy_load(environment))
 
         sep_memory, mha_memory = memory(separable), memory(multi_head)
-        body.append([
-            tokens, time_cell(separable), time_cell(multi_head), ratio(_median(separable), _median(multi_head)),
-            _mib(separable), _mib(multi_head),
-            ratio(sep_memory, mha_memory),
-        ])
+        body.append(
+            [
+                tokens,
+                time_cell(separable),
+                time_cell(multi_head),
+                ratio(_median(separable), _median(multi_head)),
+                _mib(separable),
+                _mib(multi_head),
+                ratio(sep_memory, mha_memory),
+            ]
+        )
     channels = rows[0]["channels"] if rows else "?"
-    header = ["tokens N", "separable ms", "multi-head ms", "separable / multi-head time", "separable MiB",
-              "multi-head MiB", "separable / multi-head memory"]
+    header = [
+        "tokens N",
+        "separable ms",
+        "multi-head ms",
+        "separable / multi-head time",
+        "separable MiB",
+        "multi-head MiB",
+        "separable / multi-head memory",
+    ]
     growth_lines = []
     for kind, name in (("separable", "separable"), ("multi_head", "multi-head")):
         fit = section["growth"].get(kind, {})
@@ -308,17 +370,19 @@ def attention_text(section, environment):
             f"- {name}: time grows as N^{slope(fit.get('time_slope'))}, memory as "
             f"N^{slope(fit.get('memory_slope'))} (log-log fit over N = {fit.get('fitted_tokens')})"
         )
-    return "\n\n".join([
-        "## 2. Separable self-attention vs multi-head attention",
-        f"C = {channels} channels, batch 1, graph mode. `SeparableSelfAttention` on [1, N, 1, C] (N patches "
-        f"of one pixel: the softmax spans all N tokens); `MultiHeadAttention(num_heads=1, key_dim={channels})` "
-        "self-attention on [1, N, C]. Memory: peak bytes held by TensorFlow's CPU allocator during one call, "
-        "above what was held before it; the allocator keeps no statistics for allocations under 256 KiB "
-        "(its small-size pool), so figures for small N are lower bounds.",
-        table(header, body),
-        busy_note(environment),
-        "Growth (slope 1: linear, 2: quadratic):\n" + "\n".join(growth_lines),
-    ])
+    return "\n\n".join(
+        [
+            "## 2. Separable self-attention vs multi-head attention",
+            f"C = {channels} channels, batch 1, graph mode. `SeparableSelfAttention` on [1, N, 1, C] (N patches "
+            f"of one pixel: the softmax spans all N tokens); `MultiHeadAttention(num_heads=1, key_dim={channels})` "
+            "self-attention on [1, N, C]. Memory: peak bytes held by TensorFlow's CPU allocator during one call, "
+            "above what was held before it; the allocator keeps no statistics for allocations under 256 KiB "
+            "(its small-size pool), so figures for small N are lower bounds.",
+            table(header, body),
+            busy_note(environment),
+            "Growth (slope 1: linear, 2: quadratic):\n" + "\n".join(growth_lines),
+        ]
+    )
 
 
 # ---------------------------------------------------------------- size
@@ -329,46 +393,66 @@ def size_text(section, environment):
     peak_rate = peak["gmacs_per_s"]
     body = []
     for row in section["rows"]:
-        def share(key):
+
+        def share(key, row=row):
             value = row.get(key)
             return "-" if value is None else f"{value:.1f} ({100 * value / peak_rate:.0f}%)"
 
-        def latency(key):
+        def latency(key, row=row):
             return timing_text(row[key], busy_load(environment)) if row.get(key) else "-"
 
-        def megabytes(key):
+        def megabytes(key, row=row):
             return "-" if row.get(key) is None else f"{row[key] / 1e6:.2f}"
 
-        body.append([
-            _width_text(row["width"]),
-            "-" if "params" not in row else f"{row['params'] / 1e6:.3f}",
-            "-" if "macs" not in row else f"{row['macs'] / 1e9:.3f}",
-            "-" if row.get("timm_macs") is None else f"{row['timm_macs'] / 1e9:.3f}",
-            "-" if "elementwise_multiplies" not in row else f"{row['elementwise_multiplies'] / 1e6:.1f}",
-            megabytes("tflite_float_bytes"), megabytes("tflite_int8_bytes"),
-            row.get("int8_float_tensors_inside", "-"),
-            latency("graph_timing"), share("graph_gmacs_per_s"),
-            latency("tflite_float_timing"), share("tflite_float_gmacs_per_s"),
-            _cut("; ".join(row.get("notes", [])), 120),
-        ])
-    header = ["width", "params (M)", "GMACs (graph)", "timm GMACs (torch counter)", "elementwise mul (M)",
-              "TFLite float MB", "TFLite int8 MB", "float tensors in int8", "graph ms (b1)", "graph GMAC/s (% peak)",
-              "TFLite float ms (b1)", "TFLite GMAC/s (% peak)", "notes"]
+        body.append(
+            [
+                _width_text(row["width"]),
+                "-" if "params" not in row else f"{row['params'] / 1e6:.3f}",
+                "-" if "macs" not in row else f"{row['macs'] / 1e9:.3f}",
+                "-" if row.get("timm_macs") is None else f"{row['timm_macs'] / 1e9:.3f}",
+                "-" if "elementwise_multiplies" not in row else f"{row['elementwise_multiplies'] / 1e6:.1f}",
+                megabytes("tflite_float_bytes"),
+                megabytes("tflite_int8_bytes"),
+                row.get("int8_float_tensors_inside", "-"),
+                latency("graph_timing"),
+                share("graph_gmacs_per_s"),
+                latency("tflite_float_timing"),
+                share("tflite_float_gmacs_per_s"),
+                _cut("; ".join(row.get("notes", [])), 120),
+            ]
+        )
+    header = [
+        "width",
+        "params (M)",
+        "GMACs (graph)",
+        "timm GMACs (torch counter)",
+        "elementwise mul (M)",
+        "TFLite float MB",
+        "TFLite int8 MB",
+        "float tensors in int8",
+        "graph ms (b1)",
+        "graph GMAC/s (% peak)",
+        "TFLite float ms (b1)",
+        "TFLite GMAC/s (% peak)",
+        "notes",
+    ]
     size = section["rows"][0]["image_size"] if section["rows"] else "?"
-    return "\n\n".join([
-        "## 3. Model size per width",
-        f"This package's MobileViTv2 at {size}x{size}, batch 1. GMACs are counted from the TensorFlow graph: "
-        "Conv2D, DepthwiseConv2dNative, MatMul/BatchMatMul and Einsum (output elements x contracted size); "
-        "elementwise multiplies are listed apart and not included. timm's figure comes from PyTorch's "
-        "FlopCounterMode (FLOPs / 2) on timm's model at the same size. GMAC/s divide these counted MACs by "
-        "the time. The float TFLite model runs fewer: its exporter merges three pairs of 1x1 convolutions "
-        "(`quantization/merge_pointwise.py`; 12% of the MACs at width 1.0). XNNPACK's kernels can also beat "
-        "TensorFlow's matmul, so the TFLite share of the peak can pass 100%.",
-        f"Machine peak: {peak['size']}x{peak['size']} float32 matmul in TensorFlow graph mode, "
-        f"{timing_text(peak['timing'], busy_load(environment))} ms = **{peak_rate:.1f} GMAC/s**.",
-        table(header, body),
-        busy_note(environment),
-    ])
+    return "\n\n".join(
+        [
+            "## 3. Model size per width",
+            f"This package's MobileViTv2 at {size}x{size}, batch 1. GMACs are counted from the TensorFlow graph: "
+            "Conv2D, DepthwiseConv2dNative, MatMul/BatchMatMul and Einsum (output elements x contracted size); "
+            "elementwise multiplies are listed apart and not included. timm's figure comes from PyTorch's "
+            "FlopCounterMode (FLOPs / 2) on timm's model at the same size. GMAC/s divide these counted MACs by "
+            "the time. The float TFLite model runs fewer: its exporter merges three pairs of 1x1 convolutions "
+            "(`quantization/merge_pointwise.py`; 12% of the MACs at width 1.0). XNNPACK's kernels can also beat "
+            "TensorFlow's matmul, so the TFLite share of the peak can pass 100%.",
+            f"Machine peak: {peak['size']}x{peak['size']} float32 matmul in TensorFlow graph mode, "
+            f"{timing_text(peak['timing'], busy_load(environment))} ms = **{peak_rate:.1f} GMAC/s**.",
+            table(header, body),
+            busy_note(environment),
+        ]
+    )
 
 
 # ---------------------------------------------------------------- training
@@ -398,10 +482,15 @@ def plot(results, path):
     latency = results.get("latency")
     _plot_latency(axes[0][0], latency if isinstance(latency, list) else [])  # a failed section is a dict
     attention = (results.get("attention") or {}).get("rows", [])
-    _plot_attention(axes[0][1], attention, lambda r: r["timing"]["median_ms"] if r["timing"] else None,
-                    "time per call (ms)")
-    _plot_attention(axes[1][0], attention, lambda r: r["peak_bytes"] / MIB if r["peak_bytes"] else None,
-                    "peak allocator memory (MiB)")
+    _plot_attention(
+        axes[0][1], attention, lambda r: r["timing"]["median_ms"] if r["timing"] else None, "time per call (ms)"
+    )
+    _plot_attention(
+        axes[1][0],
+        attention,
+        lambda r: r["peak_bytes"] / MIB if r["peak_bytes"] else None,
+        "peak allocator memory (MiB)",
+    )
     _plot_size(axes[1][1], results.get("size"))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -413,8 +502,13 @@ def _plot_latency(axis, rows):
     # The smallest batch and width, and the MobileNets: one bar per runtime.
     batch = min((r["batch"] for r in rows), default=None)
     width = min((r["width"] for r in rows if r["implementation"] == OURS), default=None)
-    chosen = [r for r in rows if r["status"] == "ok" and r["batch"] == batch
-              and (r["width"] == width or r["implementation"].startswith("mobilenet"))]
+    chosen = [
+        r
+        for r in rows
+        if r["status"] == "ok"
+        and r["batch"] == batch
+        and (r["width"] == width or r["implementation"].startswith("mobilenet"))
+    ]
     labels = [f"{r['label']} {_width_text(r['width'])} / {RUNTIME_NAMES[r['runtime']]}" for r in chosen]
     values = [r["timing"]["median_ms"] for r in chosen]
     colors = ["tab:blue" if r["implementation"] == OURS else "tab:gray" for r in chosen]

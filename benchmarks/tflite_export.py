@@ -105,9 +105,7 @@ def convert_keras_model(model, framework, mode, batch_size, representative_image
             )
             return flatbuffer, ROUTE_INT8
         except Exception:  # the converter raises several types for "no int8 kernel"
-            flatbuffer = _convert(
-                saved_model, True, representative_images, batch_size, tf.lite.OpsSet.TFLITE_BUILTINS
-            )
+            flatbuffer = _convert(saved_model, True, representative_images, batch_size, tf.lite.OpsSet.TFLITE_BUILTINS)
             return flatbuffer, ROUTE_FALLBACK
 
 
@@ -133,9 +131,7 @@ class TFLiteExporter:
         if self.implementation.ours:
             return self._export_ours(runtime, batch)
         mode = "float32" if runtime == "tflite_float" else "int8"
-        return convert_keras_model(
-            self.model, self.implementation.framework, mode, batch, self._representative(batch)
-        )
+        return convert_keras_model(self.model, self.implementation.framework, mode, batch, self._representative(batch))
 
     def _export_ours(self, runtime, batch):
         from quantization.export import convert
@@ -144,7 +140,10 @@ class TFLiteExporter:
             return convert(self.model, "float32", io_type="float32", batch_size=batch), "float32"
         if runtime == "tflite_int8":
             flatbuffer = convert(
-                self.model, "ptq_int8", io_type="int8", representative_images=self._representative(batch),
+                self.model,
+                "ptq_int8",
+                io_type="int8",
+                representative_images=self._representative(batch),
                 batch_size=batch,
             )
             return flatbuffer, "package PTQ int8"
@@ -156,7 +155,10 @@ class TFLiteExporter:
             calibrate(qat_model, self.calibration_images)
             self._qat_model = qat_model
         flatbuffer = convert(
-            self._qat_model, "qat_int8", io_type="int8", representative_images=self._representative(batch),
+            self._qat_model,
+            "qat_int8",
+            io_type="int8",
+            representative_images=self._representative(batch),
             batch_size=batch,
         )
         return flatbuffer, "package QAT int8 (calibrated, not trained)"

@@ -25,8 +25,14 @@ def run_section(settings):
     try:
         rows = run_module(
             "benchmarks.training_throughput",
-            ["--widths", *widths, "--batch_size", str(max(settings.batch_sizes)),
-             "--image_size", str(settings.image_size)],
+            [
+                "--widths",
+                *widths,
+                "--batch_size",
+                str(max(settings.batch_sizes)),
+                "--image_size",
+                str(settings.image_size),
+            ],
             timeout_s=TIMEOUT_S,
             output_flag="--json",
         )

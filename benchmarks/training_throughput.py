@@ -21,8 +21,8 @@ SUFFIX = {0.5: "050", 0.75: "075", 1.0: "100", 1.25: "125", 1.5: "150", 1.75: "1
 
 
 def timm_training_rate(width, batch_size, steps, image_size, threads):
-    import torch
     import timm
+    import torch
 
     torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -92,8 +92,7 @@ def main(argv=None):
     gpus = tf.config.list_physical_devices("GPU")
     print(
         f"Machine: {platform.processor() or platform.machine()}, {threads} CPUs, "
-        f"GPUs: {len(gpus)}; TensorFlow {tf.__version__}"
-        + (f", PyTorch {torch.__version__}" if have_timm else "")
+        f"GPUs: {len(gpus)}; TensorFlow {tf.__version__}" + (f", PyTorch {torch.__version__}" if have_timm else "")
     )
     print(
         f"Training throughput at {args.image_size}x{args.image_size}, batch "

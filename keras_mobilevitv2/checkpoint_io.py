@@ -44,20 +44,14 @@ def read_safetensors(path):
     try:
         header = json.loads(raw[8 : 8 + header_len])
     except ValueError as error:
-        raise ValueError(
-            f"{path} is not a safetensors file: its header is not JSON ({error})."
-        ) from None
+        raise ValueError(f"{path} is not a safetensors file: its header is not JSON ({error}).") from None
     if not isinstance(header, dict):
         raise ValueError(
             f"{path} is not a safetensors file: its header is a JSON "
             f"{type(header).__name__}, not an object of tensor entries."
         )
     data = memoryview(raw)[8 + header_len :]
-    return {
-        name: _read_tensor(name, info, data, path)
-        for name, info in header.items()
-        if name != "__metadata__"
-    }
+    return {name: _read_tensor(name, info, data, path) for name, info in header.items() if name != "__metadata__"}
 
 
 def _numpy_dtype(name, dtype_name, path):
@@ -81,10 +75,7 @@ def _is_count(value):
 def _checked_entry(name, info, path):
     """(dtype name, shape, start, end) of a header entry, or ValueError."""
     if not isinstance(info, dict):
-        raise ValueError(
-            f"Tensor {name!r} in {path}: its header entry is "
-            f"{type(info).__name__}, not an object."
-        )
+        raise ValueError(f"Tensor {name!r} in {path}: its header entry is {type(info).__name__}, not an object.")
     missing = [key for key in ("dtype", "shape", "data_offsets") if key not in info]
     if missing:
         raise ValueError(
@@ -93,10 +84,7 @@ def _checked_entry(name, info, path):
         )
     shape, offsets = info["shape"], info["data_offsets"]
     if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
-        raise ValueError(
-            f"Tensor {name!r} in {path}: shape {shape!r} is not a list of "
-            "non-negative integers."
-        )
+        raise ValueError(f"Tensor {name!r} in {path}: shape {shape!r} is not a list of non-negative integers.")
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
@@ -104,8 +92,7 @@ def _checked_entry(name, info, path):
         and offsets[0] <= offsets[1]
     ):
         raise ValueError(
-            f"Tensor {name!r} in {path}: data_offsets {offsets!r} is not "
-            "[start, end] with 0 <= start <= end."
+            f"Tensor {name!r} in {path}: data_offsets {offsets!r} is not [start, end] with 0 <= start <= end."
         )
     return info["dtype"], tuple(shape), offsets[0], offsets[1]
 
@@ -145,8 +132,7 @@ def _read_torch(path):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ValueError(
-            f"Could not read {path} as a PyTorch checkpoint with "
-            f"torch.load(weights_only=True): {error}"
+            f"Could not read {path} as a PyTorch checkpoint with torch.load(weights_only=True): {error}"
         ) from None
     return checkpoint
 
@@ -192,7 +178,4 @@ def read_checkpoint(path):
         return read_safetensors(path)
     if path.lower().endswith((".pt", ".pth", ".bin")):
         return unwrap_state_dict(_read_torch(path), source=path)
-    raise ValueError(
-        f"Unrecognised checkpoint file {path}: expected .safetensors, .pt, "
-        ".pth or .bin."
-    )
+    raise ValueError(f"Unrecognised checkpoint file {path}: expected .safetensors, .pt, .pth or .bin.")

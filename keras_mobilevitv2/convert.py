@@ -37,9 +37,7 @@ def main(argv=None):
         ),
     )
     parser.add_argument("--checkpoint", required=True, help="Input checkpoint file.")
-    parser.add_argument(
-        "--output", required=True, help="Output file; must end in .weights.h5."
-    )
+    parser.add_argument("--output", required=True, help="Output file; must end in .weights.h5.")
     parser.add_argument(
         "--width",
         type=float,
@@ -51,9 +49,7 @@ def main(argv=None):
         action="store_true",
         help="Write the weights of the model without its classifier.",
     )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="Replace an existing output file."
-    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing output file.")
     args = parser.parse_args(argv)
 
     if not args.output.endswith(".weights.h5"):
@@ -66,10 +62,7 @@ def main(argv=None):
     state_dict = strip_wrapper_prefix(read_checkpoint(args.checkpoint))
     width, num_classes = infer_architecture(state_dict)
     if args.width is not None and args.width != width:
-        parser.error(
-            f"--width {args.width} does not match the checkpoint, which is "
-            f"MobileViTv2-{width}."
-        )
+        parser.error(f"--width {args.width} does not match the checkpoint, which is MobileViTv2-{width}.")
     include_top = not args.no_top and num_classes is not None
     model = MobileViTv2(
         width,

@@ -46,7 +46,11 @@ def main(argv=None):
     # choices: argparse then names the accepted widths instead of a KeyError
     # deep in the weights lookup.
     parser.add_argument(
-        "--width", type=float, default=0.5, choices=widths, metavar="WIDTH",
+        "--width",
+        type=float,
+        default=0.5,
+        choices=widths,
+        metavar="WIDTH",
         help=f"Width multiplier, one of {', '.join(map(str, widths))}.",
     )
     parser.add_argument("--weights", default=None, help="Weights file (.weights.h5, .pt, .safetensors).")

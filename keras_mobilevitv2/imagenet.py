@@ -5,9 +5,7 @@ import os
 
 import numpy as np
 
-_CLASS_INDEX_PATH = os.path.join(
-    os.path.dirname(__file__), "data", "imagenet_class_index.json"
-)
+_CLASS_INDEX_PATH = os.path.join(os.path.dirname(__file__), "data", "imagenet_class_index.json")
 _class_index = None
 
 
@@ -28,10 +26,7 @@ def preprocess_input(x, data_format=None):
         Unchanged `x`.
     """
     if data_format not in (None, "channels_last"):
-        raise ValueError(
-            "MobileViTv2 supports only data_format='channels_last'. "
-            f"Received: data_format={data_format}"
-        )
+        raise ValueError(f"MobileViTv2 supports only data_format='channels_last'. Received: data_format={data_format}")
     return x
 
 
@@ -51,9 +46,7 @@ def eval_transform(image, image_size=256, resize_size=288):
     import tensorflow as tf
 
     if resize_size < image_size:
-        raise ValueError(
-            f"`resize_size` ({resize_size}) must be >= `image_size` ({image_size})."
-        )
+        raise ValueError(f"`resize_size` ({resize_size}) must be >= `image_size` ({image_size}).")
     image = tf.cast(tf.convert_to_tensor(image), tf.float32)
     height = tf.cast(tf.shape(image)[0], tf.float32)
     width = tf.cast(tf.shape(image)[1], tf.float32)
@@ -99,7 +92,5 @@ def decode_predictions(preds, top=5):
     results = []
     for pred in preds:
         best = np.argsort(pred)[::-1][:top]
-        results.append(
-            [(*class_index[int(i)], float(pred[i])) for i in best]
-        )
+        results.append([(*class_index[int(i)], float(pred[i])) for i in best])
     return results

@@ -38,11 +38,7 @@ def _is_positive_integer(value):
 
 
 def _validate_width(width_multiplier):
-    if not (
-        _is_number(width_multiplier)
-        and math.isfinite(width_multiplier)
-        and width_multiplier > 0
-    ):
+    if not (_is_number(width_multiplier) and math.isfinite(width_multiplier) and width_multiplier > 0):
         raise ValueError(
             "`width_multiplier` must be a positive number (not a bool). "
             f"Received: width_multiplier={width_multiplier!r}"
@@ -53,18 +49,14 @@ def _validate_width(width_multiplier):
 def _validate_rates(**rates):
     for name, rate in rates.items():
         if not (_is_number(rate) and 0 <= rate < 1):
-            raise ValueError(
-                f"`{name}` must be a number in [0, 1) (not a bool). "
-                f"Received: {name}={rate!r}"
-            )
+            raise ValueError(f"`{name}` must be a number in [0, 1) (not a bool). Received: {name}={rate!r}")
     return {name: float(rate) for name, rate in rates.items()}
 
 
 def _validate_classes(classes):
     if not _is_positive_integer(classes):
         raise ValueError(
-            "`classes` must be a positive integer (Python or numpy, not a "
-            f"bool). Received: classes={classes!r}"
+            f"`classes` must be a positive integer (Python or numpy, not a bool). Received: classes={classes!r}"
         )
     return int(classes)
 
@@ -118,8 +110,7 @@ def _validate_input_shape(input_shape, input_tensor, weights):
         if input_tensor is not None:
             tensor_shape = tuple(input_tensor.shape[1:])
             if len(tensor_shape) != 3 or any(
-                a is not None and b is not None and a != b
-                for a, b in zip(input_shape, tensor_shape)
+                a is not None and b is not None and a != b for a, b in zip(input_shape, tensor_shape)
             ):
                 raise ValueError(
                     f"`input_shape` {input_shape} does not match the shape of "
@@ -136,22 +127,13 @@ def _validate_input_shape(input_shape, input_tensor, weights):
         input_shape = (None, None, 3)
 
     height, width, channels = input_shape
-    if (height is not None and height < MIN_SIZE) or (
-        width is not None and width < MIN_SIZE
-    ):
-        raise ValueError(
-            f"Input size must be at least {MIN_SIZE}x{MIN_SIZE}; Received: "
-            f"input_shape={input_shape}"
-        )
+    if (height is not None and height < MIN_SIZE) or (width is not None and width < MIN_SIZE):
+        raise ValueError(f"Input size must be at least {MIN_SIZE}x{MIN_SIZE}; Received: input_shape={input_shape}")
     if channels is None:
-        raise ValueError(
-            "The number of input channels must be known. Received: "
-            f"input_shape={input_shape}"
-        )
+        raise ValueError(f"The number of input channels must be known. Received: input_shape={input_shape}")
     if weights is not None and channels != 3:
         raise ValueError(
-            "The input must have 3 channels (RGB) to load pretrained weights; "
-            f"Received `input_shape={input_shape}`"
+            f"The input must have 3 channels (RGB) to load pretrained weights; Received `input_shape={input_shape}`"
         )
     return input_shape
 
@@ -195,9 +177,7 @@ def MobileViTv2(
             "transpose inputs to (batch, height, width, channels)."
         )
     width_multiplier = _validate_width(width_multiplier)
-    rates = _validate_rates(
-        dropout=dropout, attn_dropout=attn_dropout, ffn_dropout=ffn_dropout
-    )
+    rates = _validate_rates(dropout=dropout, attn_dropout=attn_dropout, ffn_dropout=ffn_dropout)
     if weights == "imagenet" and width_multiplier not in WIDTHS.values():
         raise ValueError(
             "If imagenet weights are being loaded, `width_multiplier` must be "
@@ -206,8 +186,10 @@ def MobileViTv2(
         )
     _validate_weights(weights, include_top, classes)
     validate_attention_norm(attention_norm)
-    if attention_norm != "layer_norm_2d" and weights is not None and not (
-        os.fspath(weights).lower().endswith(KERAS_WEIGHTS_SUFFIXES)
+    if (
+        attention_norm != "layer_norm_2d"
+        and weights is not None
+        and not (os.fspath(weights).lower().endswith(KERAS_WEIGHTS_SUFFIXES))
     ):
         raise ValueError(
             "The published MobileViTv2 checkpoints use "
@@ -217,10 +199,7 @@ def MobileViTv2(
             f"weights={weights!r}"
         )
     if pooling not in POOLING_MODES:
-        raise ValueError(
-            "`pooling` must be one of None, 'avg' or 'max'. Received: "
-            f"pooling={pooling}"
-        )
+        raise ValueError(f"`pooling` must be one of None, 'avg' or 'max'. Received: pooling={pooling}")
     if include_top:
         classes = _validate_classes(classes)
         _validate_classifier_activation(classifier_activation, weights)
@@ -242,9 +221,7 @@ def MobileViTv2(
 
     # Stem. Explicit symmetric padding reproduces PyTorch's stride-2 conv.
     x = keras.layers.ZeroPadding2D(1, name="stem_pad")(x)
-    x = keras.layers.Conv2D(
-        config.stem_channels, 3, strides=2, use_bias=False, name="stem_conv"
-    )(x)
+    x = keras.layers.Conv2D(config.stem_channels, 3, strides=2, use_bias=False, name="stem_conv")(x)
     x = batch_norm("stem_bn")(x)
     x = keras.layers.Activation("silu", name="stem_activation")(x)
 
@@ -265,9 +242,7 @@ def MobileViTv2(
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
         x = keras.layers.Dense(classes, name="logits")(x)
         # float32 output keeps softmax exact under mixed precision.
-        x = keras.layers.Activation(
-            classifier_activation, dtype="float32", name="predictions"
-        )(x)
+        x = keras.layers.Activation(classifier_activation, dtype="float32", name="predictions")(x)
     elif pooling == "avg":
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     elif pooling == "max":
@@ -362,9 +337,7 @@ def _make_variant(suffix, width):
 
     variant.__name__ = f"MobileViTv2_{suffix}"
     variant.__qualname__ = variant.__name__
-    variant.__doc__ = BASE_DOCSTRING.format(
-        name=variant.__name__, default_name=f"mobilevitv2_{suffix}"
-    )
+    variant.__doc__ = BASE_DOCSTRING.format(name=variant.__name__, default_name=f"mobilevitv2_{suffix}")
     return variant
 
 
@@ -376,12 +349,9 @@ MobileViTv2_150 = _make_variant("150", 1.5)
 MobileViTv2_175 = _make_variant("175", 1.75)
 MobileViTv2_200 = _make_variant("200", 2.0)
 
-MobileViTv2.__doc__ = BASE_DOCSTRING.format(
-    name="MobileViTv2", default_name="mobilevitv2_XXX"
-).replace(
+MobileViTv2.__doc__ = BASE_DOCSTRING.format(name="MobileViTv2", default_name="mobilevitv2_XXX").replace(
     "Args:\n",
-    "Args:\n    width_multiplier: Channel width alpha; 0.5 ... 2.0 have "
-    "pretrained weights.\n",
+    "Args:\n    width_multiplier: Channel width alpha; 0.5 ... 2.0 have pretrained weights.\n",
     1,
 ) + (
     "\n    `dropout`, `attn_dropout`, `ffn_dropout` (keyword-only here) set the\n"

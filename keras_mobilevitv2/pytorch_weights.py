@@ -52,15 +52,23 @@ def _inverted_residual_entries(layer, names):
         if conv is None:
             continue
         kind = "depthwise" if conv_attr == "depthwise_conv" else "conv"
-        yield conv, kind, _names(
-            f"{names['cvnets']}.block.{cvnets}.block.conv",
-            f"{names['timm']}.{timm}.conv",
-            f"{names['hf']}.{hf}.convolution",
+        yield (
+            conv,
+            kind,
+            _names(
+                f"{names['cvnets']}.block.{cvnets}.block.conv",
+                f"{names['timm']}.{timm}.conv",
+                f"{names['hf']}.{hf}.convolution",
+            ),
         )
-        yield getattr(layer, bn_attr), "batchnorm", _names(
-            f"{names['cvnets']}.block.{cvnets}.block.norm",
-            f"{names['timm']}.{timm}.bn",
-            f"{names['hf']}.{hf}.normalization",
+        yield (
+            getattr(layer, bn_attr),
+            "batchnorm",
+            _names(
+                f"{names['cvnets']}.block.{cvnets}.block.norm",
+                f"{names['timm']}.{timm}.bn",
+                f"{names['hf']}.{hf}.normalization",
+            ),
         )
 
 
@@ -73,47 +81,71 @@ def _norm_kind(layer):
 
 def _mobilevit_block_entries(layer, names):
     c, t, h = names["cvnets"], names["timm"], names["hf"]
-    yield layer.local_depthwise_conv, "depthwise", _names(
-        f"{c}.local_rep.0.block.conv", f"{t}.conv_kxk.conv", f"{h}.conv_kxk.convolution"
+    yield (
+        layer.local_depthwise_conv,
+        "depthwise",
+        _names(f"{c}.local_rep.0.block.conv", f"{t}.conv_kxk.conv", f"{h}.conv_kxk.convolution"),
     )
-    yield layer.local_bn, "batchnorm", _names(
-        f"{c}.local_rep.0.block.norm", f"{t}.conv_kxk.bn", f"{h}.conv_kxk.normalization"
+    yield (
+        layer.local_bn,
+        "batchnorm",
+        _names(f"{c}.local_rep.0.block.norm", f"{t}.conv_kxk.bn", f"{h}.conv_kxk.normalization"),
     )
-    yield layer.local_pointwise_conv, "conv", _names(
-        f"{c}.local_rep.1.block.conv", f"{t}.conv_1x1", f"{h}.conv_1x1.convolution"
+    yield (
+        layer.local_pointwise_conv,
+        "conv",
+        _names(f"{c}.local_rep.1.block.conv", f"{t}.conv_1x1", f"{h}.conv_1x1.convolution"),
     )
     for j, block in enumerate(layer.transformer_blocks):
         cj, tj, hj = f"{c}.global_rep.{j}", f"{t}.transformer.{j}", f"{h}.transformer.layer.{j}"
-        yield block.attn_norm, _norm_kind(block.attn_norm), _names(
-            f"{cj}.pre_norm_attn.0", f"{tj}.norm1", f"{hj}.layernorm_before"
+        yield (
+            block.attn_norm,
+            _norm_kind(block.attn_norm),
+            _names(f"{cj}.pre_norm_attn.0", f"{tj}.norm1", f"{hj}.layernorm_before"),
         )
-        yield block.attention.qkv_proj, "conv", _names(
-            f"{cj}.pre_norm_attn.1.qkv_proj.block.conv",
-            f"{tj}.attn.qkv_proj",
-            f"{hj}.attention.qkv_proj.convolution",
+        yield (
+            block.attention.qkv_proj,
+            "conv",
+            _names(
+                f"{cj}.pre_norm_attn.1.qkv_proj.block.conv",
+                f"{tj}.attn.qkv_proj",
+                f"{hj}.attention.qkv_proj.convolution",
+            ),
         )
-        yield block.attention.out_proj, "conv", _names(
-            f"{cj}.pre_norm_attn.1.out_proj.block.conv",
-            f"{tj}.attn.out_proj",
-            f"{hj}.attention.out_proj.convolution",
+        yield (
+            block.attention.out_proj,
+            "conv",
+            _names(
+                f"{cj}.pre_norm_attn.1.out_proj.block.conv",
+                f"{tj}.attn.out_proj",
+                f"{hj}.attention.out_proj.convolution",
+            ),
         )
-        yield block.ffn_norm, _norm_kind(block.ffn_norm), _names(
-            f"{cj}.pre_norm_ffn.0", f"{tj}.norm2", f"{hj}.layernorm_after"
+        yield (
+            block.ffn_norm,
+            _norm_kind(block.ffn_norm),
+            _names(f"{cj}.pre_norm_ffn.0", f"{tj}.norm2", f"{hj}.layernorm_after"),
         )
-        yield block.ffn_expand, "conv", _names(
-            f"{cj}.pre_norm_ffn.1.block.conv", f"{tj}.mlp.fc1", f"{hj}.ffn.conv1.convolution"
+        yield (
+            block.ffn_expand,
+            "conv",
+            _names(f"{cj}.pre_norm_ffn.1.block.conv", f"{tj}.mlp.fc1", f"{hj}.ffn.conv1.convolution"),
         )
-        yield block.ffn_project, "conv", _names(
-            f"{cj}.pre_norm_ffn.3.block.conv", f"{tj}.mlp.fc2", f"{hj}.ffn.conv2.convolution"
+        yield (
+            block.ffn_project,
+            "conv",
+            _names(f"{cj}.pre_norm_ffn.3.block.conv", f"{tj}.mlp.fc2", f"{hj}.ffn.conv2.convolution"),
         )
-    yield layer.final_norm, "groupnorm", _names(
-        f"{c}.global_rep.{layer.num_blocks}", f"{t}.norm", f"{h}.layernorm"
+    yield layer.final_norm, "groupnorm", _names(f"{c}.global_rep.{layer.num_blocks}", f"{t}.norm", f"{h}.layernorm")
+    yield (
+        layer.project_conv,
+        "conv",
+        _names(f"{c}.conv_proj.block.conv", f"{t}.conv_proj.conv", f"{h}.conv_projection.convolution"),
     )
-    yield layer.project_conv, "conv", _names(
-        f"{c}.conv_proj.block.conv", f"{t}.conv_proj.conv", f"{h}.conv_projection.convolution"
-    )
-    yield layer.project_bn, "batchnorm", _names(
-        f"{c}.conv_proj.block.norm", f"{t}.conv_proj.bn", f"{h}.conv_projection.normalization"
+    yield (
+        layer.project_bn,
+        "batchnorm",
+        _names(f"{c}.conv_proj.block.norm", f"{t}.conv_proj.bn", f"{h}.conv_projection.normalization"),
     )
 
 
@@ -122,31 +154,28 @@ def _model_entries(model):
     layer_names = {layer.name for layer in model.layers}
     if "stem_conv" not in layer_names:
         raise ValueError(
-            f"Model {model.name!r} is not a keras_mobilevitv2 MobileViTv2 "
-            "model (it has no 'stem_conv' layer)."
+            f"Model {model.name!r} is not a keras_mobilevitv2 MobileViTv2 model (it has no 'stem_conv' layer)."
         )
     hf_encoder = "mobilevitv2.encoder.layer"
-    yield model.get_layer("stem_conv"), "conv", _names(
-        "conv_1.block.conv", "stem.conv", "mobilevitv2.conv_stem.convolution"
+    yield (
+        model.get_layer("stem_conv"),
+        "conv",
+        _names("conv_1.block.conv", "stem.conv", "mobilevitv2.conv_stem.convolution"),
     )
-    yield model.get_layer("stem_bn"), "batchnorm", _names(
-        "conv_1.block.norm", "stem.bn", "mobilevitv2.conv_stem.normalization"
+    yield (
+        model.get_layer("stem_bn"),
+        "batchnorm",
+        _names("conv_1.block.norm", "stem.bn", "mobilevitv2.conv_stem.normalization"),
     )
     # (keras layer, ml-cvnets stage, index within the stage)
     inverted_residuals = [("stage1_ir1", 1, 0), ("stage2_ir1", 2, 0), ("stage2_ir2", 2, 1)]
     inverted_residuals += [(f"stage{s}_ir", s, 0) for s in (3, 4, 5)]
     for layer_name, stage, index in inverted_residuals:
-        hf = (
-            f"{hf_encoder}.{stage - 1}.layer.{index}"
-            if stage <= 2
-            else f"{hf_encoder}.{stage - 1}.downsampling_layer"
-        )
+        hf = f"{hf_encoder}.{stage - 1}.layer.{index}" if stage <= 2 else f"{hf_encoder}.{stage - 1}.downsampling_layer"
         names = _names(f"layer_{stage}.{index}", f"stages.{stage - 1}.{index}", hf)
         yield from _inverted_residual_entries(model.get_layer(layer_name), names)
     for stage in (3, 4, 5):
-        names = _names(
-            f"layer_{stage}.1", f"stages.{stage - 1}.1", f"{hf_encoder}.{stage - 1}"
-        )
+        names = _names(f"layer_{stage}.1", f"stages.{stage - 1}.1", f"{hf_encoder}.{stage - 1}")
         yield from _mobilevit_block_entries(model.get_layer(f"stage{stage}_mvit"), names)
     if "logits" in layer_names:
         yield model.get_layer("logits"), "linear", _classifier_names()
@@ -173,7 +202,7 @@ def strip_wrapper_prefix(state_dict):
     """`state_dict` without the "module." prefix of a wrapped model."""
     # DistributedDataParallel saves every name with a "module." prefix.
     if state_dict and all(name.startswith("module.") for name in state_dict):
-        return {name[len("module."):]: value for name, value in state_dict.items()}
+        return {name[len("module.") :]: value for name, value in state_dict.items()}
     return state_dict
 
 
@@ -275,8 +304,12 @@ _MAX_LISTED = 10
 _ATTENTION_NORM_STATS = tuple(
     f".{norm}.running_"
     for norm in (
-        "pre_norm_attn.0", "pre_norm_ffn.0", "norm1", "norm2",
-        "layernorm_before", "layernorm_after",
+        "pre_norm_attn.0",
+        "pre_norm_ffn.0",
+        "norm1",
+        "norm2",
+        "layernorm_before",
+        "layernorm_after",
     )
 )
 
@@ -322,9 +355,7 @@ def infer_architecture(state_dict):
     stem_channels = np.shape(state_dict[_STEM_KEYS[naming]])[0]
     last_key = _classifier_names()[naming] + ".weight"
     num_classes = np.shape(state_dict[last_key])[0] if last_key in state_dict else None
-    last_channels = (
-        np.shape(state_dict[last_key])[1] if last_key in state_dict else None
-    )
+    last_channels = np.shape(state_dict[last_key])[1] if last_key in state_dict else None
     for width in WIDTHS.values():
         config = config_for_width(width)
         if config.stem_channels == stem_channels and last_channels in (
@@ -333,6 +364,5 @@ def infer_architecture(state_dict):
         ):
             return width, num_classes
     raise ValueError(
-        f"No MobileViTv2 width has a {stem_channels}-channel stem; widths "
-        f"supported: {sorted(WIDTHS.values())}."
+        f"No MobileViTv2 width has a {stem_channels}-channel stem; widths supported: {sorted(WIDTHS.values())}."
     )

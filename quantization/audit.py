@@ -1,120 +1,89 @@
 """Audit of a converted TFLite flatbuffer: ops, dtypes, ranks, agreement.
 
-The flatbuffer is read with TFLite's own schema (no interpreter needed for
-the structure); agreement with the Keras model runs the TFLite interpreter.
+The structure comes from `quantization.tflite_graph` (TFLite's schema, no
+interpreter); `read_structure` and `read_operators` are its report-shaped
+views. Agreement with the Keras model runs the TFLite interpreter.
 """
 
 import json
 import warnings
 
 import numpy as np
-from tensorflow.lite.python import schema_py_generated as schema
 
-_OP_NAMES = {value: name for name, value in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
-TENSOR_TYPE_NAMES = {value: name for name, value in vars(schema.TensorType).items() if not name.startswith("_")}
-FLOAT_TYPES = ("FLOAT32", "FLOAT16", "FLOAT64")
+from quantization import tflite_graph
+from quantization.tflite_graph import read_graph
 
-
-def operator_codes(model):
-    """[(op name, version)] per operator code of a parsed `schema.Model`;
-    custom ops are named `CUSTOM:<code>`."""
-    codes = []
-    for i in range(model.OperatorCodesLength()):
-        code = model.OperatorCodes(i)
-        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
-        name = _OP_NAMES.get(builtin, f"BUILTIN_{builtin}")
-        if builtin == schema.BuiltinOperator.CUSTOM:
-            name = f"CUSTOM:{code.CustomCode().decode()}"
-        codes.append((name, code.Version()))
-    return codes
+# The shared reader's vocabulary, under the names callers of this module know.
+TENSOR_TYPE_NAMES = tflite_graph.TENSOR_TYPE_NAMES
+FLOAT_TYPES = tflite_graph.FLOAT_TYPES
+operator_codes = tflite_graph.operator_codes
 
 
 def read_structure(flatbuffer):
     """{ops: [(name, version)], tensors: [{name, dtype, shape}], inputs, outputs}."""
-    model = schema.Model.GetRootAsModel(flatbuffer, 0)
-    codes = operator_codes(model)
-    graph = model.Subgraphs(0)
-    tensors = []
-    for i in range(graph.TensorsLength()):
-        tensor = graph.Tensors(i)
-        tensors.append(
-            {
-                "name": tensor.Name().decode(),
-                "dtype": TENSOR_TYPE_NAMES.get(tensor.Type(), str(tensor.Type())),
-                "shape": [int(d) for d in tensor.ShapeAsNumpy()] if tensor.ShapeLength() else [],
-            }
-        )
-    ops = [codes[graph.Operators(i).OpcodeIndex()] for i in range(graph.OperatorsLength())]
-    inputs = [int(i) for i in graph.InputsAsNumpy()]
-    outputs = [int(i) for i in graph.OutputsAsNumpy()]
-    return {"ops": ops, "tensors": tensors, "inputs": inputs, "outputs": outputs}
+    graph = read_graph(flatbuffer)
+    return {
+        "ops": [(op.name, op.version) for op in graph.operators],
+        "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in graph.tensors],
+        "inputs": list(graph.inputs),
+        "outputs": list(graph.outputs),
+    }
 
 
-# Option tables worth reading for target compatibility: schema class -> the
-# accessor methods exposed as snake_case keys.
+# The option fields `read_operators` reports, per options table: what target
+# checks look at, not everything the schema holds.
 _OPTION_FIELDS = {
-    "Conv2DOptions": ("StrideH", "StrideW", "DilationHFactor", "DilationWFactor", "FusedActivationFunction"),
-    "DepthwiseConv2DOptions": ("StrideH", "StrideW", "DilationHFactor", "DilationWFactor", "FusedActivationFunction"),
-    "FullyConnectedOptions": ("FusedActivationFunction", "KeepNumDims"),
-    "AddOptions": ("FusedActivationFunction",),
-    "SubOptions": ("FusedActivationFunction",),
-    "MulOptions": ("FusedActivationFunction",),
-    "ConcatenationOptions": ("Axis", "FusedActivationFunction"),
-    "Pool2DOptions": ("StrideH", "StrideW", "FilterHeight", "FilterWidth", "FusedActivationFunction"),
-    "SoftmaxOptions": ("Beta",),
-    "ReducerOptions": ("KeepDims",),
-    "StridedSliceOptions": ("BeginMask", "EndMask", "EllipsisMask", "NewAxisMask", "ShrinkAxisMask"),
-    "TransposeConvOptions": ("StrideH", "StrideW", "FusedActivationFunction"),
+    "Conv2DOptions": ("stride_h", "stride_w", "dilation_h_factor", "dilation_w_factor", "fused_activation_function"),
+    "DepthwiseConv2DOptions": (
+        "stride_h",
+        "stride_w",
+        "dilation_h_factor",
+        "dilation_w_factor",
+        "fused_activation_function",
+    ),
+    "FullyConnectedOptions": ("fused_activation_function", "keep_num_dims"),
+    "AddOptions": ("fused_activation_function",),
+    "SubOptions": ("fused_activation_function",),
+    "MulOptions": ("fused_activation_function",),
+    "ConcatenationOptions": ("axis", "fused_activation_function"),
+    "Pool2DOptions": ("stride_h", "stride_w", "filter_height", "filter_width", "fused_activation_function"),
+    "SoftmaxOptions": ("beta",),
+    "ReducerOptions": ("keep_dims",),
+    "StridedSliceOptions": ("begin_mask", "end_mask", "ellipsis_mask", "new_axis_mask", "shrink_axis_mask"),
+    "TransposeConvOptions": ("stride_h", "stride_w", "fused_activation_function"),
 }
-_OPTION_TYPE_NAMES = {value: name for name, value in vars(schema.BuiltinOptions).items() if not name.startswith("_")}
 
 
-def _snake(name):
-    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+def _tensor_entry(tensor):
+    if tensor is None:
+        return None
+    constant = None
+    # Small int32 constants are the axes, paddings and strides checks read;
+    # larger ones (shapes of big weights) would only bloat the report.
+    if tensor.dtype == "INT32" and tensor.data is not None and 0 < tensor.buffer_size <= 64:
+        constant = [int(v) for v in tensor.data.ravel()]
+    return {"shape": list(tensor.shape), "dtype": tensor.dtype, "constant": constant, "is_constant": tensor.is_constant}
 
 
 def read_operators(flatbuffer):
     """Every operator in execution order, with what target checks need:
     `[{index, op, version, inputs, outputs, options}]`. Inputs and outputs are
-    `{shape, dtype, constant}` dicts (`constant`: the values of a small int32
-    constant such as reduction axes, else None); `options` holds the fields of
-    `_OPTION_FIELDS` for the op's builtin options."""
-    model = schema.Model.GetRootAsModel(flatbuffer, 0)
-    codes = operator_codes(model)
-    graph = model.Subgraphs(0)
-
-    def tensor_info(index):
-        if index < 0:
-            return None
-        tensor = graph.Tensors(index)
-        dtype = TENSOR_TYPE_NAMES.get(tensor.Type(), str(tensor.Type()))
-        shape = [int(d) for d in tensor.ShapeAsNumpy()] if tensor.ShapeLength() else []
-        constant = None
-        buffer = model.Buffers(tensor.Buffer())
-        if dtype == "INT32" and buffer is not None and 0 < buffer.DataLength() <= 64:
-            constant = [int(v) for v in np.frombuffer(buffer.DataAsNumpy().tobytes(), np.int32)]
-        is_constant = buffer is not None and buffer.DataLength() > 0
-        return {"shape": shape, "dtype": dtype, "constant": constant, "is_constant": is_constant}
-
+    `{shape, dtype, constant, is_constant}` dicts (`constant`: the values of a
+    small int32 constant such as reduction axes, else None; None for an
+    omitted optional input); `options` holds the fields of `_OPTION_FIELDS`
+    for the op's builtin options."""
+    graph = read_graph(flatbuffer)
     operators = []
-    for i in range(graph.OperatorsLength()):
-        operator = graph.Operators(i)
-        name, version = codes[operator.OpcodeIndex()]
-        options = {}
-        type_name = _OPTION_TYPE_NAMES.get(operator.BuiltinOptionsType())
-        table = operator.BuiltinOptions()
-        if type_name in _OPTION_FIELDS and table is not None:
-            parsed = getattr(schema, type_name)()
-            parsed.Init(table.Bytes, table.Pos)
-            options = {_snake(field): getattr(parsed, field)() for field in _OPTION_FIELDS[type_name]}
+    for op in graph.operators:
+        fields = _OPTION_FIELDS.get(op.options_type, ())
         operators.append(
             {
-                "index": i,
-                "op": name,
-                "version": int(version),
-                "inputs": [tensor_info(int(t)) for t in operator.InputsAsNumpy()] if operator.InputsLength() else [],
-                "outputs": [tensor_info(int(t)) for t in operator.OutputsAsNumpy()] if operator.OutputsLength() else [],
-                "options": options,
+                "index": op.index,
+                "op": op.name,
+                "version": op.version,
+                "inputs": [_tensor_entry(t) for t in graph.input_tensors(op)],
+                "outputs": [_tensor_entry(t) for t in graph.output_tensors(op)],
+                "options": {field: op.options[field] for field in fields if field in op.options},
             }
         )
     return operators
@@ -139,7 +108,9 @@ def make_interpreter(flatbuffer, use_xnnpack=False, num_threads=None):
             warnings.simplefilter("ignore")
             interpreter = tf.lite.Interpreter(
                 model_content=flatbuffer,
-                experimental_op_resolver_type=resolver.AUTO if use_xnnpack else resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+                experimental_op_resolver_type=resolver.AUTO
+                if use_xnnpack
+                else resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
                 num_threads=num_threads,
             )
     interpreter.allocate_tensors()
@@ -199,9 +170,7 @@ def audit(flatbuffer, mode, keras_model=None, sample_images=None, allow_float=Fa
     if report["max_tensor_rank"] > 4:
         report["errors"].append(f"a tensor has rank {report['max_tensor_rank']} (> 4)")
     if mode.endswith("int8") and float_inside and not allow_float:
-        report["errors"].append(
-            f"{len(float_inside)} float tensors inside an int8 model, e.g. {float_inside[:5]}"
-        )
+        report["errors"].append(f"{len(float_inside)} float tensors inside an int8 model, e.g. {float_inside[:5]}")
     if keras_model is not None and sample_images is not None:
         interpreter = make_interpreter(flatbuffer)
         expected = np.asarray(keras_model.predict_on_batch(np.asarray(sample_images, np.float32)), np.float32)

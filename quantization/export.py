@@ -23,46 +23,49 @@ from quantization.tflite_export import static_input_shape
 from quantization.tflite_export import write_model
 
 # The library names this module has always offered.
-__all__ = ["IO_TYPES", "MODES", "check_images", "convert", "export_tflite", "is_qat", "main", "static_input_shape",
-           "write_model"]
+__all__ = [
+    "IO_TYPES",
+    "MODES",
+    "check_images",
+    "convert",
+    "export_tflite",
+    "is_qat",
+    "main",
+    "static_input_shape",
+    "write_model",
+]
+
+
+# The command-line flags each target takes, by their keyword in its `export`.
+_TARGET_OPTIONS = {
+    "edgetpu": {"io_type": "io_type", "allow_cpu_fallback": "allow_cpu_fallback"},
+    "micro": {"io_type": "io_type", "arena_budget_bytes": "arena_budget", "flash_budget_bytes": "flash_budget"},
+    "android": {"io_type": "io_type", "allow_cpu_fallback": "allow_cpu_fallback", "qat_model": "qat_model"},
+    "onnx": {"io_type": "io_type"},
+}
 
 
 def _export_target(args, model, images):
+    """Looks the target up in `quantization.targets` and runs its `export`
+    with the flags it takes; prints its report, also when it refuses."""
     from quantization import targets
 
     name = os.path.splitext(os.path.basename(args.model))[0]
     if name == "model":  # a trainer's model_dir/model.keras: name it after the model
         name = model.name
-    calibration, samples = images, images[:64]
-    if args.target == "edgetpu":
-        report = targets.export_for_edgetpu(model, args.output_dir, name, calibration_images=calibration,
-                                            sample_images=samples, io_type=args.io_type,
-                                            allow_cpu_fallback=args.allow_cpu_fallback)
-    elif args.target == "micro":
-        from quantization.micro import format_micro_report
-
-        report = targets.export_for_micro(model, args.output_dir, name, calibration_images=calibration,
-                                          sample_images=samples, arena_budget_bytes=args.arena_budget,
-                                          flash_budget_bytes=args.flash_budget, io_type=args.io_type)
-        print(format_micro_report(report))
-    elif args.target == "android":
-        from quantization.android import format_android_report
-
-        if is_qat(model):
-            raise ValueError("--target android needs the float model (it writes float16 and int8); "
-                             "pass the QAT model with --qat_model.")
-        qat = keras.models.load_model(args.qat_model, compile=False) if args.qat_model else None
-        report = targets.export_for_android(model, args.output_dir, name, representative_images=calibration,
-                                            sample_images=samples, qat_model=qat,
-                                            int8_io_type=args.io_type,
-                                            allow_cpu_fallback=args.allow_cpu_fallback)
-        print(format_android_report(report))
-    else:
-        from quantization.onnx_export import format_onnx_report
-
-        report = targets.export_for_onnx(model, args.output_dir, name, sample_images=samples,
-                                         io_type=args.io_type)
-        print(format_onnx_report(report))
+    options = {keyword: getattr(args, flag) for keyword, flag in _TARGET_OPTIONS[args.target].items()}
+    if options.get("qat_model"):
+        options["qat_model"] = keras.models.load_model(args.qat_model, compile=False)
+    calibration = images if _calibrates(args, model) or args.target == "android" else None
+    module = targets.target(args.target)
+    try:
+        report = module.export(
+            model, args.output_dir, name, calibration_images=calibration, sample_images=images[:64], **options
+        )
+    except targets.TargetError as error:
+        print(module.format_report(error.report))
+        raise
+    print(module.format_report(report))
     return report
 
 
@@ -81,8 +84,12 @@ def _calibrates(args, model):
 
 def _source_settings(data, dataset_dir="", num_classes=0, label_offset=0):
     """The arguments of training.data.resolve_source, by name."""
-    return {"data": data, "dataset_dir": dataset_dir or "", "num_classes": num_classes or 0,
-            "tfrecord_label_offset": label_offset or 0}
+    return {
+        "data": data,
+        "dataset_dir": dataset_dir or "",
+        "num_classes": num_classes or 0,
+        "tfrecord_label_offset": label_offset or 0,
+    }
 
 
 def _recorded_data(model_path):
@@ -98,8 +105,9 @@ def _recorded_data(model_path):
         run = json.load(f)
     if not run.get("data"):
         return None
-    settings = _source_settings(run["data"], run.get("dataset_dir"), run.get("num_classes"),
-                                run.get("tfrecord_label_offset"))
+    settings = _source_settings(
+        run["data"], run.get("dataset_dir"), run.get("num_classes"), run.get("tfrecord_label_offset")
+    )
     return settings, path
 
 
@@ -128,8 +136,10 @@ def _data_settings(args, model):
             "trainer); calibrating on other images loses accuracy silently. Pass --data embedded only if the "
             "model was trained on the embedded dataset."
         )
-    return _source_settings("embedded", args.dataset_dir), ("synthetic embedded images (no --data given): used only to compare the export with Keras, "
-                      "not to calibrate; the agreement figures say nothing about accuracy on real data")
+    return _source_settings("embedded", args.dataset_dir), (
+        "synthetic embedded images (no --data given): used only to compare the export with Keras, "
+        "not to calibrate; the agreement figures say nothing about accuracy on real data"
+    )
 
 
 def _load_images(args, model, size):
@@ -141,8 +151,9 @@ def _load_images(args, model, size):
     settings, origin = _data_settings(args, model)
     data = settings["data"]
     try:
-        source = resolve_source(data, settings["num_classes"], settings["tfrecord_label_offset"],
-                                settings["dataset_dir"] or None)
+        source = resolve_source(
+            data, settings["num_classes"], settings["tfrecord_label_offset"], settings["dataset_dir"] or None
+        )
     except ValueError as error:
         if args.data:
             raise
@@ -160,33 +171,55 @@ def main(argv=None):
 
     from quantization.targets import TARGETS
 
-    parser = argparse.ArgumentParser(prog="mobilevitv2-export", description="Export a keras_mobilevitv2 model "
-                                     "(float or QAT .keras file) to TFLite with an audit beside it (--mode), or "
-                                     "for a deployment target with its report (--target).")
+    parser = argparse.ArgumentParser(
+        prog="mobilevitv2-export",
+        description="Export a keras_mobilevitv2 model "
+        "(float or QAT .keras file) to TFLite with an audit beside it (--mode), or "
+        "for a deployment target with its report (--target).",
+    )
     parser.add_argument("--model", required=True, help="A .keras file (a trainer's model.keras, float or QAT).")
     parser.add_argument("--mode", choices=MODES, help="A plain TFLite export (with --output).")
-    parser.add_argument("--target", choices=TARGETS, help="A deployment target (with --output_dir). A float "
-                        "model is quantized and calibrated on --data; a QAT model keeps its ranges.")
-    parser.add_argument("--io_type", default=None, choices=IO_TYPES, help="Model input/output type. --mode: int8 "
-                        "modes default to int8, the others take float32 only. edgetpu: int8 (default) or uint8; "
-                        "micro: int8 only; android: of the int8 model, float32 (default), int8 or uint8; "
-                        "onnx: float32 only.")
+    parser.add_argument(
+        "--target",
+        choices=TARGETS,
+        help="A deployment target (with --output_dir). A float "
+        "model is quantized and calibrated on --data; a QAT model keeps its ranges.",
+    )
+    parser.add_argument(
+        "--io_type",
+        default=None,
+        choices=IO_TYPES,
+        help="Model input/output type. --mode: int8 "
+        "modes default to int8, the others take float32 only. edgetpu: int8 (default) or uint8; "
+        "micro: int8 only; android: of the int8 model, float32 (default), int8 or uint8; "
+        "onnx: float32 only.",
+    )
     parser.add_argument("--output", help="Output .tflite path (--mode).")
     parser.add_argument("--output_dir", help="Output folder (--target).")
-    parser.add_argument("--data", default=None, help="Images for calibration and the audit (as --data of the "
-                        "trainer). Default: the data recorded in run_config.json beside --model; without one, "
-                        "required to calibrate a float model (ptq_int8, or --target edgetpu / micro / android "
-                        "without --qat_model), else synthetic images for the audit only.")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="Images for calibration and the audit (as --data of the "
+        "trainer). Default: the data recorded in run_config.json beside --model; without one, "
+        "required to calibrate a float model (ptq_int8, or --target edgetpu / micro / android "
+        "without --qat_model), else synthetic images for the audit only.",
+    )
     parser.add_argument("--dataset_dir", default="")
     parser.add_argument("--num_images", type=int, default=128, help="Representative / sample images.")
     parser.add_argument("--allow_float", action="store_true", help="Accept float tensors in an int8 model.")
-    parser.add_argument("--allow_cpu_fallback", action="store_true",
-                        help="edgetpu: write the model even when some ops would run on the CPU; android: "
-                        "even when the float16 model has ops the GPU delegate cannot run.")
+    parser.add_argument(
+        "--allow_cpu_fallback",
+        action="store_true",
+        help="edgetpu: write the model even when some ops would run on the CPU; android: "
+        "even when the float16 model has ops the GPU delegate cannot run.",
+    )
     parser.add_argument("--arena_budget", type=int, default=None, help="micro: RAM for the tensor arena, bytes.")
     parser.add_argument("--flash_budget", type=int, default=None, help="micro: flash for the model, bytes.")
-    parser.add_argument("--qat_model", default=None, help="android: the QAT .keras model for the int8 export "
-                        "(default: post-training quantization of --model).")
+    parser.add_argument(
+        "--qat_model",
+        default=None,
+        help="android: the QAT .keras model for the int8 export (default: post-training quantization of --model).",
+    )
     args = parser.parse_args(argv)
     if (args.mode is None) == (args.target is None):
         parser.error("give exactly one of --mode (with --output) or --target (with --output_dir)")
@@ -197,7 +230,6 @@ def main(argv=None):
 
     import keras_mobilevitv2  # noqa: F401  (registers the layers)
     import quantization  # noqa: F401
-
     from quantization.targets import check_io_type
 
     model = keras.models.load_model(args.model, compile=False)
@@ -209,9 +241,16 @@ def main(argv=None):
         if args.target:
             _export_target(args, model, images)
         else:
-            export_tflite(model, args.output, args.mode, io_type=args.io_type, representative_images=images,
-                          sample_images=images[:64], allow_float=args.allow_float)
-    except ValueError as error:  # includes the targets' TargetError / MicroTargetError
+            export_tflite(
+                model,
+                args.output,
+                args.mode,
+                io_type=args.io_type,
+                representative_images=images,
+                sample_images=images[:64],
+                allow_float=args.allow_float,
+            )
+    except ValueError as error:  # includes the targets' TargetError
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

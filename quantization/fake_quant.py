@@ -35,9 +35,7 @@ def quantize_weights_per_channel(kernel, axis=-1):
 
 def quantize_weights_per_tensor(kernel):
     bound = tf.maximum(tf.reduce_max(tf.abs(kernel)), 1e-8)
-    return tf.quantization.fake_quant_with_min_max_vars(
-        kernel, -bound, bound, num_bits=8, narrow_range=True
-    )
+    return tf.quantization.fake_quant_with_min_max_vars(kernel, -bound, bound, num_bits=8, narrow_range=True)
 
 
 @keras.saving.register_keras_serializable(package="keras_mobilevitv2_quantization")

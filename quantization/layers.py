@@ -91,8 +91,9 @@ class QuantizedConv(keras.layers.Layer):
     quantized output), as the converter fuses it.
     """
 
-    def __init__(self, filters, kernel_size, strides=1, padding="same", depthwise=False,
-                 activation=None, dilation=1, **kwargs):
+    def __init__(
+        self, filters, kernel_size, strides=1, padding="same", depthwise=False, activation=None, dilation=1, **kwargs
+    ):
         super().__init__(**kwargs)
         if activation not in (None, "silu", "relu"):
             raise ValueError(f"activation must be None, 'relu' or 'silu'; got {activation!r}")
@@ -241,12 +242,15 @@ class QuantizedInvertedResidual(keras.layers.Layer):
         self.strides = strides
         self.expand = expand
         self.use_residual = use_residual
-        self.expand_conv = (
-            QuantizedConv(hidden_channels, 1, activation="silu", name="expand_conv") if expand else None
-        )
+        self.expand_conv = QuantizedConv(hidden_channels, 1, activation="silu", name="expand_conv") if expand else None
         self.depthwise_conv = QuantizedConv(
-            hidden_channels, 3, strides=strides, padding="valid" if strides == 2 else "same",
-            depthwise=True, activation="silu", name="depthwise_conv",
+            hidden_channels,
+            3,
+            strides=strides,
+            padding="valid" if strides == 2 else "same",
+            depthwise=True,
+            activation="silu",
+            name="depthwise_conv",
         )
         self.project_conv = QuantizedConv(filters, 1, name="project_conv")
         self.residual_add = QuantizedAdd(name="residual_add") if use_residual else None
@@ -366,8 +370,18 @@ class QuantizedTransformerBlock(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class QuantizedMobileViTv2Block(keras.layers.Layer):
-    def __init__(self, channels, attn_dim, ffn_dim, num_blocks, patch_size=2, dilation=1,
-                 attention_norm="layer_norm_2d", graph="reference", **kwargs):
+    def __init__(
+        self,
+        channels,
+        attn_dim,
+        ffn_dim,
+        num_blocks,
+        patch_size=2,
+        dilation=1,
+        attention_norm="layer_norm_2d",
+        graph="reference",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.attention_norm = _check_choice("attention_norm", attention_norm, ("layer_norm_2d", "batch_norm_2d"))
         self.graph = _check_choice("graph", graph, GRAPHS)

@@ -15,107 +15,99 @@ done on the converted graph, where every consumer of a tensor is known. It
 is exact algebra done in float64; the result differs from the unmerged model
 by float32 rounding only. Only float32 weights are merged: in an int8 model
 the intermediate has its own quantization, and float16 weights go through
-DEQUANTIZE ops.
+DEQUANTIZE ops. What to merge is decided on the `quantization.tflite_graph`
+records; the rewrite goes through the schema's object API.
 """
 
 import flatbuffers
 import numpy as np
 from tensorflow.lite.python import schema_py_generated as schema
 
-_CONV_2D = schema.BuiltinOperator.CONV_2D
-_FLOAT32 = schema.TensorType.FLOAT32
+from quantization.tflite_graph import read_graph
+
 _NO_ACTIVATION = schema.ActivationFunctionType.NONE
 
 
-def _builtin_code(model, operator):
-    code = model.operatorCodes[operator.opcodeIndex]
-    # Codes above 127 live only in `builtinCode`; older files only fill the
-    # deprecated field.
-    return max(code.builtinCode, code.deprecatedBuiltinCode)
-
-
-def _constant(model, subgraph, tensor_index):
-    """The float32 constant behind `tensor_index`, or None."""
-    if tensor_index < 0:
+def _float_constant(graph, index, added):
+    """The unquantized float32 constant at tensor `index`, or None. `added`
+    holds the constants earlier merges created: the records describe the
+    model as it was read."""
+    if index in added:
+        return added[index]
+    tensor = graph.tensor(index)
+    if tensor is None or tensor.dtype != "FLOAT32" or tensor.quantization is not None or tensor.data is None:
         return None
-    tensor = subgraph.tensors[tensor_index]
-    buffer = model.buffers[tensor.buffer]
-    if tensor.type != _FLOAT32 or _is_quantized(tensor):
-        return None
-    if buffer.data is None or len(buffer.data) == 0:
-        return None
-    return np.frombuffer(bytes(buffer.data), np.float32).reshape(tensor.shape)
+    return tensor.data
 
 
-def _is_quantized(tensor):
-    q = tensor.quantization
-    return q is not None and q.scale is not None and len(q.scale) > 0
-
-
-def _pointwise(model, subgraph, operator):
-    """(kernel [Cout, Cin], bias [Cout]) of a float 1x1 stride-1 CONV_2D, else None."""
-    if _builtin_code(model, operator) != _CONV_2D or len(operator.inputs) < 3:
+def _pointwise(graph, operator, inputs, added):
+    """(kernel [Cout, Cin], bias [Cout]) in float64 of a float 1x1 stride-1
+    CONV_2D whose current inputs are `inputs`, else None."""
+    if operator.name != "CONV_2D" or len(inputs) < 3:
         return None
-    options = operator.builtinOptions
-    if options.strideH != 1 or options.strideW != 1:
+    if operator.option("stride_h") != 1 or operator.option("stride_w") != 1:
         return None
-    kernel = _constant(model, subgraph, operator.inputs[1])
-    bias = _constant(model, subgraph, operator.inputs[2])
+    kernel = _float_constant(graph, inputs[1], added)
+    bias = _float_constant(graph, inputs[2], added)
     if kernel is None or bias is None or kernel.shape[1:3] != (1, 1):
         return None
-    if any(subgraph.tensors[t].type != _FLOAT32 for t in (operator.inputs[0], operator.outputs[0])):
+    if any(graph.tensors[t].dtype != "FLOAT32" for t in (inputs[0], operator.outputs[0])):
         return None
     return kernel[:, 0, 0, :].astype(np.float64), bias.astype(np.float64)
 
 
 def _add_constant(model, subgraph, value, name):
+    """Appends a float32 constant to the model object; returns its tensor index
+    and the value as the merged model stores it (rounded to float32)."""
+    stored = value.astype(np.float32)
     buffer = schema.BufferT()
-    buffer.data = np.frombuffer(value.astype(np.float32).tobytes(), np.uint8)
+    buffer.data = np.frombuffer(stored.tobytes(), np.uint8)
     model.buffers.append(buffer)
     tensor = schema.TensorT()
     tensor.shape = np.array(value.shape, np.int32)
-    tensor.type = _FLOAT32
+    tensor.type = schema.TensorType.FLOAT32
     tensor.buffer = len(model.buffers) - 1
     tensor.name = name
     subgraph.tensors.append(tensor)
-    return len(subgraph.tensors) - 1
+    return len(subgraph.tensors) - 1, stored
 
 
-def _merge_in_subgraph(model, subgraph):
-    consumers = {}
-    for index, operator in enumerate(subgraph.operators):
-        for tensor in operator.inputs:
-            consumers.setdefault(int(tensor), []).append(index)
-    graph_outputs = {int(t) for t in subgraph.outputs}
-
+def _merge_in_subgraph(model, subgraph, graph):
+    """Merges the pairs of one subgraph: decides on `graph` (its records),
+    rewrites `subgraph` (its object API twin). Returns the merge count."""
+    consumers = graph.consumers()
+    graph_outputs = set(graph.outputs)
+    inputs = [list(op.inputs) for op in graph.operators]  # as rewired by the merges so far
+    added = {}
     # Operators are stored in execution order: when a pair merges, the readers
-    # of every tensor still to be checked are already counted.
+    # of every tensor still to be checked are already counted, and a merged
+    # convolution can merge again with the next one (a chain).
     removed = set()
-    for index, first in enumerate(subgraph.operators):
-        first_weights = _pointwise(model, subgraph, first)
-        if first_weights is None or first.builtinOptions.fusedActivationFunction != _NO_ACTIVATION:
+    for first in graph.operators:
+        first_weights = _pointwise(graph, first, inputs[first.index], added)
+        if first_weights is None or first.option("fused_activation_function") != _NO_ACTIVATION:
             continue
-        middle = int(first.outputs[0])
-        readers = consumers.get(middle, [])
+        middle = first.outputs[0]
+        readers = consumers.get(middle, ())
         if middle in graph_outputs or len(readers) != 1:
             continue
-        second = subgraph.operators[readers[0]]
-        second_weights = _pointwise(model, subgraph, second)
-        if second_weights is None or second.inputs[0] != middle:
+        second = graph.operators[readers[0]]
+        second_weights = _pointwise(graph, second, inputs[second.index], added)
+        if second_weights is None or inputs[second.index][0] != middle:
             continue
         (w1, b1), (w2, b2) = first_weights, second_weights  # w1 [C1, C0], w2 [C2, C1]
         c1, c0 = w1.shape
         c2 = w2.shape[0]
         if c0 * c2 > c1 * (c0 + c2):  # a bottleneck: merged would cost more MACs
             continue
-        name = subgraph.tensors[int(second.inputs[1])].name
-        name = name.decode() if isinstance(name, bytes) else str(name)
-        kernel = _add_constant(model, subgraph, (w2 @ w1)[:, None, None, :], f"{name}/merged_kernel")
-        bias = _add_constant(model, subgraph, w2 @ b1 + b2, f"{name}/merged_bias")
-        inputs = np.array(second.inputs, np.int32)  # the object API may hand a read-only view
-        inputs[:3] = (first.inputs[0], kernel, bias)
-        second.inputs = inputs
-        removed.add(index)
+        name = graph.tensors[inputs[second.index][1]].name
+        kernel, added_kernel = _add_constant(model, subgraph, (w2 @ w1)[:, None, None, :], f"{name}/merged_kernel")
+        bias, added_bias = _add_constant(model, subgraph, w2 @ b1 + b2, f"{name}/merged_bias")
+        added[kernel], added[bias] = added_kernel, added_bias
+        inputs[second.index][:3] = (inputs[first.index][0], kernel, bias)
+        # The object API may hand a read-only view: replace the array.
+        subgraph.operators[second.index].inputs = np.array(inputs[second.index], np.int32)
+        removed.add(first.index)
 
     subgraph.operators = [op for i, op in enumerate(subgraph.operators) if i not in removed]
     return len(removed)
@@ -150,7 +142,10 @@ def merge_linear_pointwise_pairs(flatbuffer):
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flatbuffer, 0))
     if any(getattr(buffer, "offset", 0) for buffer in model.buffers):
         return flatbuffer, 0
-    merged = sum(_merge_in_subgraph(model, subgraph) for subgraph in model.subgraphs)
+    merged = sum(
+        _merge_in_subgraph(model, subgraph, read_graph(flatbuffer, index))
+        for index, subgraph in enumerate(model.subgraphs)
+    )
     if not merged:
         return flatbuffer, 0
     _drop_unused_buffers(model)

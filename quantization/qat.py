@@ -100,9 +100,7 @@ def run_qat(config, calibration_images=256, io_type="int8", verbose=True, tpu_ad
         raise ValueError("QAT runs in float32 (fake quantization); drop --mixed_precision.")
     if not config.init_weights:
         raise ValueError("QAT starts from trained float weights: give --init_weights.")
-    trainer = Trainer(
-        config, verbose=verbose, model_fn=qat_model_fn(calibration_images), tpu_address=tpu_address
-    )
+    trainer = Trainer(config, verbose=verbose, model_fn=qat_model_fn(calibration_images), tpu_address=tpu_address)
     summary = trainer.run()
     if summary is None:  # not the chief
         return None, None
@@ -126,9 +124,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     return run_job(
-        lambda config: run_qat(
-            config, flags.FLAGS.calibration_images, flags.FLAGS.io_type, tpu_address=flags.FLAGS.tpu
-        )
+        lambda config: run_qat(config, flags.FLAGS.calibration_images, flags.FLAGS.io_type, tpu_address=flags.FLAGS.tpu)
     )
 
 

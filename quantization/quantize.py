@@ -114,7 +114,11 @@ def _copy_mobilevit_block(source, target):
         _set(quant_block.qkv_proj, *qkv)
         _set(quant_block.out_proj, np.asarray(attention.out_proj.kernel), np.asarray(attention.out_proj.bias))
         _set(quant_block.ffn_expand, *expand)
-        _set(quant_block.ffn_project, np.asarray(float_block.ffn_project.kernel), np.asarray(float_block.ffn_project.bias))
+        _set(
+            quant_block.ffn_project,
+            np.asarray(float_block.ffn_project.kernel),
+            np.asarray(float_block.ffn_project.bias),
+        )
     kernel, bias = _fold_norm_affine(source.final_norm, np.asarray(source.project_conv.kernel), 0.0)
     scale, shift = _bn_scale_shift(source.project_bn)
     _set(target.project_conv, kernel * scale, bias * scale + shift)
@@ -159,9 +163,7 @@ def _quantize_conv(layers, index, x, copies, input_scale):
         name=conv.name,
     )
     x = quantized(x)
-    copies.append(
-        lambda: _set(quantized, *_fold_conv_bn(conv, bn, depthwise=depthwise, input_scale=input_scale))
-    )
+    copies.append(lambda: _set(quantized, *_fold_conv_bn(conv, bn, depthwise=depthwise, input_scale=input_scale)))
     return x, consumed
 
 
@@ -183,7 +185,7 @@ def quantize_model(model, graph="reference"):
     """
     if graph not in GRAPHS:
         raise ValueError(f"graph must be one of {GRAPHS}; got {graph!r}.")
-    layers = [layer for layer in model.layers]
+    layers = list(model.layers)
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ValueError("quantize_model expects a single-input, single-output MobileViTv2 model.")
     input_shape = tuple(model.inputs[0].shape[1:])
@@ -227,16 +229,26 @@ def quantize_model(model, graph="reference"):
             )
         if isinstance(layer, InvertedResidual):
             quantized = QuantizedInvertedResidual(
-                layer.filters, layer.hidden_channels, layer.strides, layer.expand_conv is not None,
-                layer.use_residual, name=layer.name,
+                layer.filters,
+                layer.hidden_channels,
+                layer.strides,
+                layer.expand_conv is not None,
+                layer.use_residual,
+                name=layer.name,
             )
             x = quantized(x)
             copies.append(lambda s=layer, t=quantized: _copy_inverted_residual(s, t))
         elif isinstance(layer, MobileViTv2Block):
             quantized = QuantizedMobileViTv2Block(
-                layer.project_conv.filters, layer.attn_dim, layer.transformer_blocks[0].ffn_dim,
-                layer.num_blocks, layer.patch_size, layer.dilation,
-                attention_norm=layer.attention_norm, graph=graph, name=layer.name,
+                layer.project_conv.filters,
+                layer.attn_dim,
+                layer.transformer_blocks[0].ffn_dim,
+                layer.num_blocks,
+                layer.patch_size,
+                layer.dilation,
+                attention_norm=layer.attention_norm,
+                graph=graph,
+                name=layer.name,
             )
             x = quantized(x)
             copies.append(lambda s=layer, t=quantized: _copy_mobilevit_block(s, t))
@@ -282,8 +294,7 @@ def rewrite_graph(qat_model, graph):
     targets = {variable.path: variable for variable in rewritten.weights}
     if source.keys() != targets.keys():
         raise ValueError(
-            f"rewrite_graph: the {graph} model has different variables: "
-            f"{sorted(source.keys() ^ targets.keys())[:5]}"
+            f"rewrite_graph: the {graph} model has different variables: {sorted(source.keys() ^ targets.keys())[:5]}"
         )
     for path, variable in targets.items():
         variable.assign(source[path])
@@ -310,8 +321,7 @@ def calibrate(model, images, batch_size=16):
     expected = tuple(model.inputs[0].shape[1:])
     if images.ndim != 4 or tuple(images.shape[1:]) != expected:
         raise ValueError(
-            f"Calibration images must have shape (N, {', '.join(map(str, expected))}); "
-            f"got {images.shape}."
+            f"Calibration images must have shape (N, {', '.join(map(str, expected))}); got {images.shape}."
         )
     if len(images) == 0:
         raise ValueError("calibrate needs at least one image.")

@@ -14,7 +14,6 @@ import tensorflow as tf
 
 from keras_mobilevitv2.layers.folding import fold_norm_affines
 from keras_mobilevitv2.layers.nesting import nested_layers
-
 from quantization.audit import audit as audit_flatbuffer
 from quantization.audit import format_report
 from quantization.fake_quant import ActivationQuantizer
@@ -118,6 +117,7 @@ def convert(model, mode, io_type="int8", representative_images=None, batch_size=
             converter.target_spec.supported_types = [tf.float16]
         if integer:
             if representative_images is not None:
+
                 def dataset():
                     for image in representative_images:
                         yield [image[None].repeat(batch_size, 0)]
@@ -134,8 +134,18 @@ def convert(model, mode, io_type="int8", representative_images=None, batch_size=
     return flatbuffer
 
 
-def export_tflite(model, path, mode, io_type=None, representative_images=None, sample_images=None,
-                  batch_size=1, allow_float=False, verbose=True, min_top1_agreement=None):
+def export_tflite(
+    model,
+    path,
+    mode,
+    io_type=None,
+    representative_images=None,
+    sample_images=None,
+    batch_size=1,
+    allow_float=False,
+    verbose=True,
+    min_top1_agreement=None,
+):
     """Converts, audits and writes `model` to `path` (a .tflite file).
 
     Args:

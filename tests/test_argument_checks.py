@@ -37,8 +37,15 @@ def test_numpy_numbers_are_accepted():
         (lambda: MobileViTv2(0.5, weights=None, ffn_dropout=-0.1), "ffn_dropout=-0.1"),
     ],
     ids=[
-        "width-bool", "width-nan", "classes-bool", "classes-numpy-bool", "classes-float",
-        "shape-bool", "dropout-bool", "attn-dropout-one", "ffn-dropout-negative",
+        "width-bool",
+        "width-nan",
+        "classes-bool",
+        "classes-numpy-bool",
+        "classes-float",
+        "shape-bool",
+        "dropout-bool",
+        "attn-dropout-one",
+        "ffn-dropout-negative",
     ],
 )
 def test_bools_and_out_of_range_numbers_are_refused(build, message):

@@ -5,8 +5,6 @@ import re
 import numpy as np
 import pytest
 
-import keras
-
 import keras_mobilevitv2
 from keras_mobilevitv2 import MobileViTv2
 from keras_mobilevitv2 import convert
@@ -75,8 +73,9 @@ def test_hugging_face_naming_loads_the_same_model(timm_reference):
     np.testing.assert_allclose(from_hf.predict_on_batch(x), expected, atol=1e-4)
 
 
-def _timm_to_cvnets(name, blocks_per_stage={2: 2, 3: 4, 4: 3}):
+def _timm_to_cvnets(name, blocks_per_stage=None):
     """ml-cvnets names, from the reference table (independent of convert.py)."""
+    blocks_per_stage = blocks_per_stage or {2: 2, 3: 4, 4: 3}
     rules = [
         (r"^stem\.conv\.", "conv_1.block.conv."),
         (r"^stem\.bn\.", "conv_1.block.norm."),
@@ -236,9 +235,13 @@ def test_imagenet_weights_come_from_the_cache(timm_reference, tmp_path, monkeypa
 def test_imagenet_without_network_says_what_to_download(tmp_path, monkeypatch):
     monkeypatch.setattr(weights_lib, "CACHE_DIR", str(tmp_path))
     published = weights_lib.IMAGENET_FILES["100"]
-    monkeypatch.setitem(weights_lib.IMAGENET_FILES, "100", published._replace(url="http://127.0.0.1:9/100/model.safetensors"))
+    monkeypatch.setitem(
+        weights_lib.IMAGENET_FILES, "100", published._replace(url="http://127.0.0.1:9/100/model.safetensors")
+    )
     cached = re.escape(str(tmp_path / "models" / "mobilevitv2_100.imagenet1k.safetensors"))
-    with pytest.raises(OSError, match=r"(?s)download.*127\.0\.0\.1:9/100/model\.safetensors.*weights='/path/to/.*" + cached):
+    with pytest.raises(
+        OSError, match=r"(?s)download.*127\.0\.0\.1:9/100/model\.safetensors.*weights='/path/to/.*" + cached
+    ):
         keras_mobilevitv2.MobileViTv2_100(weights="imagenet")
 
 

@@ -167,7 +167,7 @@ def _module_aliases(module):
 
 
 def _dotted(node):
-    """"a.b.c" for a Name/Attribute chain, else None."""
+    """ "a.b.c" for a Name/Attribute chain, else None."""
     if isinstance(node, ast.Name):
         return node.id
     if isinstance(node, ast.Attribute):

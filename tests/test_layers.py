@@ -2,13 +2,12 @@
 
 import contextlib
 
+import keras
 import numpy as np
 import pytest
-
-import keras
+from conftest import randomize_keras_model
 from keras import ops
 
-from conftest import randomize_keras_model
 from keras_mobilevitv2 import layers
 
 
@@ -39,9 +38,7 @@ def test_layer_norm_2d_matches_torch_group_norm_1():
         reference.weight.copy_(torch.from_numpy(gamma))
         reference.bias.copy_(torch.from_numpy(beta))
         expected = reference(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
-    np.testing.assert_allclose(
-        ops.convert_to_numpy(norm(x)), expected.transpose(0, 2, 3, 1), atol=1e-5
-    )
+    np.testing.assert_allclose(ops.convert_to_numpy(norm(x)), expected.transpose(0, 2, 3, 1), atol=1e-5)
 
 
 def test_separable_self_attention_matches_formula():
@@ -64,9 +61,7 @@ def test_separable_self_attention_matches_formula():
     context = (k * scores).sum(axis=1, keepdims=True)
     expected = (np.maximum(v, 0) * context) @ w_out + b_out
 
-    np.testing.assert_allclose(
-        ops.convert_to_numpy(attention(x)), expected, rtol=1e-4, atol=1e-5
-    )
+    np.testing.assert_allclose(ops.convert_to_numpy(attention(x)), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_unfold_matches_ml_cvnets_order_and_fold_inverts_it():
@@ -86,9 +81,13 @@ def test_align_corners_resize_matches_torch(size, target):
     torch = pytest.importorskip("torch")
     x = np.random.RandomState(0).randn(2, *size, 3).astype("float32")
     with torch.no_grad():
-        expected = torch.nn.functional.interpolate(
-            torch.from_numpy(x.transpose(0, 3, 1, 2)), size=target, mode="bilinear", align_corners=True
-        ).numpy().transpose(0, 2, 3, 1)
+        expected = (
+            torch.nn.functional.interpolate(
+                torch.from_numpy(x.transpose(0, 3, 1, 2)), size=target, mode="bilinear", align_corners=True
+            )
+            .numpy()
+            .transpose(0, 2, 3, 1)
+        )
     resized = ops.convert_to_numpy(layers.resize_bilinear_align_corners(x, *target))
     np.testing.assert_allclose(resized, expected, atol=1e-5)
 
@@ -159,13 +158,22 @@ def _conv_and_batch_norm(depthwise, use_bias, strides=1, dilation=1, dtype=None)
     rng = np.random.RandomState(3)
     if depthwise:
         conv = keras.layers.DepthwiseConv2D(
-            3, strides=strides, padding="same", dilation_rate=dilation,
-            use_bias=use_bias, dtype=dtype,
+            3,
+            strides=strides,
+            padding="same",
+            dilation_rate=dilation,
+            use_bias=use_bias,
+            dtype=dtype,
         )
     else:
         conv = keras.layers.Conv2D(
-            12, 3 if strides == 1 else 1, strides=strides, padding="same",
-            dilation_rate=dilation, use_bias=use_bias, dtype=dtype,
+            12,
+            3 if strides == 1 else 1,
+            strides=strides,
+            padding="same",
+            dilation_rate=dilation,
+            use_bias=use_bias,
+            dtype=dtype,
         )
     conv.build((None, 10, 10, 6))
     channels = 6 if depthwise else 12
@@ -173,12 +181,14 @@ def _conv_and_batch_norm(depthwise, use_bias, strides=1, dilation=1, dtype=None)
     bn.build((None, 10, 10, channels))
     for variable in conv.weights:
         variable.assign(rng.randn(*variable.shape).astype("float32") * 0.5)
-    bn.set_weights([
-        rng.uniform(0.5, 2.0, channels).astype("float32"),  # gamma
-        rng.randn(channels).astype("float32"),  # beta
-        rng.randn(channels).astype("float32"),  # moving mean
-        rng.uniform(0.1, 3.0, channels).astype("float32"),  # moving variance
-    ])
+    bn.set_weights(
+        [
+            rng.uniform(0.5, 2.0, channels).astype("float32"),  # gamma
+            rng.randn(channels).astype("float32"),  # beta
+            rng.randn(channels).astype("float32"),  # moving mean
+            rng.uniform(0.1, 3.0, channels).astype("float32"),  # moving variance
+        ]
+    )
     return conv, bn
 
 
@@ -227,9 +237,7 @@ def test_folded_conv_batch_norm_under_mixed_precision(policy):
     assert keras.backend.standardize_dtype(folded.dtype) == policy.split("_")[1]
     expected = ops.convert_to_numpy(reference_bn(reference_conv(x), training=False))
     tolerance = 0.05 if policy == "mixed_float16" else 0.3
-    np.testing.assert_allclose(
-        ops.convert_to_numpy(ops.cast(folded, "float32")), expected, atol=tolerance, rtol=0.02
-    )
+    np.testing.assert_allclose(ops.convert_to_numpy(ops.cast(folded, "float32")), expected, atol=tolerance, rtol=0.02)
 
 
 def test_silu_written_out_equals_keras_silu():
@@ -274,9 +282,7 @@ def test_norm_affine_folds_into_the_next_pointwise_conv(norm_kind, activation, u
     # BatchNorm uses the batch statistics).
     with fold_norm_affines():
         trained = ops.convert_to_numpy(norm_then_pointwise(norm, conv, x, training=True))
-    np.testing.assert_allclose(
-        trained, ops.convert_to_numpy(conv(norm(x, training=True))), rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(trained, ops.convert_to_numpy(conv(norm(x, training=True))), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("norm_kind", ["layer_norm_2d", "batch_norm_2d"])
@@ -344,7 +350,9 @@ def test_inference_with_folding_equals_the_unfolded_layers(layer, shape, monkeyp
     """Inference folds BatchNorm into the convolutions, and at export the
     norms' affines too (`layers.folding`); either output equals the
     sublayers applied one by one."""
-    from keras_mobilevitv2.layers import inverted_residual, mobilevit_block, transformer
+    from keras_mobilevitv2.layers import inverted_residual
+    from keras_mobilevitv2.layers import mobilevit_block
+    from keras_mobilevitv2.layers import transformer
     from keras_mobilevitv2.layers.folding import fold_norm_affines
 
     instance = layer()

@@ -1,13 +1,12 @@
 """The keras.applications surface: signature, validation, shapes, export."""
 
+import keras
 import numpy as np
 import pytest
-
-import keras
 import tensorflow as tf
+from conftest import randomize_keras_model
 
 import keras_mobilevitv2
-from conftest import randomize_keras_model
 from keras_mobilevitv2 import MobileViTv2
 from keras_mobilevitv2 import MobileViTv2_050
 
@@ -153,8 +152,10 @@ def test_weights_h5_roundtrip(tmp_path):
 def _graph_tensor_ranks(model, shape):
     function = tf.function(lambda x: model(x, training=False))
     graph = function.get_concrete_function(tf.TensorSpec(shape, tf.float32)).graph
-    return {op.type: max((len(t.shape) for t in op.outputs if t.shape.rank is not None), default=0)
-            for op in graph.get_operations()}
+    return {
+        op.type: max((len(t.shape) for t in op.outputs if t.shape.rank is not None), default=0)
+        for op in graph.get_operations()
+    }
 
 
 def test_every_graph_tensor_has_rank_at_most_4():

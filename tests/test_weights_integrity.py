@@ -9,10 +9,9 @@ import json
 import re
 import struct
 
+import keras
 import numpy as np
 import pytest
-
-import keras
 
 from keras_mobilevitv2 import MobileViTv2
 from keras_mobilevitv2 import load_pytorch_weights
@@ -125,8 +124,15 @@ _GOOD_DATA = np.arange(6, dtype="float32").tobytes()  # 24 bytes
         ("F32", _GOOD_DATA, r"'w'.*header entry is str"),
     ],
     ids=[
-        "no-offsets", "no-dtype", "offsets-too-short", "offsets-vs-dtype",
-        "truncated", "bad-shape", "reversed-offsets", "unknown-dtype", "entry-not-object",
+        "no-offsets",
+        "no-dtype",
+        "offsets-too-short",
+        "offsets-vs-dtype",
+        "truncated",
+        "bad-shape",
+        "reversed-offsets",
+        "unknown-dtype",
+        "entry-not-object",
     ],
 )
 def test_damaged_safetensors_entry_names_the_tensor(tmp_path, entry, data, message):
@@ -166,7 +172,9 @@ def test_every_width_has_a_pinned_or_refused_download():
     assert set(weights_lib.IMAGENET_FILES) == set(WIDTHS)
     revision = r"([0-9a-f]{40}|main|refs%2Fpr%2F\d+)"
     for suffix, (url, sha256) in weights_lib.IMAGENET_FILES.items():
-        assert re.fullmatch(r"https://huggingface\.co/[\w./-]+/resolve/" + revision + r"/(model\.safetensors|pytorch_model\.bin)", url), suffix
+        assert re.fullmatch(
+            r"https://huggingface\.co/[\w./-]+/resolve/" + revision + r"/(model\.safetensors|pytorch_model\.bin)", url
+        ), suffix
         assert sha256 is None or re.fullmatch(r"[0-9a-f]{64}", sha256), suffix
     # Where a full commit id is known, the download is pinned to it.
     assert "/resolve/75eb7f2bb7f9bd8662106fd0e43b675c0607f4dc/" in weights_lib.IMAGENET_FILES["100"].url

@@ -38,9 +38,7 @@ def random_erasing(image, probability, seed, scale=(0.02, 0.33), ratio=(0.3, 3.3
     width = tf.shape(image)[1]
     area = tf.cast(height * width, tf.float32)
     target_area = area * tf.random.stateless_uniform((), seeds[0], scale[0], scale[1])
-    log_ratio = tf.random.stateless_uniform(
-        (), seeds[1], tf.math.log(ratio[0]), tf.math.log(ratio[1])
-    )
+    log_ratio = tf.random.stateless_uniform((), seeds[1], tf.math.log(ratio[0]), tf.math.log(ratio[1]))
     aspect = tf.exp(log_ratio)
     erase_h = tf.cast(tf.round(tf.sqrt(target_area * aspect)), tf.int32)
     erase_w = tf.cast(tf.round(tf.sqrt(target_area / aspect)), tf.int32)
@@ -76,9 +74,7 @@ def mixup_or_cutmix(images, labels, seed, mixup_alpha=0.2, cutmix_alpha=1.0, pro
     seeds = tf.random.experimental.stateless_split(seed, 4)
     apply = tf.random.stateless_uniform((), seeds[0]) < probability
     use_cutmix = (
-        tf.random.stateless_uniform((), seeds[1]) < 0.5
-        if len(choices) == 2
-        else tf.constant(choices[0] == "cutmix")
+        tf.random.stateless_uniform((), seeds[1]) < 0.5 if len(choices) == 2 else tf.constant(choices[0] == "cutmix")
     )
     partner_images = tf.roll(images, 1, axis=0)
     partner_labels = tf.roll(labels, 1, axis=0)
@@ -97,9 +93,7 @@ def mixup_or_cutmix(images, labels, seed, mixup_alpha=0.2, cutmix_alpha=1.0, pro
         cut = tf.sqrt(1.0 - lam)
         cut_h = tf.cast(tf.cast(height, tf.float32) * cut, tf.int32)
         cut_w = tf.cast(tf.cast(width, tf.float32) * cut, tf.int32)
-        center = tf.random.stateless_uniform(
-            (2,), tf.random.experimental.stateless_fold_in(seeds[3], 1), 0.0, 1.0
-        )
+        center = tf.random.stateless_uniform((2,), tf.random.experimental.stateless_fold_in(seeds[3], 1), 0.0, 1.0)
         cy = tf.cast(center[0] * tf.cast(height, tf.float32), tf.int32)
         cx = tf.cast(center[1] * tf.cast(width, tf.float32), tf.int32)
         top = tf.clip_by_value(cy - cut_h // 2, 0, height)
@@ -111,9 +105,7 @@ def mixup_or_cutmix(images, labels, seed, mixup_alpha=0.2, cutmix_alpha=1.0, pro
         box = tf.cast((rows >= top) & (rows < bottom) & (cols >= left) & (cols < right), images.dtype)
         box = box[None, :, :, None]
         mixed = images * (1 - box) + partner_images * box
-        kept = 1.0 - tf.cast((bottom - top) * (right - left), tf.float32) / tf.cast(
-            height * width, tf.float32
-        )
+        kept = 1.0 - tf.cast((bottom - top) * (right - left), tf.float32) / tf.cast(height * width, tf.float32)
         return mixed, kept * labels + (1 - kept) * partner_labels
 
     mixed_images, mixed_labels = tf.cond(use_cutmix, cutmix, mixup)
@@ -144,23 +136,32 @@ def _affine(image, transform):
     """`transform` maps output to input pixel coordinates, as (a0..a2, b0..b2, 0, 0)."""
     transform = tf.cast(tf.reshape(tf.stack(transform), (1, 8)), tf.float32)
     return tf.raw_ops.ImageProjectiveTransformV3(
-        images=image[None], transforms=transform, output_shape=tf.shape(image)[:2],
-        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT",
+        images=image[None],
+        transforms=transform,
+        output_shape=tf.shape(image)[:2],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
     )[0]
 
 
 def _shear(image, amount, axis):
     # About the top-left corner (half a pixel before the first pixel centre), as torchvision.
-    return _affine(image, [1.0, amount, 0.5 * amount, 0.0, 1.0, 0.0, 0.0, 0.0] if axis == 1
-                   else [1.0, 0.0, 0.0, amount, 1.0, 0.5 * amount, 0.0, 0.0])
+    return _affine(
+        image,
+        [1.0, amount, 0.5 * amount, 0.0, 1.0, 0.0, 0.0, 0.0]
+        if axis == 1
+        else [1.0, 0.0, 0.0, amount, 1.0, 0.5 * amount, 0.0, 0.0],
+    )
 
 
 def _translate(image, fraction, axis):
     # Whole pixels (torchvision: int(magnitude)) of 150/331 of the side at most.
     pixels = tf.cast(tf.shape(image)[axis], tf.float32) * fraction
     shift = -tf.math.sign(pixels) * tf.floor(tf.abs(pixels))
-    return _affine(image, [1.0, 0.0, shift, 0.0, 1.0, 0.0, 0.0, 0.0] if axis == 1
-                   else [1.0, 0.0, 0.0, 0.0, 1.0, shift, 0.0, 0.0])
+    return _affine(
+        image, [1.0, 0.0, shift, 0.0, 1.0, 0.0, 0.0, 0.0] if axis == 1 else [1.0, 0.0, 0.0, 0.0, 1.0, shift, 0.0, 0.0]
+    )
 
 
 def _rotate(image, degrees):
@@ -220,8 +221,7 @@ RANDAUGMENT_OPS = (
     ("rotate", lambda image, level, sign: _rotate(image, 30.0 * level * sign)),
     ("brightness", lambda image, level, sign: _blend(image, tf.zeros_like(image), 1.0 + 0.9 * level * sign)),
     ("color", lambda image, level, sign: _blend(image, _grayscale(image), 1.0 + 0.9 * level * sign)),
-    ("contrast", lambda image, level, sign: _blend(
-        image, tf.reduce_mean(_grayscale(image)), 1.0 + 0.9 * level * sign)),
+    ("contrast", lambda image, level, sign: _blend(image, tf.reduce_mean(_grayscale(image)), 1.0 + 0.9 * level * sign)),
     ("sharpness", lambda image, level, sign: _sharpness(image, 1.0 + 0.9 * level * sign)),
     ("posterize", lambda image, level, sign: _posterize(image, 8 - int(round(4 * level)))),
     ("solarize", lambda image, level, sign: tf.where(image >= 255.0 * (1.0 - level), 255.0 - image, image)),
@@ -234,19 +234,14 @@ def rand_augment(image, seed, num_ops=2, magnitude=9, num_bins=31):
     """torchvision RandAugment of a float [0, 255] HxWx3 image: a pure
     function of (image, seed)."""
     if not 0 <= magnitude < num_bins:
-        raise ValueError(
-            f"RandAugment magnitude {magnitude} is outside [0, {num_bins - 1}] "
-            f"(bins of {num_bins})."
-        )
+        raise ValueError(f"RandAugment magnitude {magnitude} is outside [0, {num_bins - 1}] (bins of {num_bins}).")
     level = magnitude / (num_bins - 1)
     seeds = tf.random.experimental.stateless_split(seed, 2 * num_ops)
     for round_index in range(num_ops):
-        choice = tf.random.stateless_uniform(
-            (), seeds[2 * round_index], 0, len(RANDAUGMENT_OPS), dtype=tf.int32
-        )
+        choice = tf.random.stateless_uniform((), seeds[2 * round_index], 0, len(RANDAUGMENT_OPS), dtype=tf.int32)
         negative = tf.random.stateless_uniform((), seeds[2 * round_index + 1]) < 0.5
         sign = tf.where(negative, -1.0, 1.0)
-        branches = [lambda op=op, image=image: op(image, level, sign) for _, op in RANDAUGMENT_OPS]
+        branches = [lambda op=op, image=image, sign=sign: op(image, level, sign) for _, op in RANDAUGMENT_OPS]
         image = tf.switch_case(choice, branches)
         image = tf.ensure_shape(image, (None, None, 3))
     return image
@@ -255,8 +250,7 @@ def rand_augment(image, seed, num_ops=2, magnitude=9, num_bins=31):
 class TrainAugmentation:
     """The per-image training transform, from decoded uint8 to float32."""
 
-    def __init__(self, image_size, randaugment=True, magnitude=9, num_bins=31, erasing=0.25,
-                 crop_min_scale=0.08):
+    def __init__(self, image_size, randaugment=True, magnitude=9, num_bins=31, erasing=0.25, crop_min_scale=0.08):
         self.image_size = image_size
         self.crop_scale = (crop_min_scale, 1.0)
         self.erasing = erasing

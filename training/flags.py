@@ -45,8 +45,12 @@ HELP = {
     "checkpoint_every": "Write a checkpoint every N optimizer steps (and at every epoch end).",
 }
 # The enum flags and their choices; other fields take their type's flag.
-_ENUMS = {"strategy": STRATEGIES, "mixed_precision": PRECISIONS, "model": sorted(RECIPES),
-          "attention_norm": ATTENTION_NORMS}
+_ENUMS = {
+    "strategy": STRATEGIES,
+    "mixed_precision": PRECISIONS,
+    "model": sorted(RECIPES),
+    "attention_norm": ATTENTION_NORMS,
+}
 _DEFINE = {"bool": flags.DEFINE_bool, "int": flags.DEFINE_integer, "float": flags.DEFINE_float}
 
 
@@ -69,7 +73,9 @@ def define_flags(flag_values=flags.FLAGS):
         _define_field(field, flag_values)
     # Where to run, not what is trained: a flag outside TrainConfig.
     flags.DEFINE_string(
-        "tpu", "", "The TPU of --strategy=tpu: its name, a grpc://host:8470 address, or 'local' "
+        "tpu",
+        "",
+        "The TPU of --strategy=tpu: its name, a grpc://host:8470 address, or 'local' "
         "(a TPU VM); empty: found by TPUClusterResolver (TPU_NAME, Cloud TPU metadata).",
         flag_values=flag_values,
     )

@@ -74,23 +74,13 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.model not in RECIPES:
-            raise ValueError(
-                f"Unknown --model {self.model!r}; choose one of {sorted(RECIPES)}."
-            )
+            raise ValueError(f"Unknown --model {self.model!r}; choose one of {sorted(RECIPES)}.")
         if self.attention_norm not in ATTENTION_NORMS:
-            raise ValueError(
-                f"Unknown --attention_norm {self.attention_norm!r}; choose one of "
-                f"{ATTENTION_NORMS}."
-            )
+            raise ValueError(f"Unknown --attention_norm {self.attention_norm!r}; choose one of {ATTENTION_NORMS}.")
         if self.strategy not in STRATEGIES:
-            raise ValueError(
-                f"Unknown --strategy {self.strategy!r}; choose one of {STRATEGIES}."
-            )
+            raise ValueError(f"Unknown --strategy {self.strategy!r}; choose one of {STRATEGIES}.")
         if self.mixed_precision not in PRECISIONS:
-            raise ValueError(
-                f"Unknown --mixed_precision {self.mixed_precision!r}; choose one "
-                f"of {PRECISIONS}."
-            )
+            raise ValueError(f"Unknown --mixed_precision {self.mixed_precision!r}; choose one of {PRECISIONS}.")
         for name in ("batch_size", "grad_accum_steps", "image_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)}.")

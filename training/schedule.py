@@ -23,14 +23,10 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 
     def __call__(self, step):
         step = ops.cast(step, "float32")
-        warmup = self.warmup_init_lr + (self.max_lr - self.warmup_init_lr) * step / max(
-            self.warmup_steps, 1
-        )
+        warmup = self.warmup_init_lr + (self.max_lr - self.warmup_init_lr) * step / max(self.warmup_steps, 1)
         epoch = ops.floor(step / self.steps_per_epoch)
         progress = ops.minimum(epoch / max(self.epochs, 1), 1.0)
-        cosine = self.min_lr + 0.5 * (self.max_lr - self.min_lr) * (
-            1.0 + ops.cos(math.pi * progress)
-        )
+        cosine = self.min_lr + 0.5 * (self.max_lr - self.min_lr) * (1.0 + ops.cos(math.pi * progress))
         return ops.where(step < self.warmup_steps, warmup, cosine)
 
     def get_config(self):

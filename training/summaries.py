@@ -19,7 +19,5 @@ class ScalarWriter:
     def write(self, step, scalars):
         with self._writer.as_default(step=step):
             for name, value in scalars.items():
-                tf.summary.write(
-                    name, tf.constant(value, tf.float32), metadata=_SCALAR_METADATA.SerializeToString()
-                )
+                tf.summary.write(name, tf.constant(value, tf.float32), metadata=_SCALAR_METADATA.SerializeToString())
         self._writer.flush()

@@ -41,7 +41,13 @@ SUMMARY = "summary.json"
 EXPORT_NAME = "model.keras"
 # Settings whose change makes an existing checkpoint meaningless.
 COMPATIBILITY_FIELDS = (
-    "model", "attention_norm", "image_size", "num_classes", "data", "batch_size", "grad_accum_steps",
+    "model",
+    "attention_norm",
+    "image_size",
+    "num_classes",
+    "data",
+    "batch_size",
+    "grad_accum_steps",
     "mixed_precision",  # the optimizer (loss scaling or not) must match the checkpoint
     "seed",  # the data order that a resume skips through
 )
@@ -85,7 +91,8 @@ def load_init_weights(model, config, weights):
         logging.warning(
             "--init_weights %s: its classifier is not for %d classes; it is dropped and "
             "a new one is trained from scratch (the backbone is loaded).",
-            path, model.output_shape[-1],
+            path,
+            model.output_shape[-1],
         )
 
 
@@ -149,6 +156,49 @@ def _load_released_weights(model, config, weights):
 def default_model_fn(config, num_classes, source, classifier_activation, initialize):
     weights = config.init_weights or None if initialize else None
     return build_model(config, num_classes, weights=weights, classifier_activation=classifier_activation)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What one `Trainer.run` has built, and where its loop stands: handed
+    from step to step of the run."""
+
+    strategy: tf.distribute.Strategy
+    chief: bool
+    source: object  # from `resolve_source`
+    num_classes: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+    warmup_steps: int
+    resuming: bool  # model_dir already held this run's configuration
+    # Built by `_build`, under the strategy's scope.
+    model: keras.Model = None
+    schedule: WarmupCosine = None
+    optimizer: keras.optimizers.Optimizer = None  # LossScaleOptimizer(AdamW) under mixed_float16
+    loss_scaling: bool = False
+    trainable: list = None
+    ema: list = None
+    accumulators: list = None
+    state: dict = None  # the loop position as variables: what a resume restores
+    checkpoint: tf.train.Checkpoint = None
+    checkpoint_dir: str = None
+    manager: tf.train.CheckpointManager = None
+    latest: str = None  # the checkpoint resumed from
+    writers: dict = dataclasses.field(default_factory=dict)
+    eval_model: keras.Model = None
+    # The loop position as Python numbers, which the loop compares and logs.
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    first_step: int = 0
+    saved_step: int = None
+    train_time: float = 0.0
+    timed_steps: int = 0
+    history: dict = dataclasses.field(default_factory=lambda: {"train": {}, "eval": {}})
+
+    def images_per_second(self, images_per_step):
+        return self.timed_steps * images_per_step / self.train_time if self.train_time else 0.0
 
 
 class Trainer:
@@ -232,6 +282,45 @@ class Trainer:
             keras.mixed_precision.set_global_policy(previous_policy)
 
     def _run(self):
+        run = self._build()
+        self._restore(run)
+        train_steps = self._make_train_step(run)
+        self._open_outputs(run)
+        self.model = run.model
+        self.optimizer = run.optimizer
+        self._train_epochs(run, train_steps)
+
+        # The final step is saved once: not again after an epoch end's save, nor
+        # when a resume found training already complete.
+        restored_step = int(run.latest.rsplit("-", 1)[-1]) if run.latest else None
+        if run.step not in (run.saved_step, restored_step):  # decided locally: no race with the chief
+            self._save_checkpoint(run)
+        if run.eval_model is not None and not run.history["eval"]:
+            run.history["eval"] = self._evaluate(run)
+        self.ema_weights = [v.numpy() for v in run.ema]
+        if not run.chief:
+            return None
+        summary = self._finish(run)
+        shutil.rmtree(os.path.join(self.config.model_dir, ".workers"), ignore_errors=True)
+        return summary
+
+    # ------------------------------------------------------------ build
+
+    def _build(self):
+        """Everything the loop needs, checkpoint manager included; nothing
+        restored yet."""
+        run = self._plan()
+        # Initial weights from --seed: a rerun, or the run a resume continues,
+        # starts from the same model.
+        keras.utils.set_random_seed(self.config.seed)
+        with run.strategy.scope():
+            self._build_variables(run)
+        self._make_checkpoint(run)
+        return run
+
+    def _plan(self):
+        """The strategy, the data source and the step counts, checked against
+        each other and against model_dir before anything is built."""
         config = self.config
         strategy = make_strategy(config.strategy, tpu_address=self.tpu_address)
         self._chief = chief = is_chief(strategy)
@@ -241,15 +330,11 @@ class Trainer:
                 f"--batch_size {config.batch_size} cannot be split evenly over "
                 f"{replicas} replicas; use a multiple of {replicas}."
             )
-
-        source = resolve_source(
-            config.data, config.num_classes, config.tfrecord_label_offset, config.dataset_dir
-        )
+        source = resolve_source(config.data, config.num_classes, config.tfrecord_label_offset, config.dataset_dir)
         num_classes = source.num_classes
         if config.num_classes and config.num_classes != num_classes:
             raise ValueError(
-                f"--num_classes {config.num_classes} does not match the data, which "
-                f"has {num_classes} classes."
+                f"--num_classes {config.num_classes} does not match the data, which has {num_classes} classes."
             )
         steps_per_epoch = source.train.num_examples // config.effective_batch_size
         if steps_per_epoch < 1:
@@ -259,110 +344,166 @@ class Trainer:
                 f"{config.batch_size} x {config.grad_accum_steps} accumulation steps)."
             )
         total_steps = config.steps or config.epochs * steps_per_epoch
-        epochs = math.ceil(total_steps / steps_per_epoch)
-        warmup_steps = (
-            config.warmup_steps if config.warmup_steps is not None else min(20_000, total_steps // 10)
-        )
+        warmup_steps = config.warmup_steps if config.warmup_steps is not None else min(20_000, total_steps // 10)
         resuming = self._prepare_model_dir(num_classes, chief)
-
+        run = _Run(
+            strategy,
+            chief,
+            source,
+            num_classes,
+            steps_per_epoch,
+            total_steps,
+            math.ceil(total_steps / steps_per_epoch),
+            warmup_steps,
+            resuming,
+        )
         self._progress = Progress(
             total_steps, steps_per_epoch, stream=self.progress_stream, enabled=self.verbose and chief
         )
+        self._log_plan(run)
+        return run
+
+    def _log_plan(self, run):
+        config, source = self.config, run.source
         self._log(
-            f"{config.model}: {source.name}, {num_classes} classes, "
+            f"{config.model}: {source.name}, {run.num_classes} classes, "
             f"{source.train.num_examples} train / "
             f"{source.eval.num_examples if source.eval else 0} eval images; "
-            f"{type(strategy).__name__} with {replicas} replica(s); batch "
+            f"{type(run.strategy).__name__} with {run.strategy.num_replicas_in_sync} replica(s); batch "
             f"{config.batch_size} x {config.grad_accum_steps} = {config.effective_batch_size}; "
-            f"{total_steps} steps ({epochs} epochs of {steps_per_epoch}); "
-            f"lr {config.lr} -> {config.min_lr}, warm-up {warmup_steps}; wd {config.weight_decay}; "
+            f"{run.total_steps} steps ({run.epochs} epochs of {run.steps_per_epoch}); "
+            f"lr {config.lr} -> {config.min_lr}, warm-up {run.warmup_steps}; wd {config.weight_decay}; "
             f"{config.mixed_precision}"
         )
 
-        # Initial weights from --seed: a rerun, or the run a resume continues,
-        # starts from the same model.
-        keras.utils.set_random_seed(config.seed)
-        with strategy.scope():
-            model = self.model_fn(config, num_classes, source, None, True)
-            if replicas > 1:
-                for layer in nested_layers(model):
-                    if isinstance(layer, keras.layers.BatchNormalization):
-                        layer.synchronized = True  # one set of BN statistics
-            schedule = WarmupCosine(
-                config.lr, config.min_lr, warmup_steps, config.warmup_init_lr, steps_per_epoch, epochs
-            )
-            optimizer = keras.optimizers.AdamW(
-                learning_rate=schedule,
-                weight_decay=config.weight_decay,
-                beta_1=0.9,
-                beta_2=0.999,
-                epsilon=1e-8,  # PyTorch's default
-            )
-            # ml-cvnets `no_decay_bn_filter_bias`: no decay on 1-D parameters.
-            optimizer.exclude_from_weight_decay(
-                var_list=[v for v in model.trainable_variables if len(v.shape) <= 1]
-            )
-            loss_scaling = config.mixed_precision == "mixed_float16"
-            if loss_scaling:
-                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-            trainable = model.trainable_variables
-            optimizer.build(trainable)
-            only_first = tf.VariableAggregation.ONLY_FIRST_REPLICA
-            ema = [
-                tf.Variable(tf.zeros(w.shape, w.dtype), trainable=False, aggregation=only_first)
-                for w in model.weights
-            ]
-            accumulators = [
-                tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, aggregation=only_first)
-                for v in trainable
-            ] if config.grad_accum_steps > 1 else []
-            state = {
-                name: tf.Variable(0, dtype=tf.int64, trainable=False, aggregation=only_first)
-                for name in ("step", "epoch", "step_in_epoch", "skipped", "skipped_before_epoch")
-            }
+    def _build_variables(self, run):
+        """Model, optimizer, EMA, gradient accumulators and loop position;
+        under `strategy.scope()`, so that they are distributed variables."""
+        config = self.config
+        run.model = model = self.model_fn(config, run.num_classes, run.source, None, True)
+        if run.strategy.num_replicas_in_sync > 1:
+            for layer in nested_layers(model):
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.synchronized = True  # one set of BN statistics
+        run.schedule = WarmupCosine(
+            config.lr, config.min_lr, run.warmup_steps, config.warmup_init_lr, run.steps_per_epoch, run.epochs
+        )
+        optimizer = keras.optimizers.AdamW(
+            learning_rate=run.schedule,
+            weight_decay=config.weight_decay,
+            beta_1=0.9,
+            beta_2=0.999,
+            epsilon=1e-8,  # PyTorch's default
+        )
+        # ml-cvnets `no_decay_bn_filter_bias`: no decay on 1-D parameters.
+        optimizer.exclude_from_weight_decay(var_list=[v for v in model.trainable_variables if len(v.shape) <= 1])
+        run.loss_scaling = config.mixed_precision == "mixed_float16"
+        if run.loss_scaling:
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        run.optimizer = optimizer
+        run.trainable = trainable = model.trainable_variables
+        optimizer.build(trainable)
+        # Every replica computes the same values (gradients are all-reduced
+        # first), so one replica's copy is the value.
+        only_first = tf.VariableAggregation.ONLY_FIRST_REPLICA
+        run.ema = [
+            tf.Variable(tf.zeros(w.shape, w.dtype), trainable=False, aggregation=only_first) for w in model.weights
+        ]
+        run.accumulators = (
+            [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, aggregation=only_first) for v in trainable]
+            if config.grad_accum_steps > 1
+            else []
+        )
+        run.state = {
+            name: tf.Variable(0, dtype=tf.int64, trainable=False, aggregation=only_first)
+            for name in ("step", "epoch", "step_in_epoch", "skipped", "skipped_before_epoch")
+        }
 
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, ema=ema, state=state)
-        checkpoint_dir = os.path.join(config.model_dir, "checkpoints")
-        if not chief:  # every worker must save; only the chief's copy is kept
-            checkpoint_dir = os.path.join(config.model_dir, ".workers", f"worker_{worker_index(strategy)}")
-        manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=config.keep_checkpoints)
-        latest = tf.train.latest_checkpoint(os.path.join(config.model_dir, "checkpoints"))
-        check_shared_model_dir(strategy, config.model_dir, lambda: [
-            int(latest.rsplit("-", 1)[-1]) if latest else -1,
-            int(os.path.exists(os.path.join(config.model_dir, RUN_CONFIG))),
-        ])
+    def _make_checkpoint(self, run):
+        config = self.config
+        run.checkpoint = tf.train.Checkpoint(model=run.model, optimizer=run.optimizer, ema=run.ema, state=run.state)
+        run.checkpoint_dir = os.path.join(config.model_dir, "checkpoints")
+        if not run.chief:  # every worker must save; only the chief's copy is kept
+            run.checkpoint_dir = os.path.join(config.model_dir, ".workers", f"worker_{worker_index(run.strategy)}")
+        run.manager = tf.train.CheckpointManager(
+            run.checkpoint, run.checkpoint_dir, max_to_keep=config.keep_checkpoints
+        )
+
+    def _open_outputs(self, run):
+        """The chief's TensorBoard writers and evaluation model."""
+        config = self.config
+        if run.chief:
+            logs = os.path.join(config.model_dir, "logs")
+            run.writers = {
+                "train": ScalarWriter(os.path.join(logs, "train")),
+                "eval": ScalarWriter(os.path.join(logs, "eval")),
+            }
+        if run.chief and run.source.eval is not None:
+            run.eval_model = self.model_fn(config, run.num_classes, run.source, None, False)
+
+    # ---------------------------------------------------------- restore
+
+    def _restore(self, run):
+        """Resumes from the chief's latest checkpoint, or starts the EMA at
+        the initial weights."""
+        config = self.config
+        # The chief's directory on every worker: the workers resume together.
+        run.latest = latest = tf.train.latest_checkpoint(os.path.join(config.model_dir, "checkpoints"))
+        check_shared_model_dir(
+            run.strategy,
+            config.model_dir,
+            lambda: [
+                int(latest.rsplit("-", 1)[-1]) if latest else -1,
+                int(os.path.exists(os.path.join(config.model_dir, RUN_CONFIG))),
+            ],
+        )
         if latest:
-            checkpoint.restore(latest).assert_existing_objects_matched()
-            self._log(f"Resumed from {latest} at step {int(state['step'].numpy())}.")
+            run.checkpoint.restore(latest).assert_existing_objects_matched()
+            self._log(f"Resumed from {latest} at step {int(run.state['step'].numpy())}.")
         else:
-            if resuming:
+            if run.resuming:
                 self._log("model_dir has a run configuration but no checkpoint yet: starting anew.")
-            for average, weight in zip(ema, model.weights):
+            for average, weight in zip(run.ema, run.model.weights):
                 average.assign(weight.value)
 
-        global_micro_batch = config.batch_size
-        smoothing = config.label_smoothing
+    # ------------------------------------------------------- train step
+
+    def _make_train_step(self, run):
+        """(accumulate_step, apply_step): one micro-batch per replica each,
+        the second also updating the weights. Created once per run, so that
+        each traces once."""
+        strategy = run.strategy
+        accumulate_replica, apply_replica = self._replica_steps(run)
+
+        def reduce(per_replica):
+            loss, correct, skipped = per_replica
+            skipped = tf.reduce_max(tf.stack(strategy.experimental_local_results(skipped)))
+            return (
+                strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
+                strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None),
+                skipped,
+            )
+
+        @tf.function
+        def accumulate_step(iterator):
+            return reduce(strategy.run(accumulate_replica, args=next(iterator)))
+
+        @tf.function
+        def apply_step(iterator):
+            return reduce(strategy.run(apply_replica, args=next(iterator)))
+
+        return accumulate_step, apply_step
+
+    def _replica_steps(self, run):
+        """The per-replica bodies of the two micro-steps."""
+        config = self.config
+        model, optimizer, trainable = run.model, run.optimizer, run.trainable
+        ema, accumulators, loss_scaling = run.ema, run.accumulators, run.loss_scaling
+        replicas = run.strategy.num_replicas_in_sync
         clip = config.grad_clip_norm
         accum = config.grad_accum_steps
         decay = config.ema_decay
-
-        def replica_gradients(images, labels):
-            with tf.GradientTape() as tape:
-                logits = tf.cast(model(images, training=True), tf.float32)
-                per_example = keras.losses.categorical_crossentropy(
-                    labels, logits, from_logits=True, label_smoothing=smoothing
-                )
-                loss = tf.reduce_sum(per_example) / global_micro_batch
-                scaled = optimizer.scale_loss(loss) if loss_scaling else loss
-            gradients = tape.gradient(scaled, trainable)
-            correct = tf.reduce_sum(
-                tf.cast(tf.argmax(logits, -1) == tf.argmax(labels, -1), tf.float32)
-            )
-            # The true global gradient (every replica gets the sum).
-            gradients = tf.distribute.get_replica_context().all_reduce(
-                tf.distribute.ReduceOp.SUM, gradients
-            )
-            return loss, correct, gradients
+        replica_gradients = self._replica_gradients(run)
 
         def accumulate_replica(images, labels, skipped):
             loss, correct, gradients = replica_gradients(images, labels)
@@ -388,154 +529,165 @@ class Trainer:
                 accumulator.assign(tf.zeros_like(accumulator))
             return loss, correct, skipped
 
-        def reduce(per_replica):
-            loss, correct, skipped = per_replica
-            skipped = tf.reduce_max(tf.stack(strategy.experimental_local_results(skipped)))
-            return (
-                strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
-                strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None),
-                skipped,
-            )
+        return accumulate_replica, apply_replica
 
-        @tf.function
-        def accumulate_step(iterator):
-            return reduce(strategy.run(accumulate_replica, args=next(iterator)))
+    def _replica_gradients(self, run):
+        """A replica's loss, correct count and the all-reduced gradients of
+        one micro-batch."""
+        model, optimizer, trainable = run.model, run.optimizer, run.trainable
+        loss_scaling = run.loss_scaling
+        global_micro_batch = self.config.batch_size
+        smoothing = self.config.label_smoothing
 
-        @tf.function
-        def apply_step(iterator):
-            return reduce(strategy.run(apply_replica, args=next(iterator)))
+        def replica_gradients(images, labels):
+            with tf.GradientTape() as tape:
+                logits = tf.cast(model(images, training=True), tf.float32)
+                per_example = keras.losses.categorical_crossentropy(
+                    labels, logits, from_logits=True, label_smoothing=smoothing
+                )
+                loss = tf.reduce_sum(per_example) / global_micro_batch
+                scaled = optimizer.scale_loss(loss) if loss_scaling else loss
+            gradients = tape.gradient(scaled, trainable)
+            correct = tf.reduce_sum(tf.cast(tf.argmax(logits, -1) == tf.argmax(labels, -1), tf.float32))
+            # The true global gradient (every replica gets the sum).
+            gradients = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, gradients)
+            return loss, correct, gradients
 
-        writers = {}
-        if chief:
-            logs = os.path.join(config.model_dir, "logs")
-            writers = {
-                "train": ScalarWriter(os.path.join(logs, "train")),
-                "eval": ScalarWriter(os.path.join(logs, "eval")),
-            }
+        return replica_gradients
 
-        eval_model = None
-        if chief and source.eval is not None:
-            eval_model = self.model_fn(config, num_classes, source, None, False)
+    # ------------------------------------------------------------- loop
 
-        saved = {"step": None}
+    def _train_epochs(self, run, train_steps):
+        """Trains from the restored position to `total_steps`; evaluates and
+        checkpoints at every epoch end."""
+        state = run.state
+        run.step = run.first_step = int(state["step"].numpy())
+        run.epoch = int(state["epoch"].numpy())
+        run.step_in_epoch = int(state["step_in_epoch"].numpy())
+        self._progress.start(run.step)
+        while run.step < run.total_steps:
+            self._train_pass(run, train_steps)
+            if run.step_in_epoch >= run.steps_per_epoch:
+                self._end_epoch(run)
 
-        def save_checkpoint():
-            manager.save(checkpoint_number=int(state["step"].numpy()))
-            saved["step"] = int(state["step"].numpy())
-            if not chief:
-                shutil.rmtree(checkpoint_dir, ignore_errors=True)
-
-        self.model = model
-        self.optimizer = optimizer
-        step = int(state["step"].numpy())
-        epoch = int(state["epoch"].numpy())
-        step_in_epoch = int(state["step_in_epoch"].numpy())
+    def _train_pass(self, run, train_steps):
+        """The rest of the current epoch (or of training), from a pipeline
+        that starts at the current position."""
+        config = self.config
         images_per_step = config.effective_batch_size
-        train_time, timed_steps = 0.0, 0
-        history = {"train": {}, "eval": {}}
-        first_step = step  # the step this process starts at traces the functions
-        self._progress.start(step)
+        iterator = iter(self._train_data(run))
+        epoch_loss, epoch_correct, epoch_images = 0.0, 0.0, 0
+        while run.step_in_epoch < run.steps_per_epoch and run.step < run.total_steps:
+            batch_loss, correct = self._optimizer_step(run, iterator, train_steps)
+            self.step_losses.append(batch_loss)
+            epoch_loss += batch_loss
+            epoch_correct += correct
+            epoch_images += images_per_step
+            self._report_step(run, batch_loss, correct)
+            if run.step % config.checkpoint_every == 0:
+                self._save_checkpoint(run)
+        run.history["train"] = {
+            "loss": epoch_loss / max(epoch_images / images_per_step, 1),
+            "accuracy": epoch_correct / max(epoch_images, 1),
+        }
 
-        while step < total_steps:
-            # Each step takes one batch per local replica from the worker's pipeline.
-            dataset = strategy.distribute_datasets_from_function(
-                lambda context, e=epoch, s=step_in_epoch * accum: train_dataset(
-                    source, config, context, e,
-                    skip_batches=s * (context.num_replicas_in_sync // context.num_input_pipelines),
-                )
+    def _train_data(self, run):
+        """The epoch's distributed training data, skipping the micro-batches
+        already trained on (a resume, exactly where the checkpoint was)."""
+        config, source = self.config, run.source
+        # Each step takes one batch per local replica from the worker's pipeline.
+        return run.strategy.distribute_datasets_from_function(
+            lambda context, e=run.epoch, s=run.step_in_epoch * config.grad_accum_steps: train_dataset(
+                source,
+                config,
+                context,
+                e,
+                skip_batches=s * (context.num_replicas_in_sync // context.num_input_pipelines),
             )
-            iterator = iter(dataset)
-            epoch_loss, epoch_correct, epoch_images = 0.0, 0.0, 0
-            while step_in_epoch < steps_per_epoch and step < total_steps:
-                started = time.perf_counter()
-                loss_sum, correct_sum = 0.0, 0.0
-                for _ in range(accum - 1):
-                    loss, correct, _ = accumulate_step(iterator)
-                    loss_sum += float(loss)
-                    correct_sum += float(correct)
-                loss, correct, skipped = apply_step(iterator)
-                loss_sum += float(loss)
-                correct_sum += float(correct)
-                elapsed = time.perf_counter() - started
-                if step > first_step:  # untimed: the first step traces
-                    train_time += elapsed
-                    timed_steps += 1
-                step += 1
-                step_in_epoch += 1
-                state["step"].assign(step)
-                state["step_in_epoch"].assign(step_in_epoch)
-                state["skipped"].assign(int(state["skipped_before_epoch"].numpy()) + int(skipped))
-                batch_loss = loss_sum / accum
-                self.step_losses.append(batch_loss)
-                epoch_loss += batch_loss
-                epoch_correct += correct_sum
-                epoch_images += images_per_step
-                rate = timed_steps * images_per_step / train_time if train_time else 0.0
-                learning_rate = float(schedule(step - 1))
-                self._progress.update(
-                    step,
-                    epoch,
-                    step_in_epoch,
-                    {"loss": batch_loss, "acc": correct_sum / images_per_step, "lr": learning_rate},
-                    rate,
-                )
-                if chief and (step % 10 == 0 or step == total_steps):
-                    writers["train"].write(
-                        step,
-                        {
-                            "loss": batch_loss,
-                            "accuracy": correct_sum / images_per_step,
-                            "learning_rate": learning_rate,
-                            "images_per_second": rate,
-                        },
-                    )
-                if step % config.checkpoint_every == 0:
-                    save_checkpoint()
+        )
 
-            history["train"] = {
-                "loss": epoch_loss / max(epoch_images / images_per_step, 1),
-                "accuracy": epoch_correct / max(epoch_images, 1),
-            }
-            if step_in_epoch >= steps_per_epoch:
-                epoch += 1
-                step_in_epoch = 0
-                state["skipped_before_epoch"].assign(state["skipped"])
-                state["epoch"].assign(epoch)
-                state["step_in_epoch"].assign(0)
-                if eval_model is not None:
-                    history["eval"] = self._evaluate(eval_model, model, ema, source, writers, step)
-                    self._progress.message(
-                        f"epoch {epoch}/{epochs}: train loss {history['train']['loss']:.4f} "
-                        f"acc {history['train']['accuracy']:.4f} | eval "
-                        + "  ".join(f"{k} {v:.4f}" for k, v in history["eval"].items())
-                    )
-                save_checkpoint()
+    def _optimizer_step(self, run, iterator, train_steps):
+        """One optimizer step (grad_accum_steps micro-steps); its mean loss
+        and its number of correct predictions."""
+        accumulate_step, apply_step = train_steps
+        accum = self.config.grad_accum_steps
+        started = time.perf_counter()
+        loss_sum, correct_sum = 0.0, 0.0
+        for _ in range(accum - 1):
+            loss, correct, _ = accumulate_step(iterator)
+            loss_sum += float(loss)
+            correct_sum += float(correct)
+        loss, correct, skipped = apply_step(iterator)
+        loss_sum += float(loss)
+        correct_sum += float(correct)
+        elapsed = time.perf_counter() - started
+        if run.step > run.first_step:  # untimed: the first step traces
+            run.train_time += elapsed
+            run.timed_steps += 1
+        run.step += 1
+        run.step_in_epoch += 1
+        state = run.state
+        state["step"].assign(run.step)
+        state["step_in_epoch"].assign(run.step_in_epoch)
+        # The pipeline counts from the start of the epoch: add the earlier epochs.
+        state["skipped"].assign(int(state["skipped_before_epoch"].numpy()) + int(skipped))
+        return loss_sum / accum, correct_sum
 
-        restored_step = int(latest.rsplit("-", 1)[-1]) if latest else None
-        if step not in (saved["step"], restored_step):  # decided locally: no race with the chief
-            save_checkpoint()
-        if eval_model is not None and not history["eval"]:
-            history["eval"] = self._evaluate(eval_model, model, ema, source, writers, step)
-        self.ema_weights = [v.numpy() for v in ema]
-
-        summary = None
-        if chief:
-            summary = self._finish(
-                model, source, num_classes, history, step, epoch, total_steps,
-                timed_steps * images_per_step / train_time if train_time else 0.0,
-                int(state["skipped"].numpy()), strategy,
+    def _report_step(self, run, batch_loss, correct):
+        images_per_step = self.config.effective_batch_size
+        rate = run.images_per_second(images_per_step)
+        learning_rate = float(run.schedule(run.step - 1))
+        self._progress.update(
+            run.step,
+            run.epoch,
+            run.step_in_epoch,
+            {"loss": batch_loss, "acc": correct / images_per_step, "lr": learning_rate},
+            rate,
+        )
+        if run.chief and (run.step % 10 == 0 or run.step == run.total_steps):
+            run.writers["train"].write(
+                run.step,
+                {
+                    "loss": batch_loss,
+                    "accuracy": correct / images_per_step,
+                    "learning_rate": learning_rate,
+                    "images_per_second": rate,
+                },
             )
-        if chief:
-            shutil.rmtree(os.path.join(config.model_dir, ".workers"), ignore_errors=True)
-        return summary
+
+    def _end_epoch(self, run):
+        run.epoch += 1
+        run.step_in_epoch = 0
+        state = run.state
+        state["skipped_before_epoch"].assign(state["skipped"])
+        state["epoch"].assign(run.epoch)
+        state["step_in_epoch"].assign(0)
+        history = run.history
+        if run.eval_model is not None:
+            history["eval"] = self._evaluate(run)
+            self._progress.message(
+                f"epoch {run.epoch}/{run.epochs}: train loss {history['train']['loss']:.4f} "
+                f"acc {history['train']['accuracy']:.4f} | eval "
+                + "  ".join(f"{k} {v:.4f}" for k, v in history["eval"].items())
+            )
+        self._save_checkpoint(run)
+
+    def _save_checkpoint(self, run):
+        run.manager.save(checkpoint_number=int(run.state["step"].numpy()))
+        run.saved_step = int(run.state["step"].numpy())
+        if not run.chief:  # saved only because saving is collective
+            shutil.rmtree(run.checkpoint_dir, ignore_errors=True)
 
     # -------------------------------------------------------- evaluation
 
-    def _evaluate(self, eval_model, model, ema, source, writers, step):
+    def _evaluate(self, run):
         results = {}
-        for label, weights in (("", [w.numpy() for w in model.weights]), ("ema_", [v.numpy() for v in ema])):
-            eval_model.set_weights(weights)
-            metrics = evaluate(eval_model, source, self.config)
+        for label, weights in (
+            ("", [w.numpy() for w in run.model.weights]),
+            ("ema_", [v.numpy() for v in run.ema]),
+        ):
+            run.eval_model.set_weights(weights)
+            metrics = evaluate(run.eval_model, run.source, self.config)
             self.skipped_eval_images = metrics.pop("skipped_images")
             results.update({label + k: v for k, v in metrics.items()})
         if self.skipped_eval_images:
@@ -543,18 +695,19 @@ class Trainer:
                 f"Evaluation: {self.skipped_eval_images} undecodable images skipped; the "
                 "metrics are over the other images."
             )
-        if writers:
-            writers["eval"].write(step, results)
+        if run.writers:
+            run.writers["eval"].write(run.step, results)
         return results
 
     # ------------------------------------------------------------ finish
 
-    def _finish(self, model, source, num_classes, history, step, epoch, total_steps, rate, skipped, strategy):
+    def _finish(self, run):
+        """The chief's export of the EMA weights and summary.json."""
         config = self.config
         previous = keras.mixed_precision.global_policy().name
         keras.mixed_precision.set_global_policy("float32")
         try:
-            exported = self.model_fn(config, num_classes, source, "softmax", False)
+            exported = self.model_fn(config, run.num_classes, run.source, "softmax", False)
         finally:
             keras.mixed_precision.set_global_policy(previous)
         exported.set_weights(self.ema_weights)
@@ -563,19 +716,20 @@ class Trainer:
         exported.save(temporary)
         os.replace(temporary, export_path)
         with open(os.path.join(config.model_dir, "class_names.json"), "w") as f:
-            json.dump(source.class_names, f)
+            json.dump(run.source.class_names, f)
+        skipped = int(run.state["skipped"].numpy())
         summary = {
             "model": config.model,
-            "final_step": step,
-            "total_steps": total_steps,
-            "epochs_completed": epoch,
-            "train": history["train"],
-            "eval": history["eval"],
-            "images_per_second": rate,
+            "final_step": run.step,
+            "total_steps": run.total_steps,
+            "epochs_completed": run.epoch,
+            "train": run.history["train"],
+            "eval": run.history["eval"],
+            "images_per_second": run.images_per_second(config.effective_batch_size),
             "skipped_images": skipped,
             "skipped_eval_images": self.skipped_eval_images,
-            "num_replicas": strategy.num_replicas_in_sync,
-            "strategy": type(strategy).__name__,
+            "num_replicas": run.strategy.num_replicas_in_sync,
+            "strategy": type(run.strategy).__name__,
             "exported_model": export_path,
             "exported_weights": "ema",
         }
@@ -585,7 +739,7 @@ class Trainer:
                 f"Undecodable images skipped: {skipped} in training (each pass counts), "
                 f"{self.skipped_eval_images} in the last evaluation."
             )
-        self._progress.message(f"Done: step {step}; summary in {os.path.join(config.model_dir, SUMMARY)}")
+        self._progress.message(f"Done: step {run.step}; summary in {os.path.join(config.model_dir, SUMMARY)}")
         return summary
 
 

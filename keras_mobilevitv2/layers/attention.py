@@ -40,10 +40,7 @@ class SeparableSelfAttention(keras.layers.Layer):
     def __init__(self, embed_dim, attn_dropout=0.0, bias=True, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(embed_dim, int) or embed_dim < 1:
-            raise ValueError(
-                "`embed_dim` must be a positive integer. "
-                f"Received: embed_dim={embed_dim}"
-            )
+            raise ValueError(f"`embed_dim` must be a positive integer. Received: embed_dim={embed_dim}")
         self.embed_dim = embed_dim
         self.attn_dropout = attn_dropout
         self.bias = bias
@@ -54,12 +51,8 @@ class SeparableSelfAttention(keras.layers.Layer):
             name="qkv_proj",
             dtype=self.dtype_policy,
         )
-        self.out_proj = keras.layers.Conv2D(
-            embed_dim, 1, use_bias=bias, name="out_proj", dtype=self.dtype_policy
-        )
-        self.score_dropout = keras.layers.Dropout(
-            attn_dropout, name="score_dropout", dtype=self.dtype_policy
-        )
+        self.out_proj = keras.layers.Conv2D(embed_dim, 1, use_bias=bias, name="out_proj", dtype=self.dtype_policy)
+        self.score_dropout = keras.layers.Dropout(attn_dropout, name="score_dropout", dtype=self.dtype_policy)
 
     def build(self, input_shape):
         input_shape = tuple(input_shape)

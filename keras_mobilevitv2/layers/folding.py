@@ -115,9 +115,7 @@ def conv_batch_norm(conv, bn, inputs, training=None, input_affine=None):
     moving statistics; so do channels-first convolutions.
     """
     if input_affine is not None and not _is_pointwise(conv):
-        raise ValueError(
-            f"`input_affine` folds only into a 1x1 Conv2D; {conv.name!r} is not one."
-        )
+        raise ValueError(f"`input_affine` folds only into a 1x1 Conv2D; {conv.name!r} is not one.")
     if (training and bn.trainable) or conv.data_format != "channels_last":
         if input_affine is not None:
             inputs = inputs * input_affine[0] + input_affine[1]
@@ -213,6 +211,7 @@ def norm_then_pointwise(norm, conv, inputs, training=None, output_splits=None):
     training or any other layer pair, this is `conv(norm(inputs, training))`.
     QAT's int8 graph folds these affines the same way (`quantize_model`).
     """
+
     def unfolded():
         outputs = conv(norm(inputs, training=training))
         return outputs if output_splits is None else _split_channels(outputs, output_splits)

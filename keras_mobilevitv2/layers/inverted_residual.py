@@ -17,9 +17,7 @@ def make_divisible(value, divisor=8, min_value=None):
 
 def batch_norm(name, dtype=None):
     """BatchNorm with PyTorch's defaults (eps 1e-5, momentum 0.1)."""
-    return keras.layers.BatchNormalization(
-        epsilon=1e-5, momentum=0.9, name=name, dtype=dtype
-    )
+    return keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name=name, dtype=dtype)
 
 
 @keras.saving.register_keras_serializable(package="keras_mobilevitv2")
@@ -53,8 +51,7 @@ class InvertedResidual(keras.layers.Layer):
         in_channels = input_shape[-1]
         if len(input_shape) != 4 or in_channels is None:
             raise ValueError(
-                "InvertedResidual expects [B, H, W, C] inputs with known C. "
-                f"Received: input_shape={input_shape}"
+                f"InvertedResidual expects [B, H, W, C] inputs with known C. Received: input_shape={input_shape}"
             )
         policy = self.dtype_policy
         self.hidden_channels = make_divisible(int(round(in_channels * self.expansion)), 8)
@@ -67,9 +64,7 @@ class InvertedResidual(keras.layers.Layer):
             )
             self.expand_bn = batch_norm("expand_bn", policy)
         self.depthwise_pad = (
-            keras.layers.ZeroPadding2D(1, name="depthwise_pad", dtype=policy)
-            if self.strides == 2
-            else None
+            keras.layers.ZeroPadding2D(1, name="depthwise_pad", dtype=policy) if self.strides == 2 else None
         )
         self.depthwise_conv = keras.layers.DepthwiseConv2D(
             3,
@@ -80,9 +75,7 @@ class InvertedResidual(keras.layers.Layer):
             dtype=policy,
         )
         self.depthwise_bn = batch_norm("depthwise_bn", policy)
-        self.project_conv = keras.layers.Conv2D(
-            self.filters, 1, use_bias=False, name="project_conv", dtype=policy
-        )
+        self.project_conv = keras.layers.Conv2D(self.filters, 1, use_bias=False, name="project_conv", dtype=policy)
         self.project_bn = batch_norm("project_bn", policy)
 
         shape = input_shape
@@ -101,14 +94,10 @@ class InvertedResidual(keras.layers.Layer):
     def call(self, inputs, training=None):
         x = inputs
         if self.expand_conv is not None:
-            x = fusable_silu(
-                conv_batch_norm(self.expand_conv, self.expand_bn, x, training)
-            )
+            x = fusable_silu(conv_batch_norm(self.expand_conv, self.expand_bn, x, training))
         if self.depthwise_pad is not None:
             x = self.depthwise_pad(x)
-        x = fusable_silu(
-            conv_batch_norm(self.depthwise_conv, self.depthwise_bn, x, training)
-        )
+        x = fusable_silu(conv_batch_norm(self.depthwise_conv, self.depthwise_bn, x, training))
         x = conv_batch_norm(self.project_conv, self.project_bn, x, training)
         return inputs + x if self.use_residual else x
 
@@ -121,7 +110,5 @@ class InvertedResidual(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {"filters": self.filters, "strides": self.strides, "expansion": self.expansion}
-        )
+        config.update({"filters": self.filters, "strides": self.strides, "expansion": self.expansion})
         return config

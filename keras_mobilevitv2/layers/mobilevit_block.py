@@ -11,7 +11,8 @@ from keras_mobilevitv2.layers.folding import fusable_silu
 from keras_mobilevitv2.layers.inverted_residual import batch_norm
 from keras_mobilevitv2.layers.normalization import attention_norm_layer
 from keras_mobilevitv2.layers.normalization import validate_attention_norm
-from keras_mobilevitv2.layers.transformer import LinearAttentionFFN, ffn_dim_for
+from keras_mobilevitv2.layers.transformer import LinearAttentionFFN
+from keras_mobilevitv2.layers.transformer import ffn_dim_for
 
 
 def unfold_patches(feature_map, patch_size):
@@ -60,9 +61,7 @@ def resize_bilinear_align_corners(images, height, width):
 
     def interpolate(x, axis, out_size):
         in_size = ops.shape(x)[axis]
-        scale = ops.cast(in_size - 1, "float32") / ops.cast(
-            ops.maximum(out_size - 1, 1), "float32"
-        )
+        scale = ops.cast(in_size - 1, "float32") / ops.cast(ops.maximum(out_size - 1, 1), "float32")
         positions = ops.cast(ops.arange(out_size), "float32") * scale
         lower = ops.cast(ops.floor(positions), "int32")
         upper = ops.minimum(lower + 1, in_size - 1)
@@ -70,9 +69,7 @@ def resize_bilinear_align_corners(images, height, width):
         frac_shape = [1, 1, 1, 1]
         frac_shape[axis] = -1
         frac = ops.cast(ops.reshape(frac, frac_shape), x.dtype)
-        return ops.take(x, lower, axis=axis) * (1 - frac) + ops.take(
-            x, upper, axis=axis
-        ) * frac
+        return ops.take(x, lower, axis=axis) * (1 - frac) + ops.take(x, upper, axis=axis) * frac
 
     return interpolate(interpolate(images, 1, height), 2, width)
 
@@ -163,9 +160,7 @@ class MobileViTv2Block(keras.layers.Layer):
         # with GroupNorm(1) here; 0.17 top-1 after 10 epochs on the embedded
         # dataset), while BatchNorm in the attention and FFN norms alone
         # trains as well as the reference.
-        self.final_norm = attention_norm_layer(
-            "layer_norm_2d", name="final_norm", dtype=policy
-        )
+        self.final_norm = attention_norm_layer("layer_norm_2d", name="final_norm", dtype=policy)
         self.project_conv = None  # Needs the input channels: built in build().
         self.project_bn = batch_norm("project_bn", policy)
 
@@ -176,8 +171,7 @@ class MobileViTv2Block(keras.layers.Layer):
         input_shape = tuple(input_shape)
         if len(input_shape) != 4 or input_shape[-1] is None:
             raise ValueError(
-                "MobileViTv2Block expects [B, H, W, C] inputs with known C. "
-                f"Received: input_shape={input_shape}"
+                f"MobileViTv2Block expects [B, H, W, C] inputs with known C. Received: input_shape={input_shape}"
             )
         batch, height, width, channels = input_shape
         self.project_conv = keras.layers.Conv2D(
@@ -203,9 +197,7 @@ class MobileViTv2Block(keras.layers.Layer):
         if height is not None and width is not None:
             if height % self.patch_size == 0 and width % self.patch_size == 0:
                 return x
-            return resize_bilinear_align_corners(
-                x, self._padded_size(height), self._padded_size(width)
-            )
+            return resize_bilinear_align_corners(x, self._padded_size(height), self._padded_size(width))
         # Unknown size while tracing symbolically: resizing an already even
         # size with align_corners=True is an exact identity, so always resize.
         p = self.patch_size
@@ -218,9 +210,7 @@ class MobileViTv2Block(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         x = self._resize_if_needed(inputs)
-        x = fusable_silu(
-            conv_batch_norm(self.local_depthwise_conv, self.local_bn, x, training)
-        )
+        x = fusable_silu(conv_batch_norm(self.local_depthwise_conv, self.local_bn, x, training))
         x = self.local_pointwise_conv(x)  # [B, H, W, d]
 
         height, width = ops.shape(x)[1], ops.shape(x)[2]
@@ -238,9 +228,7 @@ class MobileViTv2Block(keras.layers.Layer):
             patches = self.final_norm(patches, training=training)
         x = fold_patches(patches, height, width, self.patch_size)  # [B, H, W, d]
 
-        return conv_batch_norm(
-            self.project_conv, self.project_bn, x, training, input_affine=final_affine
-        )
+        return conv_batch_norm(self.project_conv, self.project_bn, x, training, input_affine=final_affine)
 
     def compute_output_shape(self, input_shape):
         batch, height, width, channels = tuple(input_shape)

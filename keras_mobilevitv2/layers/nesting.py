@@ -10,8 +10,7 @@ def _is_layer(value):
     # By class name, so that tf_keras layers (benchmarks' competitor models)
     # count too without importing tf_keras.
     return any(
-        cls.__name__ == "Layer" and cls.__module__.split(".")[0] in ("keras", "tf_keras")
-        for cls in type(value).__mro__
+        cls.__name__ == "Layer" and cls.__module__.split(".")[0] in ("keras", "tf_keras") for cls in type(value).__mro__
     )
 
 

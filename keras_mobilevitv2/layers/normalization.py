@@ -45,21 +45,15 @@ class LayerNorm2D(keras.layers.Layer):
                 f"(last) dimension. Received: input_shape={input_shape}"
             )
         channels = input_shape[-1]
-        self.gamma = self.add_weight(
-            name="gamma", shape=(channels,), initializer="ones"
-        )
-        self.beta = self.add_weight(
-            name="beta", shape=(channels,), initializer="zeros"
-        )
+        self.gamma = self.add_weight(name="gamma", shape=(channels,), initializer="ones")
+        self.beta = self.add_weight(name="beta", shape=(channels,), initializer="zeros")
         self.reduction_axes = tuple(range(1, len(input_shape)))
 
     def _normalize_float32(self, inputs):
         x = ops.cast(inputs, "float32")
         mean = ops.mean(x, axis=self.reduction_axes, keepdims=True)
         centered = x - mean
-        variance = ops.mean(
-            centered * centered, axis=self.reduction_axes, keepdims=True
-        )
+        variance = ops.mean(centered * centered, axis=self.reduction_axes, keepdims=True)
         return centered * ops.rsqrt(variance + self.epsilon)
 
     def normalize(self, inputs):
@@ -72,9 +66,7 @@ class LayerNorm2D(keras.layers.Layer):
 
     def call(self, inputs):
         normalized = self._normalize_float32(inputs)
-        outputs = normalized * ops.cast(self.gamma, "float32") + ops.cast(
-            self.beta, "float32"
-        )
+        outputs = normalized * ops.cast(self.gamma, "float32") + ops.cast(self.beta, "float32")
         return ops.cast(outputs, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
@@ -93,8 +85,7 @@ ATTENTION_NORMS = ("layer_norm_2d", "batch_norm_2d")
 def validate_attention_norm(attention_norm):
     if attention_norm not in ATTENTION_NORMS:
         raise ValueError(
-            f"`attention_norm` must be one of {ATTENTION_NORMS}. "
-            f"Received: attention_norm={attention_norm!r}"
+            f"`attention_norm` must be one of {ATTENTION_NORMS}. Received: attention_norm={attention_norm!r}"
         )
     return attention_norm
 
@@ -111,7 +102,5 @@ def attention_norm_layer(attention_norm, epsilon=1e-5, name=None, dtype=None):
     validate_attention_norm(attention_norm)
     if attention_norm == "batch_norm_2d":
         # PyTorch momentum 0.1 == Keras momentum 0.9.
-        return keras.layers.BatchNormalization(
-            epsilon=epsilon, momentum=0.9, name=name, dtype=dtype
-        )
+        return keras.layers.BatchNormalization(epsilon=epsilon, momentum=0.9, name=name, dtype=dtype)
     return LayerNorm2D(epsilon, name=name, dtype=dtype)

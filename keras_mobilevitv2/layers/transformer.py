@@ -59,30 +59,14 @@ class LinearAttentionFFN(keras.layers.Layer):
         self.norm_epsilon = norm_epsilon
 
         policy = self.dtype_policy
-        self.attn_norm = attention_norm_layer(
-            attention_norm, norm_epsilon, name="attn_norm", dtype=policy
-        )
-        self.attention = SeparableSelfAttention(
-            embed_dim, attn_dropout=attn_dropout, name="attention", dtype=policy
-        )
-        self.attn_output_dropout = keras.layers.Dropout(
-            dropout, name="attn_output_dropout", dtype=policy
-        )
-        self.ffn_norm = attention_norm_layer(
-            attention_norm, norm_epsilon, name="ffn_norm", dtype=policy
-        )
-        self.ffn_expand = keras.layers.Conv2D(
-            self.ffn_dim, 1, activation="silu", name="ffn_expand", dtype=policy
-        )
-        self.ffn_hidden_dropout = keras.layers.Dropout(
-            ffn_dropout, name="ffn_hidden_dropout", dtype=policy
-        )
-        self.ffn_project = keras.layers.Conv2D(
-            embed_dim, 1, name="ffn_project", dtype=policy
-        )
-        self.ffn_output_dropout = keras.layers.Dropout(
-            dropout, name="ffn_output_dropout", dtype=policy
-        )
+        self.attn_norm = attention_norm_layer(attention_norm, norm_epsilon, name="attn_norm", dtype=policy)
+        self.attention = SeparableSelfAttention(embed_dim, attn_dropout=attn_dropout, name="attention", dtype=policy)
+        self.attn_output_dropout = keras.layers.Dropout(dropout, name="attn_output_dropout", dtype=policy)
+        self.ffn_norm = attention_norm_layer(attention_norm, norm_epsilon, name="ffn_norm", dtype=policy)
+        self.ffn_expand = keras.layers.Conv2D(self.ffn_dim, 1, activation="silu", name="ffn_expand", dtype=policy)
+        self.ffn_hidden_dropout = keras.layers.Dropout(ffn_dropout, name="ffn_hidden_dropout", dtype=policy)
+        self.ffn_project = keras.layers.Conv2D(embed_dim, 1, name="ffn_project", dtype=policy)
+        self.ffn_output_dropout = keras.layers.Dropout(dropout, name="ffn_output_dropout", dtype=policy)
 
     def build(self, input_shape):
         input_shape = tuple(input_shape)
@@ -107,9 +91,7 @@ class LinearAttentionFFN(keras.layers.Layer):
             training,
             output_splits=(1, self.embed_dim, self.embed_dim),
         )
-        attended = self.attention.attend_projected(
-            query, key, value, training=training
-        )
+        attended = self.attention.attend_projected(query, key, value, training=training)
         x = inputs + self.attn_output_dropout(attended, training=training)
 
         hidden = norm_then_pointwise(self.ffn_norm, self.ffn_expand, x, training)

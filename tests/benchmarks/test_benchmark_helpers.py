@@ -9,10 +9,9 @@ import os
 import sys
 import time
 
+import keras
 import numpy as np
 import pytest
-
-import keras
 
 # `benchmarks` is not part of the installed wheel: it is imported from the
 # repository. Appended, not prepended, so installed packages keep priority;
@@ -76,7 +75,10 @@ def test_time_interleaved_times_each_callable_on_its_own():
 
     timings = time_interleaved(
         {"slow": lambda: run("slow", 0.02), "fast": lambda: run("fast", 0)},
-        warmup=1, repeats=3, max_seconds=10, turn_seconds=0.01,
+        warmup=1,
+        repeats=3,
+        max_seconds=10,
+        turn_seconds=0.01,
     )
     assert timings["slow"].min_ms >= 19 and timings["fast"].max_ms < 5
     assert timings["slow"].runs == timings["fast"].runs == 3  # one sample per turn
@@ -124,7 +126,9 @@ def test_macs_of_multi_head_attention():
 
 def test_randomized_weights_are_well_scaled():
     model = randomize_keras_weights(small_model(), seed=3)
-    by_name = {variable.path.rsplit("/", 1)[-1] + str(i): np.asarray(variable) for i, variable in enumerate(model.weights)}
+    by_name = {
+        variable.path.rsplit("/", 1)[-1] + str(i): np.asarray(variable) for i, variable in enumerate(model.weights)
+    }
     variances = [value for name, value in by_name.items() if name.startswith("moving_variance")]
     assert variances and all(((v >= 0.5) & (v <= 1.5)).all() for v in variances)
     depthwise = np.asarray(model.layers[4].kernel)

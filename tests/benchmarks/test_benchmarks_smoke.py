@@ -31,14 +31,23 @@ def tiny_run(tmp_path_factory):
     start = time.perf_counter()
     completed = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--tiny", "--output_dir", str(output_dir)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
     with open(output_dir / "results.json") as f:
         results = json.load(f)
     markdown = (output_dir / "results.md").read_text()
-    return {"dir": output_dir, "results": results, "markdown": markdown, "stdout": completed.stdout,
-            "seconds": time.perf_counter() - start}
+    return {
+        "dir": output_dir,
+        "results": results,
+        "markdown": markdown,
+        "stdout": completed.stdout,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def rows_of(results, implementation):
@@ -47,8 +56,14 @@ def rows_of(results, implementation):
 
 def test_writes_tables_json_and_plot(tiny_run):
     assert "## 1. Inference latency" in tiny_run["stdout"]  # the tables are printed too
-    for title in ("## 1. Inference latency", "## 2. Separable self-attention", "## 3. Model size per width",
-                  "## 4. Training throughput", "### This package / timm", "### int8 / float TFLite"):
+    for title in (
+        "## 1. Inference latency",
+        "## 2. Separable self-attention",
+        "## 3. Model size per width",
+        "## 4. Training throughput",
+        "### This package / timm",
+        "### int8 / float TFLite",
+    ):
         assert title in tiny_run["markdown"]
     assert "Threads: " in tiny_run["markdown"]
     assert tiny_run["results"]["settings"]["tiny"] is True
@@ -72,8 +87,13 @@ def test_our_runtimes_are_measured(tiny_run):
 
 @pytest.mark.parametrize(
     "implementation, module, runtime",
-    [("timm", "timm", "torch"), ("kimm", "kimm", "graph"), ("kecam", "keras_cv_attention_models", "graph"),
-     ("mobilenet_v2", "keras", "graph"), ("mobilenet_v3_large", "keras", "graph")],
+    [
+        ("timm", "timm", "torch"),
+        ("kimm", "kimm", "graph"),
+        ("kecam", "keras_cv_attention_models", "graph"),
+        ("mobilenet_v2", "keras", "graph"),
+        ("mobilenet_v3_large", "keras", "graph"),
+    ],
 )
 def test_other_implementations_measured_or_na(tiny_run, implementation, module, runtime):
     rows = rows_of(tiny_run["results"], implementation)
@@ -88,7 +108,9 @@ def test_other_implementations_measured_or_na(tiny_run, implementation, module, 
 def test_graph_and_timm_are_timed_in_turn(tiny_run):
     rows = [row for row in tiny_run["results"]["latency"] if row["runtime"].endswith("_in_turn")]
     assert {(row["implementation"], row["runtime"]) for row in rows} == {
-        ("keras_mobilevitv2", "graph_in_turn"), ("timm", "torch_in_turn")}
+        ("keras_mobilevitv2", "graph_in_turn"),
+        ("timm", "torch_in_turn"),
+    }
     for row in rows:
         if installed("timm"):
             assert row["status"] == "ok", row["reason"]

@@ -1,4 +1,4 @@
-"""Android export: GPU-delegate compatibility, XNNPACK latency, export_android."""
+"""Android target: GPU-delegate compatibility, XNNPACK latency, export."""
 
 import json
 import os
@@ -10,16 +10,18 @@ pytest.importorskip("ai_edge_litert")
 
 import flatbuffers  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from conftest import tiny_mobilevitv2  # noqa: E402
 from tensorflow.lite.python import schema_py_generated as schema  # noqa: E402
 
-from conftest import tiny_mobilevitv2  # noqa: E402
 from quantization import calibrate  # noqa: E402
 from quantization import quantize_model  # noqa: E402
-from quantization.android import PARTITION_NOTE  # noqa: E402
-from quantization.android import export_android  # noqa: E402
-from quantization.android import format_android_report  # noqa: E402
-from quantization.android import gpu_delegate_compatibility  # noqa: E402
-from quantization.android import xnnpack_latency  # noqa: E402
+from quantization.targets import TargetError  # noqa: E402
+from quantization.targets.android import export  # noqa: E402
+from quantization.targets.android import format_report  # noqa: E402
+from quantization.targets.android import xnnpack_latency  # noqa: E402
+from quantization.targets.android_gpu import PARTITION_NOTE  # noqa: E402
+from quantization.targets.android_gpu import analyzer_checks_gpu  # noqa: E402
+from quantization.targets.android_gpu import gpu_delegate_compatibility  # noqa: E402
 
 SIZE = 32
 
@@ -63,9 +65,15 @@ def float_model():
 def android_export(float_model, images, tmp_path_factory):
     qat_model = calibrate(quantize_model(float_model), images[:32])
     directory = str(tmp_path_factory.mktemp("android"))
-    report = export_android(
-        float_model, directory, "tiny", representative_images=images[:16], sample_images=images[32:],
-        qat_model=qat_model, warmup=2, repeats=5,
+    report = export(
+        float_model,
+        directory,
+        "tiny",
+        calibration_images=images[:16],
+        sample_images=images[32:],
+        qat_model=qat_model,
+        warmup=2,
+        repeats=5,
     )
     return directory, report
 
@@ -73,8 +81,8 @@ def android_export(float_model, images, tmp_path_factory):
 def test_export_android_writes_both_models_and_report(android_export):
     directory, report = android_export
     files = sorted(os.listdir(directory))
-    assert {"tiny.float16.tflite", "tiny.int8.tflite", "tiny.android_report.json"} <= set(files)
-    with open(os.path.join(directory, "tiny.android_report.json")) as f:
+    assert {"tiny.android.float16.tflite", "tiny.android.int8.tflite", "tiny.android.report.json"} <= set(files)
+    with open(os.path.join(directory, "tiny.android.report.json")) as f:
         assert json.load(f) == json.loads(json.dumps(report))
     float16, int8 = report["models"]
     assert (float16["mode"], int8["mode"]) == ("float16", "qat_int8")
@@ -89,8 +97,8 @@ def test_export_android_writes_both_models_and_report(android_export):
     # The int8 weights take less room than the float16 ones. (The file sizes
     # of this tiny test model are dominated by per-tensor metadata.)
     assert constant_bytes(int8["path"]) < 0.75 * constant_bytes(float16["path"])
-    table = format_android_report(report)
-    assert "| tiny.float16.tflite | float16 |" in table and "| tiny.int8.tflite | qat_int8 |" in table
+    table = format_report(report)
+    assert "| tiny.android.float16.tflite | float16 |" in table and "| tiny.android.int8.tflite | qat_int8 |" in table
 
 
 def test_mobilevitv2_layers_run_entirely_on_the_gpu(android_export):
@@ -113,8 +121,9 @@ def test_mobilevitv2_layers_run_entirely_on_the_gpu(android_export):
 
 
 def test_ptq_int8_without_qat_model(float_model, images, tmp_path):
-    report = export_android(float_model, str(tmp_path), "ptq", representative_images=images[:8], warmup=1,
-                            repeats=2, int8_io_type="int8")
+    report = export(
+        float_model, str(tmp_path), "ptq", calibration_images=images[:8], warmup=1, repeats=2, io_type="int8"
+    )
     assert [m["mode"] for m in report["models"]] == ["float16", "ptq_int8"]
     assert report["models"][1]["io_type"] == "int8" and report["models"][1]["gpu"]["int8"]
 
@@ -122,8 +131,11 @@ def test_ptq_int8_without_qat_model(float_model, images, tmp_path):
 @pytest.mark.parametrize(
     "function, op, reason",
     [
-        (lambda x: tf.reshape(tf.transpose(tf.reshape(x, [1, 2, 2, 4, 8]), [0, 2, 1, 3, 4]), [1, 4, 4, 8]),
-         "TRANSPOSE", "rank 5"),
+        (
+            lambda x: tf.reshape(tf.transpose(tf.reshape(x, [1, 2, 2, 4, 8]), [0, 2, 1, 3, 4]), [1, 4, 4, 8]),
+            "TRANSPOSE",
+            "rank 5",
+        ),
         (lambda x: x[:, 0] + 1.0, "STRIDED_SLICE", "shrink_axis_mask"),
         (lambda x: tf.argmax(x, axis=-1), "ARG_MAX", "not supported by the GPU delegate"),
         (lambda x: x + tf.reshape(tf.range(32.0), (4, 8)), "ADD", "broadcasting [1, 4, 4, 8] with [4, 8]"),
@@ -155,7 +167,9 @@ def test_enhanced_broadcast_accepts_general_broadcasting():
 def test_an_unsupported_op_in_the_middle_splits_the_gpu_graph():
     report = gpu_delegate_compatibility(convert_function(lambda x: tf.nn.relu(x)[:, 0] * 3.0))
     assert [(op["op"], op["supported"]) for op in report["ops"]] == [
-        ("RELU", True), ("STRIDED_SLICE", False), ("MUL", True)
+        ("RELU", True),
+        ("STRIDED_SLICE", False),
+        ("MUL", True),
     ]
     assert (report["gpu_partitions"], report["cpu_partitions"], report["largest_gpu_partition"]) == (2, 1, 1)
     assert PARTITION_NOTE in report["notes"]
@@ -169,11 +183,11 @@ def test_bad_arguments(float_model, android_export, tmp_path):
         xnnpack_latency(flatbuffer, repeats=0)
     qat_model = quantize_model(float_model)
     with pytest.raises(ValueError, match="qat_model"):
-        export_android(float_model, str(tmp_path), "x", None, qat_model=float_model)
+        export(float_model, str(tmp_path), "x", qat_model=float_model)
     with pytest.raises(ValueError, match="QAT model"):
-        export_android(qat_model, str(tmp_path), "x", None)
+        export(qat_model, str(tmp_path), "x")
     with pytest.raises(ValueError, match="name"):
-        export_android(float_model, str(tmp_path), "a/b", None)
+        export(float_model, str(tmp_path), "a/b")
     assert os.listdir(tmp_path) == []
 
 
@@ -190,7 +204,7 @@ GPU COMPATIBILITY WARNING: Subgraph#0 has GPU delegate compatibility issues at n
 
 Tensors of Subgraph#0
   T#0(x) shape:[1, 4, 4, 8], type:FLOAT32
-"""
+"""  # noqa: E501  (the Analyzer's lines as it prints them)
 
 
 def reverse_model(size=8):
@@ -206,18 +220,17 @@ def reverse_model(size=8):
 
 
 def test_analyzer_text_is_parsed_per_op():
-    from quantization.android import parse_analyzer_output
+    from quantization.targets.android_gpu import parse_analyzer_output
 
-    assert parse_analyzer_output(ANALYZER_TEXT) == {"compatible": False,
-                                                    "flagged": {1: "Not supported op REVERSE_V2"}}
+    assert parse_analyzer_output(ANALYZER_TEXT) == {"compatible": False, "flagged": {1: "Not supported op REVERSE_V2"}}
     clean = "\n".join(line for line in ANALYZER_TEXT.splitlines() if "WARNING" not in line)
     assert parse_analyzer_output(clean + "\nYour model looks compatible with GPU delegate on TFLite runtime")[
-        "compatible"]
+        "compatible"
+    ]
 
 
 def test_analyzer_and_our_report_agree_on_mobilevitv2(android_export):
-    from quantization.android import analyzer_checks_gpu
-    from quantization.android import run_analyzer
+    from quantization.targets.android_gpu import run_analyzer
 
     _, report = android_export
     for model in report["models"]:
@@ -228,19 +241,15 @@ def test_analyzer_and_our_report_agree_on_mobilevitv2(android_export):
         with open(model["path"], "rb") as f:
             assert run_analyzer(f.read()) == {"compatible": True, "flagged": {}}
         assert comparison["analyzer_checks_gpu"] == analyzer_checks_gpu()
-    assert "TensorFlow's Analyzer: compatible; ours: 0 unsupported op(s); agree" in format_android_report(report)
+    assert "TensorFlow's Analyzer: compatible; ours: 0 unsupported op(s); agree" in format_report(report)
 
 
 def test_an_op_the_gpu_cannot_run_is_flagged_and_the_export_refused(images, tmp_path):
-    from quantization.android import analyzer_checks_gpu
-    from quantization.targets import TargetError
-    from quantization.targets import export_for_android
-
     model = reverse_model()
     pictures = images[:8, :8, :8]
     (tmp_path / "kept.txt").write_text("untouched")
     with pytest.raises(TargetError, match="op #4 REVERSE_V2: REVERSE_V2 is not supported") as raised:
-        export_for_android(model, str(tmp_path), "reverse", representative_images=pictures)
+        export(model, str(tmp_path), "reverse", calibration_images=pictures)
     assert "allow_cpu_fallback=True" in str(raised.value) and "Nothing was written" in str(raised.value)
     assert sorted(os.listdir(tmp_path)) == ["kept.txt"]
     assert not [name for name in os.listdir(tmp_path.parent) if name.startswith(".android-")]
@@ -252,20 +261,25 @@ def test_an_op_the_gpu_cannot_run_is_flagged_and_the_export_refused(images, tmp_
         assert [op["op"] for op in comparison["analyzer_flagged"]] == ["REVERSE_V2"] and comparison["agree"]
     else:  # TF 2.21: the Analyzer calls everything compatible; the disagreement names the deciding rule
         assert comparison["note"] and not comparison["agree"]
-        assert comparison["disagreements"] == [{
-            "index": 4, "op": "REVERSE_V2", "ours": "REVERSE_V2 is not supported by the GPU delegate",
-            "analyzer": "compatible",
-            "rule": "tools/versioning/gpu_compatibility.cc: no case for REVERSE_V2, default branch "
-                    "(\"Not supported op\")",
-        }]
+        assert comparison["disagreements"] == [
+            {
+                "index": 4,
+                "op": "REVERSE_V2",
+                "ours": "REVERSE_V2 is not supported by the GPU delegate",
+                "analyzer": "compatible",
+                "rule": "tools/versioning/gpu_compatibility.cc: no case for REVERSE_V2, default branch "
+                '("Not supported op")',
+            }
+        ]
 
-    report = export_for_android(model, str(tmp_path / "out"), "reverse", representative_images=pictures,
-                                allow_cpu_fallback=True)
+    report = export(model, str(tmp_path / "out"), "reverse", calibration_images=pictures, allow_cpu_fallback=True)
     assert sorted(os.listdir(tmp_path / "out")) == [
-        "reverse.android_report.json", "reverse.float16.audit.json", "reverse.float16.tflite",
-        "reverse.int8.audit.json", "reverse.int8.tflite",
+        "reverse.android.float16.audit.json",
+        "reverse.android.float16.tflite",
+        "reverse.android.int8.audit.json",
+        "reverse.android.int8.tflite",
+        "reverse.android.report.json",
     ]
-    with open(tmp_path / "out" / "reverse.float16.audit.json") as f:
+    with open(tmp_path / "out" / "reverse.android.float16.audit.json") as f:
         assert json.load(f)["path"] == report["models"][0]["path"]
-    assert "decided by tools/versioning/gpu_compatibility.cc" in format_android_report(report) or (
-        analyzer_checks_gpu())
+    assert "decided by tools/versioning/gpu_compatibility.cc" in format_report(report) or (analyzer_checks_gpu())

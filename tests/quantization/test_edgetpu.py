@@ -5,29 +5,47 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import randomize_keras_model
+
 from keras_mobilevitv2 import MobileViTv2
 from quantization import calibrate
 from quantization import quantize_model
 from quantization.audit import make_interpreter
 from quantization.audit import read_structure
 from quantization.audit import run_tflite
-from quantization.edgetpu import MAPPED
-from quantization.edgetpu import edgetpu_report
-from quantization.edgetpu import parse_compiler_log
 from quantization.export import convert
 from quantization.targets import TargetError
-from quantization.targets import export_for_edgetpu
-from quantization.targets import write_edgetpu_model
+from quantization.targets.edgetpu import export
+from quantization.targets.edgetpu import export_flatbuffer
+from quantization.targets.edgetpu_ops import MAPPED
+from quantization.targets.edgetpu_ops import edgetpu_report
+from quantization.targets.edgetpu_ops import parse_compiler_log
 
 SIZE = 64
 DATA = os.path.join(os.path.dirname(__file__), "data")
 # Every op of the documented Edge TPU table that the rewritten graph may use.
 DOCUMENTED_TABLE = {
-    "ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED",
-    "LOGISTIC", "MAXIMUM", "MEAN", "MUL", "PAD", "RELU", "RESHAPE", "RSQRT", "SOFTMAX",
-    "SPACE_TO_DEPTH", "STRIDED_SLICE", "SUB", "SUM", "QUANTIZE", "RESIZE_BILINEAR",
+    "ADD",
+    "AVERAGE_POOL_2D",
+    "CONCATENATION",
+    "CONV_2D",
+    "DEPTHWISE_CONV_2D",
+    "FULLY_CONNECTED",
+    "LOGISTIC",
+    "MAXIMUM",
+    "MEAN",
+    "MUL",
+    "PAD",
+    "RELU",
+    "RESHAPE",
+    "RSQRT",
+    "SOFTMAX",
+    "SPACE_TO_DEPTH",
+    "STRIDED_SLICE",
+    "SUB",
+    "SUM",
+    "QUANTIZE",
+    "RESIZE_BILINEAR",
 }
 
 
@@ -50,13 +68,13 @@ def reference_flatbuffer(qat_model, images):
 @pytest.fixture(scope="module")
 def edgetpu_export(qat_model, images, tmp_path_factory):
     directory = tmp_path_factory.mktemp("edgetpu")
-    report = export_for_edgetpu(qat_model, str(directory), "m050", sample_images=images, verbose=False)
+    report = export(qat_model, str(directory), "m050", sample_images=images)
     return report, directory
 
 
 def test_edgetpu_export_maps_every_op_from_the_documented_table(edgetpu_export):
     report, directory = edgetpu_export
-    flatbuffer = (directory / "m050_edgetpu_int8.tflite").read_bytes()
+    flatbuffer = (directory / "m050.edgetpu.int8.tflite").read_bytes()
     ops = {name for name, _ in read_structure(flatbuffer)["ops"]}
     assert ops <= DOCUMENTED_TABLE, ops - DOCUMENTED_TABLE
     assert not ops & {"TRANSPOSE", "DEPTH_TO_SPACE", "HARD_SWISH", "BATCH_MATMUL", "DEQUANTIZE"}
@@ -64,14 +82,14 @@ def test_edgetpu_export_maps_every_op_from_the_documented_table(edgetpu_export):
     assert report["ops_mapped"] == report["ops_total"] and report["mac_share_on_tpu"] == 1.0
     assert report["audit"]["float_tensors_inside"] == [] and report["audit"]["max_tensor_rank"] <= 4
     assert report["audit"]["input"]["shape"] == [1, SIZE, SIZE, 3]
-    saved = json.loads((directory / "m050_edgetpu_int8.edgetpu_report.json").read_text())
+    saved = json.loads((directory / "m050.edgetpu.report.json").read_text())
     assert saved["ops_mapped"] == report["ops_mapped"]
 
 
 def test_edgetpu_rewrite_keeps_the_predictions(qat_model, edgetpu_export, reference_flatbuffer, images):
     report, directory = edgetpu_export
     assert report["rewrite_check"]["max_abs_difference"] == 0.0  # same Keras function
-    rewritten = run_tflite(make_interpreter((directory / "m050_edgetpu_int8.tflite").read_bytes()), images)
+    rewritten = run_tflite(make_interpreter((directory / "m050.edgetpu.int8.tflite").read_bytes()), images)
     reference = run_tflite(make_interpreter(reference_flatbuffer), images)
     step = make_interpreter(reference_flatbuffer).get_output_details()[0]["quantization"][0]
     # The same int8 model computed through other data-movement ops.
@@ -85,24 +103,23 @@ def test_reference_graph_is_reported_with_its_first_cpu_op(reference_flatbuffer)
     assert first is not None and first["op"] in ("RESHAPE", "TRANSPOSE")  # the 4-D unfold of stage 3
     statuses = [op["status"] for op in report["ops"]]
     assert statuses[: first["index"]] == [MAPPED] * first["index"]
-    assert all(status != MAPPED for status in statuses[first["index"]:])
+    assert all(status != MAPPED for status in statuses[first["index"] :])
     assert 0.0 < report["mac_share_on_tpu"] < 1.0
     assert any("Softmax input" in reason for reason in report["unsupported"].values())
 
 
 def test_an_op_falling_back_to_the_cpu_is_refused_and_nothing_written(reference_flatbuffer, tmp_path):
     with pytest.raises(TargetError, match="cannot run on the Edge TPU") as raised:
-        write_edgetpu_model(reference_flatbuffer, str(tmp_path), "reference", verbose=False)
+        export_flatbuffer(reference_flatbuffer, str(tmp_path), "reference")
     assert raised.value.report["first_cpu_op"] is not None
     assert list(tmp_path.iterdir()) == []
-    report = write_edgetpu_model(reference_flatbuffer, str(tmp_path), "reference", allow_cpu_fallback=True,
-                                 verbose=False)
-    assert os.path.exists(report["path"])
+    report = export_flatbuffer(reference_flatbuffer, str(tmp_path), "reference", allow_cpu_fallback=True)
+    assert os.path.exists(report["files"]["tflite"]) and os.path.exists(report["files"]["report"])
 
 
 def test_float_io_is_refused(qat_model, tmp_path):
     with pytest.raises(ValueError, match="int8 or uint8"):
-        export_for_edgetpu(qat_model, str(tmp_path), io_type="float32", verbose=False)
+        export(qat_model, str(tmp_path), io_type="float32")
 
 
 def test_compiler_log_parser_reads_recorded_logs():
@@ -129,8 +146,7 @@ def test_compiler_log_parser_rejects_inconsistent_or_foreign_text():
 def test_batch_norm_attention_option_has_no_normalization_ops(images, tmp_path):
     model = MobileViTv2(0.5, weights=None, input_shape=(SIZE, SIZE, 3), classes=10, attention_norm="batch_norm_2d")
     model = randomize_keras_model(model, seed=4)
-    report = export_for_edgetpu(model, str(tmp_path), "bn", calibration_images=images[:16],
-                                sample_images=images[:16], verbose=False)
+    report = export(model, str(tmp_path), "bn", calibration_images=images[:16], sample_images=images[:16])
     names = [op["op"] for op in report["ops"]]
     # Each BatchNorm is one depthwise op: only the 3 final norms (one per
     # MobileViTv2 block, 2 MEANs each) and the global pool keep MEAN/RSQRT.
@@ -154,15 +170,27 @@ def small_float_model():
     [
         (1, "int8", []),
         (1, "uint8", []),
-        (2, "int8", ["input 'serving_default_image:0' has shape [2, 32, 32, 3]: the Edge TPU needs batch 1",
-                     "has shape [2, 5]: the Edge TPU needs batch 1"]),
-        (1, "float32", ["input 'serving_default_image:0' is float32: the Edge TPU takes int8 or uint8",
-                        "is float32: the Edge TPU takes int8 or uint8"]),
+        (
+            2,
+            "int8",
+            [
+                "input 'serving_default_image:0' has shape [2, 32, 32, 3]: the Edge TPU needs batch 1",
+                "has shape [2, 5]: the Edge TPU needs batch 1",
+            ],
+        ),
+        (
+            1,
+            "float32",
+            [
+                "input 'serving_default_image:0' is float32: the Edge TPU takes int8 or uint8",
+                "is float32: the Edge TPU takes int8 or uint8",
+            ],
+        ),
     ],
     ids=["int8", "uint8", "batch_2", "float_io"],
 )
 def test_edgetpu_io_check_refuses_batch_and_float_interfaces(small_float_model, batch_size, io_type, problems):
-    from quantization.edgetpu import check_edgetpu_io
+    from quantization.targets.edgetpu_ops import check_edgetpu_io
 
     calibration = np.random.RandomState(0).rand(4, 32, 32, 3).astype("float32") * 255
     flatbuffer = convert(small_float_model, "ptq_int8", io_type, calibration, batch_size=batch_size)

@@ -8,15 +8,12 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import tiny_mobilevitv2
+
 from keras_mobilevitv2 import MobileViTv2_050
-from quantization import android
 from quantization import calibrate
 from quantization import export
 from quantization import export_tflite
-from quantization import micro
-from quantization import onnx_export
 from quantization import quantize_model
 from quantization import targets
 
@@ -66,10 +63,8 @@ def no_export(monkeypatch):
 
     monkeypatch.setattr(export, "export_tflite", record("export_tflite"))
     for target in targets.TARGETS:
-        monkeypatch.setattr(targets, f"export_for_{target}", record(target))
-    for module, formatter in ((android, "format_android_report"), (micro, "format_micro_report"),
-                              (onnx_export, "format_onnx_report")):
-        monkeypatch.setattr(module, formatter, lambda report: "")
+        monkeypatch.setattr(targets.target(target), "export", record(target))
+        monkeypatch.setattr(targets.target(target), "format_report", lambda report: "")
     return calls
 
 
@@ -97,10 +92,10 @@ def test_api_dynamic_input_size_is_a_clear_error(target, tmp_path):
     model = MobileViTv2_050(weights=None, input_shape=(None, None, 3), classes=5)
     export_functions = {
         "tflite": lambda: export_tflite(model, str(tmp_path / "m.tflite"), "float32"),
-        "edgetpu": lambda: targets.export_for_edgetpu(model, str(tmp_path), verbose=False),
-        "micro": lambda: targets.export_for_micro(model, str(tmp_path)),
-        "android": lambda: targets.export_for_android(model, str(tmp_path)),
-        "onnx": lambda: targets.export_for_onnx(model, str(tmp_path)),
+        "edgetpu": lambda: targets.export("edgetpu", model, str(tmp_path)),
+        "micro": lambda: targets.export("micro", model, str(tmp_path)),
+        "android": lambda: targets.export("android", model, str(tmp_path)),
+        "onnx": lambda: targets.export("onnx", model, str(tmp_path)),
     }
     with pytest.raises(ValueError, match=r"static input size; .*\(None, None, None, 3\)"):
         export_functions[target]()
@@ -110,31 +105,70 @@ def test_api_dynamic_input_size_is_a_clear_error(target, tmp_path):
 # -- 2. --io_type
 
 
-@pytest.mark.parametrize("target, io_type, accepted", [
-    ("micro", "uint8", "int8 input and output only"),
-    ("micro", "float32", "int8 input and output only"),
-    ("onnx", "int8", "float32 input and output only"),
-    ("onnx", "uint8", "float32 input and output only"),
-])
+@pytest.mark.parametrize(
+    "target, io_type, accepted",
+    [
+        ("micro", "uint8", "int8 input and output only"),
+        ("micro", "float32", "int8 input and output only"),
+        ("onnx", "int8", "float32 input and output only"),
+        ("onnx", "uint8", "float32 input and output only"),
+    ],
+)
 def test_cli_refuses_an_io_type_the_target_cannot_give(target, io_type, accepted, saved, tmp_path, capsys, no_export):
-    code, _, err = _cli(capsys, "--model", saved["qat"], "--target", target, "--output_dir", tmp_path,
-                        "--io_type", io_type, "--data", "embedded")
+    code, _, err = _cli(
+        capsys,
+        "--model",
+        saved["qat"],
+        "--target",
+        target,
+        "--output_dir",
+        tmp_path,
+        "--io_type",
+        io_type,
+        "--data",
+        "embedded",
+    )
     assert code == 2 and f"{target} target takes {accepted}" in err and f"got io_type={io_type!r}" in err
     assert no_export == []
 
 
 def test_cli_hands_io_type_to_the_android_int8_model(saved, tmp_path, capsys, no_export):
-    code, _, _ = _cli(capsys, "--model", saved["float"], "--target", "android", "--output_dir", tmp_path,
-                      "--io_type", "int8", "--data", "embedded", "--num_images", 4)
+    code, _, _ = _cli(
+        capsys,
+        "--model",
+        saved["float"],
+        "--target",
+        "android",
+        "--output_dir",
+        tmp_path,
+        "--io_type",
+        "int8",
+        "--data",
+        "embedded",
+        "--num_images",
+        4,
+    )
     assert code == 0
     [(name, _, kwargs)] = no_export
-    assert name == "android" and kwargs["int8_io_type"] == "int8"
+    assert name == "android" and kwargs["io_type"] == "int8"
     assert kwargs["allow_cpu_fallback"] is False
 
 
 def test_cli_hands_allow_cpu_fallback_to_the_android_export(saved, tmp_path, capsys, no_export):
-    code, _, _ = _cli(capsys, "--model", saved["float"], "--target", "android", "--output_dir", tmp_path,
-                      "--data", "embedded", "--num_images", 4, "--allow_cpu_fallback")
+    code, _, _ = _cli(
+        capsys,
+        "--model",
+        saved["float"],
+        "--target",
+        "android",
+        "--output_dir",
+        tmp_path,
+        "--data",
+        "embedded",
+        "--num_images",
+        4,
+        "--allow_cpu_fallback",
+    )
     assert code == 0
     [(name, _, kwargs)] = no_export
     assert name == "android" and kwargs["allow_cpu_fallback"] is True
@@ -142,37 +176,40 @@ def test_cli_hands_allow_cpu_fallback_to_the_android_export(saved, tmp_path, cap
 
 def test_api_refuses_an_io_type_the_target_cannot_give(float_model, qat_model, images, tmp_path):
     with pytest.raises(ValueError, match=r"micro target takes int8 input and output only; got io_type='uint8'"):
-        targets.export_for_micro(qat_model, str(tmp_path), sample_images=images, io_type="uint8")
+        targets.export("micro", qat_model, str(tmp_path), sample_images=images, io_type="uint8")
     with pytest.raises(ValueError, match=r"onnx target takes float32 input and output only; got io_type='int8'"):
-        targets.export_for_onnx(float_model, str(tmp_path), io_type="int8")
+        targets.export("onnx", float_model, str(tmp_path), io_type="int8")
     with pytest.raises(ValueError, match=r"android target takes float32 or int8 or uint8 input and output \(of its"):
-        targets.export_for_android(float_model, str(tmp_path), int8_io_type="int16")
+        targets.export("android", float_model, str(tmp_path), io_type="int16")
     assert os.listdir(tmp_path) == []
 
 
-# -- 3. export_for_micro without images
+# -- 3. the micro target without images
 
 
 def test_micro_without_images_says_which_are_needed(float_model, qat_model, images, tmp_path):
     with pytest.raises(ValueError, match=r"needs sample_images \(or calibration_images\): the model is run"):
-        targets.export_for_micro(qat_model, str(tmp_path))
+        targets.export("micro", qat_model, str(tmp_path))
     # a float model is quantized after training: calibration images too
     with pytest.raises(ValueError, match="needs calibration_images"):
-        targets.export_for_micro(float_model, str(tmp_path), sample_images=images)
+        targets.export("micro", float_model, str(tmp_path), sample_images=images)
     with pytest.raises(ValueError, match=r"sample_images must be float32 images of shape \(N, 32, 32, 3\)"):
-        targets.export_for_micro(qat_model, str(tmp_path), sample_images=images[:, :16])
+        targets.export("micro", qat_model, str(tmp_path), sample_images=images[:, :16])
     assert os.listdir(tmp_path) == []
 
 
 # -- 4. which images calibrate
 
 
-@pytest.mark.parametrize("action", [
-    ("--mode", "ptq_int8", "--output", "m.tflite"),
-    ("--target", "edgetpu", "--output_dir", "out"),
-    ("--target", "micro", "--output_dir", "out"),
-    ("--target", "android", "--output_dir", "out"),
-])
+@pytest.mark.parametrize(
+    "action",
+    [
+        ("--mode", "ptq_int8", "--output", "m.tflite"),
+        ("--target", "edgetpu", "--output_dir", "out"),
+        ("--target", "micro", "--output_dir", "out"),
+        ("--target", "android", "--output_dir", "out"),
+    ],
+)
 def test_cli_post_training_quantization_needs_data(action, saved, tmp_path, capsys, no_export):
     code, _, err = _cli(capsys, "--model", saved["float"], *action[:3], tmp_path / action[3])
     assert code == 2
@@ -202,8 +239,9 @@ def _write_run(folder, model, data):
 def test_cli_calibrates_on_the_data_recorded_beside_the_model(float_model, tmp_path, capsys, no_export):
     _write_image_folder(tmp_path / "data", 200)
     model_path = _write_run(tmp_path / "run", float_model, tmp_path / "data")
-    code, out, _ = _cli(capsys, "--model", model_path, "--mode", "ptq_int8", "--output", tmp_path / "m.tflite",
-                        "--num_images", 4)
+    code, out, _ = _cli(
+        capsys, "--model", model_path, "--mode", "ptq_int8", "--output", tmp_path / "m.tflite", "--num_images", 4
+    )
     assert code == 0
     assert f"the data recorded in {tmp_path / 'run' / 'run_config.json'}" in out
     [(name, _, kwargs)] = no_export
@@ -218,14 +256,18 @@ def test_cli_recorded_data_that_is_gone_is_a_clear_error(float_model, tmp_path, 
     assert no_export == []
 
 
-@pytest.mark.parametrize("kind, action", [
-    ("qat", ("--mode", "qat_int8", "--output", "m.tflite")),
-    ("qat", ("--target", "micro", "--output_dir", "out")),
-    ("float", ("--mode", "float32", "--output", "m.tflite")),
-    ("float", ("--target", "onnx", "--output_dir", "out")),
-])
-def test_cli_without_calibration_audits_on_synthetic_images_and_says_so(kind, action, saved, tmp_path, capsys,
-                                                                         no_export):
+@pytest.mark.parametrize(
+    "kind, action",
+    [
+        ("qat", ("--mode", "qat_int8", "--output", "m.tflite")),
+        ("qat", ("--target", "micro", "--output_dir", "out")),
+        ("float", ("--mode", "float32", "--output", "m.tflite")),
+        ("float", ("--target", "onnx", "--output_dir", "out")),
+    ],
+)
+def test_cli_without_calibration_audits_on_synthetic_images_and_says_so(
+    kind, action, saved, tmp_path, capsys, no_export
+):
     # A QAT model keeps its trained ranges and a float export has none: the
     # images only compare the export with Keras, so synthetic ones do.
     code, out, _ = _cli(capsys, "--model", saved[kind], *action[:3], tmp_path / action[3], "--num_images", 4)
@@ -260,15 +302,33 @@ def test_export_disagreeing_with_keras_is_refused_and_not_written(tmp_path):
     path = tmp_path / "m.tflite"
     # Calibrated on [0, 1] images while the model takes [0, 255] pixels: every
     # input saturates the int8 input range, so all images look alike.
-    with pytest.raises(ValueError, match=r"top-1 agreement with Keras 0\.\d+ on 64 sample images is below the "
-                                         r"ptq_int8 minimum 0\.80") as raised:
-        export_tflite(model, str(path), "ptq_int8", io_type="float32", representative_images=samples / 255,
-                      sample_images=samples, verbose=False)
+    with pytest.raises(
+        ValueError,
+        match=r"top-1 agreement with Keras 0\.\d+ on 64 sample images is below the "
+        r"ptq_int8 minimum 0\.80",
+    ) as raised:
+        export_tflite(
+            model,
+            str(path),
+            "ptq_int8",
+            io_type="float32",
+            representative_images=samples / 255,
+            sample_images=samples,
+            verbose=False,
+        )
     assert "min_top1_agreement=" in str(raised.value)
     assert list(tmp_path.iterdir()) == []
     # The override writes it, and records the minimum it was held to.
-    report = export_tflite(model, str(path), "ptq_int8", io_type="float32", representative_images=samples / 255,
-                           sample_images=samples, verbose=False, min_top1_agreement=0.2)
+    report = export_tflite(
+        model,
+        str(path),
+        "ptq_int8",
+        io_type="float32",
+        representative_images=samples / 255,
+        sample_images=samples,
+        verbose=False,
+        min_top1_agreement=0.2,
+    )
     assert report["agreement"]["top1_agreement"] < 0.5 and report["agreement"]["min_top1_agreement"] == 0.2
     assert path.exists()
 
@@ -278,8 +338,15 @@ def test_export_agreeing_with_keras_passes(mode, tmp_path):
     from quantization.tflite_export import MIN_TOP1_AGREEMENT
 
     samples = colored_images(64, seed=1)
-    report = export_tflite(color_model(), str(tmp_path / "m.tflite"), mode, io_type="float32",
-                           representative_images=colored_images(32, seed=0), sample_images=samples, verbose=False)
+    report = export_tflite(
+        color_model(),
+        str(tmp_path / "m.tflite"),
+        mode,
+        io_type="float32",
+        representative_images=colored_images(32, seed=0),
+        sample_images=samples,
+        verbose=False,
+    )
     assert report["agreement"]["top1_agreement"] == 1.0
     assert report["agreement"]["min_top1_agreement"] == MIN_TOP1_AGREEMENT[mode]
     with open(tmp_path / "m.audit.json") as f:

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from quantization.audit import make_interpreter, read_operators, run_tflite
+from quantization.audit import make_interpreter
+from quantization.audit import read_operators
+from quantization.audit import run_tflite
 from quantization.merge_pointwise import merge_linear_pointwise_pairs
 
 

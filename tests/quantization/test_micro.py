@@ -13,23 +13,23 @@ pytest.importorskip("tflite_micro")
 
 import flatbuffers  # noqa: E402
 import keras  # noqa: E402
+from conftest import randomize_keras_model  # noqa: E402
 from tensorflow.lite.python import schema_py_generated as schema  # noqa: E402
 
-from conftest import randomize_keras_model  # noqa: E402
 from keras_mobilevitv2 import MobileViTv2_050  # noqa: E402
 from quantization import calibrate  # noqa: E402
 from quantization import quantize_model  # noqa: E402
 from quantization.audit import read_structure  # noqa: E402
 from quantization.export import convert  # noqa: E402
-from quantization.micro import MICRO_CUSTOM_RESOLVER_METHODS  # noqa: E402
-from quantization.micro import MICRO_RESOLVER_METHODS  # noqa: E402
-from quantization.micro import MicroRuntimeError  # noqa: E402
-from quantization.micro import MicroTargetError  # noqa: E402
-from quantization.micro import check_micro_compatibility  # noqa: E402
-from quantization.micro import export_micro  # noqa: E402
-from quantization.micro import format_micro_report  # noqa: E402
-from quantization.micro import measure_arena  # noqa: E402
-from quantization.micro import run_micro  # noqa: E402
+from quantization.targets import TargetError  # noqa: E402
+from quantization.targets.micro import export_flatbuffer  # noqa: E402
+from quantization.targets.micro import format_report  # noqa: E402
+from quantization.targets.micro_checks import MICRO_CUSTOM_RESOLVER_METHODS  # noqa: E402
+from quantization.targets.micro_checks import MICRO_RESOLVER_METHODS  # noqa: E402
+from quantization.targets.micro_checks import check_micro_compatibility  # noqa: E402
+from quantization.targets.micro_runtime import MicroRuntimeError  # noqa: E402
+from quantization.targets.micro_runtime import measure_arena  # noqa: E402
+from quantization.targets.micro_runtime import run_micro  # noqa: E402
 
 SIZE = 32  # the smallest input MobileViTv2 takes: the fastest conversion
 TINY = 16
@@ -51,7 +51,7 @@ def int8_model(images):
 @pytest.fixture(scope="module")
 def exported(int8_model, images, tmp_path_factory):
     folder = tmp_path_factory.mktemp("micro")
-    report = export_micro(int8_model, str(folder), "mobilevitv2_050", images, arena_budget_bytes=2 * 2**20)
+    report = export_flatbuffer(int8_model, str(folder), "mobilevitv2_050", images, arena_budget_bytes=2 * 2**20)
     return folder, report
 
 
@@ -119,12 +119,17 @@ def test_micro_export_runs_in_tflm_and_agrees_with_tflite(int8_model, exported):
     assert [op["op"] for op in report["ops_to_register"]] == sorted(model_ops)
     assert report["resolver_methods"] == [MICRO_RESOLVER_METHODS[op] for op in sorted(model_ops)]
     assert sorted(os.listdir(folder)) == sorted(
-        ["mobilevitv2_050.tflite", "mobilevitv2_050.h", "mobilevitv2_050.cc", "mobilevitv2_050.micro_report.json"]
+        [
+            "mobilevitv2_050.micro.int8.tflite",
+            "mobilevitv2_050.micro.h",
+            "mobilevitv2_050.micro.cc",
+            "mobilevitv2_050.micro.report.json",
+        ]
     )
-    assert (folder / "mobilevitv2_050.tflite").read_bytes() == int8_model
-    saved = json.loads((folder / "mobilevitv2_050.micro_report.json").read_text())
+    assert (folder / "mobilevitv2_050.micro.int8.tflite").read_bytes() == int8_model
+    saved = json.loads((folder / "mobilevitv2_050.micro.report.json").read_text())
     assert saved["arena_bytes"] == report["arena_bytes"] and saved["resolver_methods"] == report["resolver_methods"]
-    assert "fits" in format_micro_report(report)
+    assert "fits" in format_report(report)
 
 
 def test_measured_arena_is_exactly_enough(int8_model, images, exported):
@@ -215,7 +220,7 @@ class MicroMutableOpResolver {{
 
 _STUB_TFLM_MAIN = r"""
 #include <cstdio>
-#include "mobilevitv2_050.h"
+#include "mobilevitv2_050.micro.h"
 
 int main() {
 #ifndef G_MODEL_HAS_TFLM
@@ -254,15 +259,15 @@ def compiled_model(exported, tmp_path_factory):
         pytest.skip("no C++ compiler")
     folder, _ = exported
     build = tmp_path_factory.mktemp("micro_build")
-    _compile(compiler, ["-c", str(folder / "mobilevitv2_050.cc"), "-o", str(build / "model.o")], build)
+    _compile(compiler, ["-c", str(folder / "mobilevitv2_050.micro.cc"), "-o", str(build / "model.o")], build)
     return compiler, build / "model.o"
 
 
 def test_c_source_compiles_and_registers_exactly_the_model_ops(exported, compiled_model, tmp_path):
     compiler, model_object = compiled_model
     folder, report = exported
-    model = (folder / "mobilevitv2_050.tflite").read_bytes()
-    (tmp_path / "main.cc").write_text(_recording_resolver_main("mobilevitv2_050.h"))
+    model = (folder / "mobilevitv2_050.micro.int8.tflite").read_bytes()
+    (tmp_path / "main.cc").write_text(_recording_resolver_main("mobilevitv2_050.micro.h"))
     _compile(compiler, [f"-I{folder}", "main.cc", str(model_object), "-o", "registration_test"], tmp_path)
     run = subprocess.run([str(tmp_path / "registration_test")], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -284,8 +289,9 @@ def test_c_header_uses_tflm_resolver_when_its_header_exists(exported, compiled_m
     stub.mkdir(parents=True)
     (stub / "micro_mutable_op_resolver.h").write_text(_stub_tflm_resolver_header())
     (tmp_path / "main.cc").write_text(_STUB_TFLM_MAIN)
-    _compile(compiler, [f"-I{folder}", f"-I{tmp_path / 'stub'}", "main.cc", str(model_object), "-o", "with_tflm"],
-             tmp_path)
+    _compile(
+        compiler, [f"-I{folder}", f"-I{tmp_path / 'stub'}", "main.cc", str(model_object), "-o", "with_tflm"], tmp_path
+    )
     run = subprocess.run([str(tmp_path / "with_tflm")], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
     values = dict(line.split(" ", 1) for line in run.stdout.splitlines() if not line.startswith("op "))
@@ -298,8 +304,8 @@ def test_c_header_uses_tflm_resolver_when_its_header_exists(exported, compiled_m
 def test_budget_too_small_is_refused_and_nothing_written(int8_model, images, exported, budget, tmp_path):
     arena = exported[1]["arena_bytes"]
     limits = {"arena_budget_bytes": 1000} if budget == "arena" else {"flash_budget_bytes": 100_000}
-    with pytest.raises(MicroTargetError) as error:
-        export_micro(int8_model, str(tmp_path / "out"), "small", images[:4], **limits)
+    with pytest.raises(TargetError) as error:
+        export_flatbuffer(int8_model, str(tmp_path / "out"), "small", images[:4], **limits)
     message = str(error.value)
     if budget == "arena":
         assert f"needs an arena of {arena:,} bytes; the budget is 1,000 bytes" in message
@@ -314,8 +320,8 @@ def test_op_without_tflm_kernel_is_refused(gelu_model, tiny_images, tmp_path):
     check = check_micro_compatibility(flatbuffer)
     assert check["unsupported_ops"] == ["GELU"] and not check["compatible"]
     assert "GELU" not in [op["op"] for op in check["ops_to_register"]]
-    with pytest.raises(MicroTargetError, match=r"op GELU \(1 node\(s\)\) cannot run on TFLite Micro"):
-        export_micro(flatbuffer, str(tmp_path / "out"), "gelu", tiny_images)
+    with pytest.raises(TargetError, match=r"op GELU \(1 node\(s\)\) cannot run on TFLite Micro"):
+        export_flatbuffer(flatbuffer, str(tmp_path / "out"), "gelu", tiny_images)
     assert not (tmp_path / "out").exists()
 
 
@@ -323,8 +329,8 @@ def test_float_model_is_refused(gelu_model, tiny_images, tmp_path):
     flatbuffer = convert(gelu_model, "float32", io_type="float32")
     check = check_micro_compatibility(flatbuffer)
     assert check["float_tensors_inside"] and check["inputs"][0]["dtype"] == "FLOAT32"
-    with pytest.raises(MicroTargetError) as error:
-        export_micro(flatbuffer, str(tmp_path / "out"), "float", tiny_images)
+    with pytest.raises(TargetError) as error:
+        export_flatbuffer(flatbuffer, str(tmp_path / "out"), "float", tiny_images)
     message = str(error.value)
     assert "is FLOAT32; the micro target needs an INT8 input" in message
     assert "is FLOAT32; the micro target needs an INT8 output" in message
@@ -344,8 +350,9 @@ def test_int8_op_with_float_only_kernel_is_flagged(gelu_model, tiny_images):
 
     check = check_micro_compatibility(_rewrite(flatbuffer, gelu_to_neg))
     assert check["unsupported_ops"] == []
-    assert any(problem.startswith("NEG reads INT8 tensor") and "only FLOAT32" in problem
-               for problem in check["problems"]), check["problems"]
+    assert any(
+        problem.startswith("NEG reads INT8 tensor") and "only FLOAT32" in problem for problem in check["problems"]
+    ), check["problems"]
 
 
 def test_interpreter_crash_is_a_micro_runtime_error(int8_model, images):

@@ -11,16 +11,16 @@ onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 
 import keras  # noqa: E402
-
 from conftest import randomize_keras_model  # noqa: E402
 from conftest import tiny_mobilevitv2  # noqa: E402
+
 from keras_mobilevitv2 import MobileViTv2_050  # noqa: E402
 from quantization import calibrate  # noqa: E402
 from quantization import quantize_model  # noqa: E402
-from quantization import onnx_export  # noqa: E402
-from quantization.onnx_export import export_onnx  # noqa: E402
-from quantization.onnx_export import format_onnx_report  # noqa: E402
 from quantization.quantize import quantizers  # noqa: E402
+from quantization.targets import onnx as onnx_export  # noqa: E402
+from quantization.targets.onnx import export_onnx  # noqa: E402
+from quantization.targets.onnx import format_report as format_onnx_report  # noqa: E402
 
 SIZE = 32
 

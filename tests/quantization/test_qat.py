@@ -1,14 +1,12 @@
 """QAT and TFLite export: fully int8, audited, agreeing with Keras."""
 
 import json
-import os
-
-import numpy as np
-import pytest
 
 import keras
-
+import numpy as np
+import pytest
 from conftest import randomize_keras_model
+
 from keras_mobilevitv2 import MobileViTv2_050
 from quantization import calibrate
 from quantization import export_tflite
@@ -48,8 +46,13 @@ def test_folded_qat_model_computes_the_float_function():
 def test_qat_export_is_fully_int8_and_agrees_with_keras(qat_model, images, io_type, tmp_path):
     path = tmp_path / f"model_{io_type}.tflite"
     report = export_tflite(
-        qat_model, str(path), "qat_int8", io_type=io_type, representative_images=images[:8],
-        sample_images=images, verbose=False,
+        qat_model,
+        str(path),
+        "qat_int8",
+        io_type=io_type,
+        representative_images=images[:8],
+        sample_images=images,
+        verbose=False,
     )
     assert path.exists() and report["errors"] == []
     assert report["float_tensors_inside"] == []
@@ -78,9 +81,12 @@ def test_uint8_input_takes_raw_pixels(qat_model, tmp_path):
 @pytest.mark.parametrize("mode", ["float32", "float16", "dynamic", "ptq_int8"])
 def test_float_model_exports(float_model, images, mode, tmp_path):
     report = export_tflite(
-        float_model, str(tmp_path / f"{mode}.tflite"), mode,
+        float_model,
+        str(tmp_path / f"{mode}.tflite"),
+        mode,
         representative_images=images[:16] if mode == "ptq_int8" else None,
-        sample_images=images[:16], verbose=False,
+        sample_images=images[:16],
+        verbose=False,
     )
     assert report["errors"] == [] and report["max_tensor_rank"] <= 4
     assert report["agreement"]["top1_agreement"] >= (0.9 if mode == "ptq_int8" else 1.0)
@@ -146,9 +152,22 @@ def test_qat_fine_tuning_with_the_trainer(float_model, tmp_path):
     weights = str(tmp_path / "float.weights.h5")
     float_model.save_weights(weights)
     config = TrainConfig(
-        model="mobilevitv2_050", data="embedded", dataset_dir=dataset_dir, model_dir=str(tmp_path / "qat"),
-        image_size=SIZE, batch_size=16, steps=3, lr=1e-4, min_lr=1e-5, warmup_steps=0, randaugment=False,
-        mixup_alpha=0.0, cutmix_alpha=0.0, random_erasing=0.0, max_eval_images=32, init_weights=weights,
+        model="mobilevitv2_050",
+        data="embedded",
+        dataset_dir=dataset_dir,
+        model_dir=str(tmp_path / "qat"),
+        image_size=SIZE,
+        batch_size=16,
+        steps=3,
+        lr=1e-4,
+        min_lr=1e-5,
+        warmup_steps=0,
+        randaugment=False,
+        mixup_alpha=0.0,
+        cutmix_alpha=0.0,
+        random_erasing=0.0,
+        max_eval_images=32,
+        init_weights=weights,
     )
     summary, report = run_qat(config, calibration_images=32, verbose=False)
     assert summary["final_step"] == 3
@@ -191,7 +210,9 @@ def test_qat_command_takes_the_trainer_flags(tmp_path):
 
     result = subprocess.run(
         [sys.executable, "-m", "quantization.qat", "--model_dir", str(tmp_path / "run"), "--batch_size", "8"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "give --init_weights" in result.stderr

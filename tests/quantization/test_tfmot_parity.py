@@ -10,10 +10,9 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
-
-import keras
 
 from quantization import calibrate
 from quantization import export_tflite
@@ -32,7 +31,9 @@ def test_export_matches_tfmot_default_8bit_scheme(tmp_path):
     pytest.importorskip("tensorflow_model_optimization")
     pytest.importorskip("tf_keras")
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
-    result = subprocess.run([sys.executable, REFERENCE, str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [sys.executable, REFERENCE, str(tmp_path)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     float_weights = np.load(tmp_path / "float_weights.npz")
@@ -52,5 +53,8 @@ def test_export_matches_tfmot_default_8bit_scheme(tmp_path):
     their_interpreter = make_interpreter(theirs)
     step = their_interpreter.get_output_details()[0]["quantization"][0]
     difference = np.abs(run_tflite(make_interpreter(ours), images) - run_tflite(their_interpreter, images))
-    print(f"ours vs tfmot: max {difference.max() / step:.1f} steps, mean {difference.mean() / step:.2f} steps; ops {sorted({op for op, _ in ours_structure['ops']})}")
-    assert difference.max() <= 4 * step, (difference.max() / step)
+    print(
+        f"ours vs tfmot: max {difference.max() / step:.1f} steps, mean {difference.mean() / step:.2f} steps; "
+        f"ops {sorted({op for op, _ in ours_structure['ops']})}"
+    )
+    assert difference.max() <= 4 * step, difference.max() / step

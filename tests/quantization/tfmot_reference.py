@@ -15,8 +15,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-import tf_keras  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
+import tf_keras  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from small_model import SIZE  # noqa: E402
@@ -61,7 +61,7 @@ def main(output_dir):
         if name.startswith("quantize_layer/"):
             value = images.min() if name.endswith("_min:0") else images.max()
         elif "output_min" in name or "output_max" in name:
-            layer = name.split("/")[0][len("quant_"):]
+            layer = name.split("/")[0][len("quant_") :]
             value = float_outputs[layer].min() if "output_min" in name else float_outputs[layer].max()
             value = min(value, 0.0) if "output_min" in name else max(value, 0.0)
         else:

@@ -97,8 +97,14 @@ def _symmetric_folder(root, classes=2, per_class=4, size=40):
 
 def _train_config(data, **overrides):
     values = dict(
-        data=str(data), image_size=32, batch_size=4, crop_min_scale=1.0, randaugment=True,
-        mixup_alpha=0.0, cutmix_alpha=0.0, random_erasing=0.0,
+        data=str(data),
+        image_size=32,
+        batch_size=4,
+        crop_min_scale=1.0,
+        randaugment=True,
+        mixup_alpha=0.0,
+        cutmix_alpha=0.0,
+        random_erasing=0.0,
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -158,4 +164,3 @@ def test_max_eval_images_spreads_over_the_classes(tmp_path):
     np.testing.assert_array_equal(_eval_labels(source, config), labels)  # the same subset each time
     everything = _eval_labels(source, dataclasses.replace(config, max_eval_images=0))
     assert len(everything) == 18
-

@@ -19,10 +19,9 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
-
-import keras
 
 from training import TrainConfig
 from training import Trainer
@@ -201,8 +200,14 @@ def test_two_workers_match_one_device_with_the_same_global_batch(tmp_path, image
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH", "")]))
         env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
         command = [
-            sys.executable, WORKER, "--config", json.dumps(config.__dict__),
-            "--model", "tiny", "--save", str(tmp_path / f"worker{index}.npz"),
+            sys.executable,
+            WORKER,
+            "--config",
+            json.dumps(config.__dict__),
+            "--model",
+            "tiny",
+            "--save",
+            str(tmp_path / f"worker{index}.npz"),
         ]
         processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
@@ -231,10 +236,12 @@ def test_accumulated_micro_batches_make_the_step_of_the_whole_batch(tmp_path, im
     """
     whole = deterministic_config(tmp_path / "whole", image_folder, steps=2, batch_size=8)
     reference = state_of(run_in_process(whole, "tiny_frozen_bn"))
-    accumulated = state_of(run_in_process(
-        deterministic_config(tmp_path / "accum", image_folder, steps=2, batch_size=4, grad_accum_steps=2),
-        "tiny_frozen_bn",
-    ))
+    accumulated = state_of(
+        run_in_process(
+            deterministic_config(tmp_path / "accum", image_folder, steps=2, batch_size=4, grad_accum_steps=2),
+            "tiny_frozen_bn",
+        )
+    )
     initial = equivalence_worker.tiny_model(32, 4).get_weights()
     assert max(float(np.max(np.abs(reference[f"w{i}"] - w))) for i, w in enumerate(initial)) > 1e-3
     compare_runs(reference, accumulated, whole.lr, whole.steps)
@@ -265,6 +272,7 @@ MIXED_PRECISION_BOUNDS = {"mixed_float16": 1e-2, "mixed_bfloat16": 6e-2}
 @pytest.mark.parametrize("network", ["tiny", "mobilevitv2_050"])
 def test_mixed_precision_logits_are_close_to_float32(network):
     from conftest import randomize_keras_model
+
     from keras_mobilevitv2.mobilevitv2 import MobileViTv2
 
     if network == "tiny":
@@ -317,9 +325,11 @@ def test_mixed_float16_training_scales_the_loss_and_skips_overflowing_steps(tmp_
     # gradient) match a float32 run's to float16 accuracy after 2 steps
     # (measured 2.4e-2, bound 0.15; a loss scale left in or divided out twice
     # is off by a factor 2**15).
-    float32 = state_of(run_in_process(
-        deterministic_config(tmp_path / "float32", image_folder, **dict(config, mixed_precision="float32")), "tiny"
-    ))
+    float32 = state_of(
+        run_in_process(
+            deterministic_config(tmp_path / "float32", image_folder, **dict(config, mixed_precision="float32")), "tiny"
+        )
+    )
     # bfloat16 (no loss scaling; measured 4.7e-2) likewise.
     bfloat16 = run_in_process(
         deterministic_config(tmp_path / "bfloat16", image_folder, **dict(config, mixed_precision="mixed_bfloat16")),

@@ -17,7 +17,9 @@ from training.schedule import WarmupCosine
 
 
 def test_warmup_then_epochwise_cosine():
-    schedule = WarmupCosine(max_lr=1e-2, min_lr=1e-3, warmup_steps=10, warmup_init_lr=1e-6, steps_per_epoch=5, epochs=10)
+    schedule = WarmupCosine(
+        max_lr=1e-2, min_lr=1e-3, warmup_steps=10, warmup_init_lr=1e-6, steps_per_epoch=5, epochs=10
+    )
     assert float(schedule(0)) == pytest.approx(1e-6)
     assert float(schedule(5)) == pytest.approx(1e-6 + (1e-2 - 1e-6) * 0.5)
     # after warm-up: constant within an epoch, cosine across epochs
@@ -55,7 +57,11 @@ def test_per_width_presets_match_the_ml_cvnets_readme(reference):
         assert preset["min_lr"] == pytest.approx(published["min_lr"], rel=1e-12), name
         assert preset["weight_decay"] == pytest.approx(published["weight_decay"], rel=1e-12), name
         config = TrainConfig(model=name)  # fields left None take the preset
-        assert (config.lr, config.min_lr, config.weight_decay) == (preset["lr"], preset["min_lr"], preset["weight_decay"])
+        assert (config.lr, config.min_lr, config.weight_decay) == (
+            preset["lr"],
+            preset["min_lr"],
+            preset["weight_decay"],
+        )
     # the yaml itself is the 2.0 configuration: the readme agrees with it
     in_yaml = reference["per_width"]["width_2.0_in_yaml"]
     assert (in_yaml["max_lr"], in_yaml["min_lr"], in_yaml["weight_decay"]) == tuple(
@@ -138,8 +144,15 @@ def test_trainer_optimizer_matches_the_ml_cvnets_config(tmp_path, reference):
                 image = np.full((36, 36, 3), 60 + 120 * label + i, np.uint8)
                 tf.io.write_file(str(folder / f"{i}.png"), tf.io.encode_png(image))
     config = TrainConfig(
-        data=str(tmp_path / "data"), model_dir=str(tmp_path / "run"), strategy="one_device", image_size=32,
-        batch_size=4, steps=1, randaugment=False, max_eval_images=4, model="mobilevitv2_100",
+        data=str(tmp_path / "data"),
+        model_dir=str(tmp_path / "run"),
+        strategy="one_device",
+        image_size=32,
+        batch_size=4,
+        steps=1,
+        randaugment=False,
+        max_eval_images=4,
+        model="mobilevitv2_100",
     )
     trainer = Trainer(config, verbose=False, model_fn=equivalence_worker.model_fn("tiny"))
     trainer.run()

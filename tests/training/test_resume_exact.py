@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from run_trainer import tiny_model_fn
+
 from training import TrainConfig
 from training import Trainer
 
@@ -40,9 +40,20 @@ def _noise_folder(root, classes=2, per_class=12, size=40):
 def _config(model_dir, data, **overrides):
     # 24 images / batch 4: 6 steps an epoch; 14 steps cross two epoch ends.
     values = dict(
-        model_dir=str(model_dir), data=str(data), image_size=32, batch_size=4, steps=14,
-        lr=5e-3, min_lr=5e-4, warmup_steps=2, checkpoint_every=4, ema_decay=0.9,
-        randaugment=True, mixup_alpha=0.2, cutmix_alpha=1.0, random_erasing=0.25,
+        model_dir=str(model_dir),
+        data=str(data),
+        image_size=32,
+        batch_size=4,
+        steps=14,
+        lr=5e-3,
+        min_lr=5e-4,
+        warmup_steps=2,
+        checkpoint_every=4,
+        ema_decay=0.9,
+        randaugment=True,
+        mixup_alpha=0.2,
+        cutmix_alpha=1.0,
+        random_erasing=0.25,
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -116,15 +127,23 @@ def _latest_checkpoint_step(model_dir):
 
 
 def _harness(config, weights_path):
-    return [sys.executable, HARNESS, "--tiny_model", "--config", json.dumps(config.__dict__),
-            "--save_weights", str(weights_path)]
+    return [
+        sys.executable,
+        HARNESS,
+        "--tiny_model",
+        "--config",
+        json.dumps(config.__dict__),
+        "--save_weights",
+        str(weights_path),
+    ]
 
 
 def test_killed_process_resumes_to_the_same_weights(tmp_path, noise_data, straight_run):
     """The same with a real SIGKILL, at whatever point the process has reached."""
     config = _config(tmp_path / "killed", noise_data, checkpoint_every=2)
-    process = subprocess.Popen(_harness(config, tmp_path / "unused.npz"), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        _harness(config, tmp_path / "unused.npz"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 300
     while _latest_checkpoint_step(tmp_path / "killed") < 2 and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)

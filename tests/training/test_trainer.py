@@ -7,17 +7,15 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
-
-import keras
+from run_trainer import free_ports
 
 import keras_mobilevitv2  # noqa: F401  (registers the layers for load_model)
 from training import TrainConfig
 from training import Trainer
 from training.data import embedded_source
-
-from run_trainer import free_ports
 
 HARNESS = os.path.join(os.path.dirname(__file__), "run_trainer.py")
 
@@ -92,16 +90,18 @@ def test_two_workers_train_the_same_steps_to_identical_weights(tmp_path, dataset
     processes = []
     for index in range(2):
         env = dict(os.environ)
-        env["TF_CONFIG"] = json.dumps(
-            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-        )
+        env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
         command = [
-            sys.executable, HARNESS, "--config", json.dumps(config.__dict__),
-            "--save_weights", str(tmp_path / f"worker{index}.npz"),
+            sys.executable,
+            HARNESS,
+            "--config",
+            json.dumps(config.__dict__),
+            "--save_weights",
+            str(tmp_path / f"worker{index}.npz"),
         ]
         processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=600) for p in processes]
-    for process, (out, err) in zip(processes, outputs):
+    for process, (_out, err) in zip(processes, outputs):
         assert process.returncode == 0, err[-3000:]
 
     first, second = np.load(tmp_path / "worker0.npz"), np.load(tmp_path / "worker1.npz")
@@ -162,7 +162,9 @@ def _write_tfrecords(path, count, label_offset):
             label = i % 2
             image = np.full((40, 40, 3), 40 + 150 * label, np.uint8)
             features = {
-                "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[tf.io.encode_png(image).numpy()])),
+                "image/encoded": tf.train.Feature(
+                    bytes_list=tf.train.BytesList(value=[tf.io.encode_png(image).numpy()])
+                ),
                 "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label + label_offset])),
             }
             writer.write(tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString())
@@ -176,7 +178,13 @@ def test_imagenet_tfrecords_train_and_evaluate(tmp_path):
     _write_tfrecords(data / "train-00001-of-00002", 12, label_offset=1)
     _write_tfrecords(data / "validation-00000-of-00001", 8, label_offset=1)
     config = fast_config(
-        tmp_path / "run", "", data=str(data), num_classes=2, tfrecord_label_offset=1, batch_size=8, steps=3,
+        tmp_path / "run",
+        "",
+        data=str(data),
+        num_classes=2,
+        tfrecord_label_offset=1,
+        batch_size=8,
+        steps=3,
         max_eval_images=0,
     )
     summary = Trainer(config, verbose=False).run()
@@ -241,9 +249,18 @@ def test_command_line_help_and_errors(tmp_path):
     for flag in ("--model", "--data", "--strategy", "--batch_size", "--grad_accum_steps", "--init_weights"):
         assert flag in result.stdout
     result = subprocess.run(
-        [sys.executable, "-m", "training.train", "--data", str(tmp_path / "missing"),
-         "--model_dir", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "training.train",
+            "--data",
+            str(tmp_path / "missing"),
+            "--model_dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2 and "does not exist" in result.stderr
 
@@ -306,8 +323,9 @@ def test_undecodable_eval_images_are_counted_and_reported(tmp_path):
 
 def test_a_model_dir_of_the_other_attention_norm_is_refused(tmp_path):
     _image_folder(tmp_path / "data", per_class=4)
-    config = fast_config(tmp_path / "run", "", data=str(tmp_path / "data"), image_size=32, batch_size=4, steps=1,
-                         max_eval_images=0)
+    config = fast_config(
+        tmp_path / "run", "", data=str(tmp_path / "data"), image_size=32, batch_size=4, steps=1, max_eval_images=0
+    )
     Trainer(config, verbose=False, model_fn=_tiny_model_fn()).run()
     other = dataclasses.replace(config, attention_norm="batch_norm_2d")
     message = "holds a different run.*attention_norm: 'layer_norm_2d' there, 'batch_norm_2d' now"

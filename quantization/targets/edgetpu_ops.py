@@ -18,8 +18,7 @@ import re
 import shutil
 import subprocess
 
-from quantization.audit import read_operators
-from quantization.audit import read_structure
+from quantization.tflite_graph import read_graph
 
 MAPPED = "Mapped to Edge TPU"
 AFTER_FALLBACK = "More than one subgraph is not supported"
@@ -29,20 +28,54 @@ AFTER_FALLBACK = "More than one subgraph is not supported"
 # TRANSPOSE_CONV v4, all versions first produced by TF >= 2.7; these limits
 # are the last versions TFLite's runtime_version.cc dates at TF <= 2.6.
 _MAX_VERSION = {
-    "ADD": 4, "AVERAGE_POOL_2D": 3, "CONCATENATION": 3, "CONV_2D": 5, "DEPTHWISE_CONV_2D": 6,
-    "EXPAND_DIMS": 1, "FULLY_CONNECTED": 9, "L2_NORMALIZATION": 2, "LOGISTIC": 3, "MAXIMUM": 4,
-    "MINIMUM": 4, "MAX_POOL_2D": 3, "MEAN": 3, "MUL": 5, "PACK": 3, "PAD": 4, "PRELU": 1,
-    "QUANTIZE": 2, "REDUCE_MAX": 3, "REDUCE_MIN": 3, "RELU": 3, "RELU6": 3, "RELU_N1_TO_1": 1,
-    "RESHAPE": 1, "RESIZE_BILINEAR": 4, "RESIZE_NEAREST_NEIGHBOR": 4, "RSQRT": 2, "SLICE": 5,
-    "SOFTMAX": 3, "SPACE_TO_DEPTH": 2, "SPLIT": 4, "SQUARED_DIFFERENCE": 2, "SQUEEZE": 2,
-    "STRIDED_SLICE": 6, "SUB": 5, "SUM": 2, "TANH": 3, "TRANSPOSE": 5, "TRANSPOSE_CONV": 3,
+    "ADD": 4,
+    "AVERAGE_POOL_2D": 3,
+    "CONCATENATION": 3,
+    "CONV_2D": 5,
+    "DEPTHWISE_CONV_2D": 6,
+    "EXPAND_DIMS": 1,
+    "FULLY_CONNECTED": 9,
+    "L2_NORMALIZATION": 2,
+    "LOGISTIC": 3,
+    "MAXIMUM": 4,
+    "MINIMUM": 4,
+    "MAX_POOL_2D": 3,
+    "MEAN": 3,
+    "MUL": 5,
+    "PACK": 3,
+    "PAD": 4,
+    "PRELU": 1,
+    "QUANTIZE": 2,
+    "REDUCE_MAX": 3,
+    "REDUCE_MIN": 3,
+    "RELU": 3,
+    "RELU6": 3,
+    "RELU_N1_TO_1": 1,
+    "RESHAPE": 1,
+    "RESIZE_BILINEAR": 4,
+    "RESIZE_NEAREST_NEIGHBOR": 4,
+    "RSQRT": 2,
+    "SLICE": 5,
+    "SOFTMAX": 3,
+    "SPACE_TO_DEPTH": 2,
+    "SPLIT": 4,
+    "SQUARED_DIFFERENCE": 2,
+    "SQUEEZE": 2,
+    "STRIDED_SLICE": 6,
+    "SUB": 5,
+    "SUM": 2,
+    "TANH": 3,
+    "TRANSPOSE": 5,
+    "TRANSPOSE_CONV": 3,
 }
 # Ops the documentation knows but marks as commonly refused: TRANSPOSE is
 # reported "otherwise supported, but not mapped due to some unspecified
 # limitation" by compiler 16 (google-coral/edgetpu#433), so it is treated as
 # not mapping.
-_UNRELIABLE = {"TRANSPOSE": "Operation is otherwise supported, but not mapped due to some unspecified "
-                            "limitation (compiler 16 does not map TRANSPOSE, google-coral/edgetpu#433)"}
+_UNRELIABLE = {
+    "TRANSPOSE": "Operation is otherwise supported, but not mapped due to some unspecified "
+    "limitation (compiler 16 does not map TRANSPOSE, google-coral/edgetpu#433)"
+}
 _INTEGER_TYPES = ("INT8", "UINT8", "INT32")
 SOFTMAX_MAX_ELEMENTS = 16000
 
@@ -58,37 +91,57 @@ def _size(shape):
     return size
 
 
-def _check_op(operator):
-    """None when the documented rules let the op map, else the reason."""
-    name, version = operator["op"], operator["version"]
+def _int32_values(tensor):
+    """The values of a constant int32 tensor (axes, paddings, strides), else None."""
+    if tensor is None or tensor.dtype != "INT32" or tensor.data is None:
+        return None
+    return [int(v) for v in tensor.data.ravel()]
+
+
+def _check_version_and_tensors(graph, operator):
+    name, version = operator.name, operator.version
     if name not in _MAX_VERSION:
         return f"Operation not supported ({name} is not in the Edge TPU op table)"
     if version > _MAX_VERSION[name]:
         return f"Operation version not supported ({name} v{version}; the compiler parses up to v{_MAX_VERSION[name]})"
-    tensors = [t for t in operator["inputs"] + operator["outputs"] if t is not None]
-    activations = [t for t in tensors if not t["is_constant"]]
-    if any(t["dtype"] not in _INTEGER_TYPES for t in tensors):
+    tensors = [t for t in graph.input_tensors(operator) + graph.output_tensors(operator) if t is not None]
+    if any(t.dtype not in _INTEGER_TYPES for t in tensors):
         return "Operation is working on an unsupported data type (float)"
-    for tensor in activations:
-        shape = tensor["shape"]
-        if len(shape) > 3 and any(d != 1 for d in shape[:-3]):
-            return f"Tensor has unsupported rank (shape {shape}: only the 3 innermost dimensions may exceed 1)"
-    options = operator["options"]
+    for tensor in tensors:
+        if not tensor.is_constant and len(tensor.shape) > 3 and any(d != 1 for d in tensor.shape[:-3]):
+            return (
+                f"Tensor has unsupported rank (shape {list(tensor.shape)}: only the 3 innermost dimensions may "
+                "exceed 1)"
+            )
+    return None
+
+
+def _check_options(operator):
+    name, options = operator.name, operator.options
     if options.get("fused_activation_function") and name in ("CONCATENATION", "AVERAGE_POOL_2D", "MAX_POOL_2D"):
         return f"{name} with a fused activation is not supported"
-    if name in ("CONV_2D", "DEPTHWISE_CONV_2D") and options.get("dilation_h_factor") != options.get("dilation_w_factor"):
+    dilations = options.get("dilation_h_factor"), options.get("dilation_w_factor")
+    if name in ("CONV_2D", "DEPTHWISE_CONV_2D") and dilations[0] != dilations[1]:
         return "Convolution with different x and y dilation is not supported"
+    return None
+
+
+def _check_inputs(graph, operator):
+    """The per-op shape and constant-input rules of the documented table."""
+    name = operator.name
+    inputs = graph.input_tensors(operator)
     if name == "SOFTMAX":
-        shape = operator["inputs"][0]["shape"]
+        shape = list(inputs[0].shape)
         if len(_non_unit(shape)) > 1:
             return f"Softmax input {shape} is not 1-D (the Edge TPU maps softmax on a vector only)"
         if _size(shape) > SOFTMAX_MAX_ELEMENTS:
             return f"Softmax over {_size(shape)} elements (at most {SOFTMAX_MAX_ELEMENTS})"
-    if name == "FULLY_CONNECTED" and len(_non_unit(operator["outputs"][0]["shape"])) > 1:
-        return f"Fully-connected output {operator['outputs'][0]['shape']} is not 1-D"
+    if name == "FULLY_CONNECTED":
+        shape = list(graph.tensors[operator.outputs[0]].shape)
+        if len(_non_unit(shape)) > 1:
+            return f"Fully-connected output {shape} is not 1-D"
     if name in ("MEAN", "SUM", "REDUCE_MAX", "REDUCE_MIN"):
-        shape = operator["inputs"][0]["shape"]
-        axes = operator["inputs"][1]["constant"]
+        shape, axes = inputs[0].shape, _int32_values(inputs[1])
         if axes is None:
             return f"{name} with non-constant axes"
         axes = [a % len(shape) for a in axes]
@@ -97,45 +150,54 @@ def _check_op(operator):
         if name == "MEAN" and len(shape) - 1 in axes and shape[-1] % 4:
             return f"MEAN over the channel axis needs a multiple of 4 channels (has {shape[-1]})"
     if name == "STRIDED_SLICE":
-        strides = operator["inputs"][3]["constant"] if len(operator["inputs"]) > 3 else None
+        strides = _int32_values(inputs[3]) if len(inputs) > 3 else None
         if strides is None or any(s != 1 for s in strides):
             return "StridedSlice with strides other than 1"
-        if options.get("ellipsis_mask") or options.get("new_axis_mask"):
+        if operator.options.get("ellipsis_mask") or operator.options.get("new_axis_mask"):
             return "StridedSlice with an ellipsis or new-axis mask"
     if name == "PAD":
-        paddings = operator["inputs"][1]["constant"]
+        paddings = _int32_values(inputs[1])
         if paddings is None or any(paddings[:2]):
             return "Pad of the batch dimension (or non-constant paddings)"
-    if name in _UNRELIABLE:
-        return _UNRELIABLE[name]
     return None
 
 
-def operator_macs(operator):
-    """Multiply-accumulates of one op from its static shapes.
+def _check_op(graph, operator):
+    """None when the documented rules let the op map, else the reason."""
+    return (
+        _check_version_and_tensors(graph, operator)
+        or _check_options(operator)
+        or _check_inputs(graph, operator)
+        or _UNRELIABLE.get(operator.name)
+    )
+
+
+def operator_macs(graph, operator):
+    """Multiply-accumulates of one op (a `tflite_graph.Operator` of `graph`)
+    from its static shapes.
 
     Convolutions and fully-connected layers count kernel MACs; elementwise
     MUL/ADD/SUB/SQUARED_DIFFERENCE and reductions count one per output (or
     input) element; data movement (reshape, slice, concat, pad) counts 0.
     """
-    name = operator["op"]
-    inputs, outputs = operator["inputs"], operator["outputs"]
-    out = outputs[0]["shape"] if outputs and outputs[0] else []
+    name = operator.name
+    inputs = [t.shape if t is not None else () for t in graph.input_tensors(operator)]
+    out = graph.tensors[operator.outputs[0]].shape if operator.outputs else ()
     if name == "CONV_2D":
-        kernel = inputs[1]["shape"]  # [O, kh, kw, I]
+        kernel = inputs[1]  # [O, kh, kw, I]
         return _size(out) * kernel[1] * kernel[2] * kernel[3]
     if name == "DEPTHWISE_CONV_2D":
-        kernel = inputs[1]["shape"]  # [1, kh, kw, C]
+        kernel = inputs[1]  # [1, kh, kw, C]
         return _size(out) * kernel[1] * kernel[2]
     if name == "FULLY_CONNECTED":
-        return _size(out) * inputs[1]["shape"][-1]
+        return _size(out) * inputs[1][-1]
     if name == "TRANSPOSE_CONV":
-        kernel = inputs[1]["shape"]  # [O, kh, kw, I]
-        return _size(inputs[2]["shape"]) * kernel[0] * kernel[1] * kernel[2]
+        kernel = inputs[1]  # [O, kh, kw, I]
+        return _size(inputs[2]) * kernel[0] * kernel[1] * kernel[2]
     if name in ("MUL", "ADD", "SUB", "SQUARED_DIFFERENCE", "MAXIMUM", "MINIMUM"):
         return _size(out)
     if name in ("MEAN", "SUM", "REDUCE_MAX", "REDUCE_MIN", "SOFTMAX", "AVERAGE_POOL_2D", "MAX_POOL_2D"):
-        return _size(inputs[0]["shape"])
+        return _size(inputs[0])
     return 0
 
 
@@ -148,25 +210,25 @@ def edgetpu_report(flatbuffer):
     `mac_share_on_tpu`, `unsupported` (op -> reason, for every op that
     cannot map wherever it stands) and `source: "documented op table"`.
     """
-    operators = read_operators(flatbuffer)
+    graph = read_graph(flatbuffer)
     ops, first_cpu_op, unsupported = [], None, {}
-    for operator in operators:
-        reason = _check_op(operator)
+    for operator in graph.operators:
+        reason = _check_op(graph, operator)
         if reason is not None:
-            unsupported.setdefault(f"{operator['op']} v{operator['version']}", reason)
+            unsupported.setdefault(f"{operator.name} v{operator.version}", reason)
         if first_cpu_op is None and reason is not None:
-            first_cpu_op = {"index": operator["index"], "op": operator["op"], "reason": reason}
+            first_cpu_op = {"index": operator.index, "op": operator.name, "reason": reason}
         if reason is None:
             status = MAPPED if first_cpu_op is None else AFTER_FALLBACK
         else:
             status = reason
         ops.append(
             {
-                "index": operator["index"],
-                "op": operator["op"],
-                "version": operator["version"],
+                "index": operator.index,
+                "op": operator.name,
+                "version": operator.version,
                 "status": status,
-                "macs": operator_macs(operator),
+                "macs": operator_macs(graph, operator),
             }
         )
     macs_total = sum(op["macs"] for op in ops)
@@ -200,7 +262,8 @@ def format_edgetpu_report(report):
     ]
     first = report["first_cpu_op"]
     lines.append(
-        "  all ops map: one Edge TPU segment" if first is None
+        "  all ops map: one Edge TPU segment"
+        if first is None
         else f"  first op on the CPU: #{first['index']} {first['op']} - {first['reason']}"
     )
     lines.append(f"  {'Operator':<24} {'Count':>5}  Status")
@@ -310,15 +373,17 @@ def check_edgetpu_io(flatbuffer):
     and an int8 or uint8 dtype (the Edge TPU computes integers only; a float
     interface adds QUANTIZE/DEQUANTIZE ops the CPU runs). Returns a list of
     messages, empty when the interface fits."""
-    structure = read_structure(flatbuffer)
+    graph = read_graph(flatbuffer)
     problems = []
-    for kind in ("inputs", "outputs"):
-        for index in structure[kind]:
-            tensor = structure["tensors"][index]
-            where = f"{kind[:-1]} {tensor['name']!r}"
-            if not tensor["shape"] or tensor["shape"][0] != 1:
-                problems.append(f"{where} has shape {tensor['shape']}: the Edge TPU needs batch 1 (shape [1, ...])")
-            if tensor["dtype"] not in _IO_TYPES:
-                problems.append(f"{where} is {tensor['dtype'].lower()}: the Edge TPU takes int8 or uint8 input "
-                                "and output only")
+    for kind, indices in (("inputs", graph.inputs), ("outputs", graph.outputs)):
+        for index in indices:
+            tensor = graph.tensors[index]
+            where = f"{kind[:-1]} {tensor.name!r}"
+            shape = list(tensor.shape)
+            if not shape or shape[0] != 1:
+                problems.append(f"{where} has shape {shape}: the Edge TPU needs batch 1 (shape [1, ...])")
+            if tensor.dtype not in _IO_TYPES:
+                problems.append(
+                    f"{where} is {tensor.dtype.lower()}: the Edge TPU takes int8 or uint8 input and output only"
+                )
     return problems

@@ -1,4 +1,4 @@
-"""Export to ONNX (float, or QDQ int8 from a QAT model), checked with onnxruntime.
+"""ONNX target: float, or QDQ int8 from a QAT model, checked with onnxruntime.
 
 The Keras model is traced as a `tf.function` and converted by tf2onnx. For a
 QAT model from `quantize_model`:
@@ -23,6 +23,16 @@ import collections
 import os
 
 import numpy as np
+
+from quantization.targets.common import TargetError
+from quantization.targets.common import check_io_type
+from quantization.targets.common import check_name
+from quantization.targets.common import quantized_for
+from quantization.targets.common import staged
+from quantization.tflite_export import is_qat
+from quantization.tflite_export import static_input_shape
+
+TARGET = "onnx"
 
 DEFAULT_OPSET = 17
 INPUT_NAME = "image"
@@ -62,8 +72,6 @@ _LAYOUT_OPS = ("Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Transp
 
 def _static_image_shape(model):
     """(H, W, C) of the model's single image input; ValueError when not static."""
-    from quantization.tflite_export import static_input_shape
-
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ValueError("export_onnx expects a single-input, single-output image model.")
     return static_input_shape(model, "The ONNX export")
@@ -274,6 +282,48 @@ def _compare(expected, actual, quantized, output_step):
     return agreement, failure
 
 
+def export(
+    model,
+    output_dir,
+    name=None,
+    *,
+    calibration_images=None,
+    sample_images=None,
+    io_type="float32",
+    opset=DEFAULT_OPSET,
+    batch_size=None,
+):
+    """ONNX of `model`, checked against onnxruntime, with its report.
+
+    Writes `<name>.float.onnx` for a float model, `<name>.qdq.onnx` for a QAT
+    model (or for a float model given `calibration_images`: post-training
+    quantization), and `<name>.onnx.report.json`; nothing when the check
+    fails. The file takes and returns float32 (io_type "float32" only): a
+    QDQ graph quantizes the float image itself. See `export_onnx` for the
+    other arguments.
+
+    Raises:
+        TargetError: onnxruntime disagrees with Keras beyond the tolerance,
+            or fake-quant ops did not become QDQ.
+    """
+    check_io_type(TARGET, io_type)
+    name = check_name(name, model)
+    _static_image_shape(model)
+    if calibration_images is not None and not is_qat(model):
+        model = quantized_for(model, "reference", calibration_images)
+    variant = "qdq" if is_qat(model) else "float"
+    with staged(output_dir, TARGET) as staging:
+        report = export_onnx(
+            model,
+            staging.path(f"{name}.{variant}.onnx"),
+            sample_images=sample_images,
+            opset=opset,
+            batch_size=batch_size,
+        )
+        report.update(target=TARGET, name=name, files={"onnx": report["path"]})
+        return staging.commit(report, name, TARGET)
+
+
 def export_onnx(model, path, sample_images=None, opset=DEFAULT_OPSET, batch_size=None):
     """Converts `model` to ONNX at `path`, checked with onnxruntime.
 
@@ -298,49 +348,71 @@ def export_onnx(model, path, sample_images=None, opset=DEFAULT_OPSET, batch_size
 
     Raises:
         ValueError: for a path not ending in .onnx, a model without a static
-            image input, sample images of the wrong shape, an uncalibrated QAT
-            model, a QAT model whose fake-quant ops did not all become
-            QuantizeLinear/DequantizeLinear, or onnxruntime outputs outside the
-            tolerance (see QAT_*_TOLERANCE_STEPS / FLOAT_RELATIVE_TOLERANCE).
-            No file is written then.
+            image input, sample images of the wrong shape, or an uncalibrated
+            QAT model.
+        TargetError: a QAT model whose fake-quant ops did not all become
+            QuantizeLinear/DequantizeLinear, or onnxruntime outputs outside
+            the tolerance (see QAT_*_TOLERANCE_STEPS /
+            FLOAT_RELATIVE_TOLERANCE). No file is written then.
     """
     import onnx
 
-    if not str(path).endswith(".onnx"):
-        raise ValueError(f"path must end in .onnx; got {path!r}")
-    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer or None; got {batch_size!r}")
-    batch_size = None if batch_size is None else int(batch_size)
-    if opset < 13:
-        raise ValueError(f"opset must be 13 or newer (per-channel DequantizeLinear); got {opset}")
+    batch_size = _check_arguments(path, opset, batch_size)
     image_shape = _static_image_shape(model)
     if sample_images is not None:
         sample_images = _check_sample_images(sample_images, image_shape)
-    from quantization.tflite_export import is_qat
-
     quantized = is_qat(model)
-    activation_quantizers = 0
-    if quantized:
-        from quantization.quantize import quantizers
-        from quantization.quantize import uncalibrated_quantizers
-
-        missing = uncalibrated_quantizers(model)
-        if missing:
-            raise ValueError(
-                f"{len(missing)} activation ranges of the QAT model were never set (e.g. "
-                f"{missing[:3]}): run quantization.calibrate(model, images) first."
-            )
-        activation_quantizers = len(quantizers(model))
-
-    import onnxruntime
-    import tf2onnx
-
+    activation_quantizers = _activation_quantizers(model) if quantized else 0
     proto = _convert(model, image_shape, opset, batch_size)
     int8_weights = _store_weights_as_int8(proto) if quantized else 0
     _name_interface(proto, dynamic_batch=batch_size is None)
     onnx.checker.check_model(proto)  # the graph edits above keep it valid
+    report = _describe(proto, path, opset, image_shape, batch_size, quantized)
+    report.update(activation_quantizers=activation_quantizers, int8_weights=int8_weights)
+    if quantized and report["quantize_linear"] < activation_quantizers:
+        raise TargetError(
+            f"The QAT model has {activation_quantizers} activation fake-quant ops but the ONNX graph only "
+            f"{report['quantize_linear']} QuantizeLinear nodes: some were not converted to QDQ.",
+            report,
+        )
+    _write_checked(proto, path, model, sample_images, batch_size, report)
+    return report
+
+
+def _check_arguments(path, opset, batch_size):
+    """The static batch (None: dynamic); ValueError for a bad path, opset or batch."""
+    if not str(path).endswith(".onnx"):
+        raise ValueError(f"path must end in .onnx; got {path!r}")
+    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None; got {batch_size!r}")
+    if opset < 13:
+        raise ValueError(f"opset must be 13 or newer (per-channel DequantizeLinear); got {opset}")
+    return None if batch_size is None else int(batch_size)
+
+
+def _activation_quantizers(model):
+    """How many activation fake-quants the QAT model has; ValueError when
+    some were never calibrated."""
+    from quantization.quantize import quantizers
+    from quantization.quantize import uncalibrated_quantizers
+
+    missing = uncalibrated_quantizers(model)
+    if missing:
+        raise ValueError(
+            f"{len(missing)} activation ranges of the QAT model were never set (e.g. "
+            f"{missing[:3]}): run quantization.calibrate(model, images) first."
+        )
+    return len(quantizers(model))
+
+
+def _describe(proto, path, opset, image_shape, batch_size, quantized):
+    """The report's structural part: versions, op histogram, interface."""
+    import onnx
+    import onnxruntime
+    import tf2onnx
+
     op_types = collections.Counter(node.op_type for node in proto.graph.node)
-    report = {
+    return {
         "path": str(path),
         "opset": int(opset),
         "versions": {"tf2onnx": tf2onnx.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
@@ -349,20 +421,17 @@ def export_onnx(model, path, sample_images=None, opset=DEFAULT_OPSET, batch_size
         "node_count": len(proto.graph.node),
         "quantize_linear": op_types.get("QuantizeLinear", 0),
         "dequantize_linear": op_types.get("DequantizeLinear", 0),
-        "activation_quantizers": activation_quantizers,
-        "int8_weights": int8_weights,
         "input": {"name": INPUT_NAME, "shape": [batch_size or BATCH_DIM_NAME, *image_shape]},
         "output": {
             "name": OUTPUT_NAME,
             "shape": [d.dim_param or d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim],
         },
     }
-    if quantized and report["quantize_linear"] < activation_quantizers:
-        raise ValueError(
-            f"The QAT model has {activation_quantizers} activation fake-quant ops but the ONNX graph only "
-            f"{report['quantize_linear']} QuantizeLinear nodes: some were not converted to QDQ."
-        )
 
+
+def _write_checked(proto, path, model, sample_images, batch_size, report):
+    """Writes `proto` to a temporary file, compares onnxruntime with Keras on
+    `sample_images`, and moves the file to `path` only when they agree."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     temporary = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
@@ -373,23 +442,24 @@ def export_onnx(model, path, sample_images=None, opset=DEFAULT_OPSET, batch_size
         if sample_images is not None:
             expected = np.asarray(model.predict_on_batch(sample_images), np.float64)
             actual = _run_onnxruntime(temporary, sample_images, batch_size)
-            step = _output_quantization_step(proto) if quantized else None
-            report["agreement"], failure = _compare(expected, actual, quantized, step)
+            step = _output_quantization_step(proto) if report["quantized"] else None
+            report["agreement"], failure = _compare(expected, actual, report["quantized"], step)
             if failure:
-                agreement = report["agreement"]
-                figures = (
-                    f"{_format_agreement(agreement)}; {agreement['tolerance']}"
-                    if "tolerance" in agreement
-                    else f"{agreement['non_finite_outputs']} non-finite values"
-                )
-                raise ValueError(
-                    f"onnxruntime disagrees with Keras on the ONNX export of {model.name}: {failure} ({figures})."
+                raise TargetError(
+                    f"onnxruntime disagrees with Keras on the ONNX export of {model.name}: {failure} "
+                    f"({_failure_figures(report['agreement'])}).",
+                    report,
                 )
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
-    return report
+
+
+def _failure_figures(agreement):
+    if "tolerance" in agreement:
+        return f"{_format_agreement(agreement)}; {agreement['tolerance']}"
+    return f"{agreement['non_finite_outputs']} non-finite values"
 
 
 def _format_agreement(agreement):
@@ -399,17 +469,17 @@ def _format_agreement(agreement):
     )
     if "mean_error_in_steps" in agreement:
         text += (
-            f" (mean {agreement['mean_error_in_steps']:.2f}, max {agreement['max_error_in_steps']:.1f} "
-            "output steps)"
+            f" (mean {agreement['mean_error_in_steps']:.2f}, max {agreement['max_error_in_steps']:.1f} output steps)"
         )
     return text
 
 
-def format_onnx_report(report):
-    """A few readable lines for the report of `export_onnx`."""
+def format_report(report):
+    """A few readable lines for the report of `export` / `export_onnx`."""
     kind = "QDQ int8" if report["quantized"] else "float"
+    size = f"{report['size_bytes'] / 1e6:.2f} MB" if "size_bytes" in report else "not written"
     lines = [
-        f"ONNX {kind}, opset {report['opset']}: {report['size_bytes'] / 1e6:.2f} MB, {report['node_count']} nodes, "
+        f"ONNX {kind}, opset {report['opset']}: {size}, {report['node_count']} nodes, "
         f"input {report['input']['name']} {report['input']['shape']}, output {report['output']['name']} "
         f"{report['output']['shape']}",
         "  ops: " + ", ".join(f"{name} {count}" for name, count in report["op_types"].items()),
@@ -421,4 +491,5 @@ def format_onnx_report(report):
         )
     if "agreement" in report and "tolerance" in report["agreement"]:
         lines.append(f"  onnxruntime vs Keras on {_format_agreement(report['agreement'])}")
+    lines.extend(f"  wrote {kind}: {path}" for kind, path in (report.get("files") or {}).items())
     return "\n".join(lines)

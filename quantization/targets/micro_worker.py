@@ -1,6 +1,6 @@
-"""Subprocess side of `quantization.micro`: one TFLite Micro interpreter run.
+"""Subprocess side of `quantization.targets.micro_runtime`: one TFLite Micro interpreter run.
 
-    python quantization/micro_worker.py MODEL.tflite ARENA_BYTES [IMAGES.npy OUTPUTS.npy]
+    python quantization/targets/micro_worker.py MODEL.tflite ARENA_BYTES [IMAGES.npy OUTPUTS.npy]
 
 Runs in its own process because the TFLM Python wrapper can take the whole
 process down: a failed `TFLITE_CHECK` aborts (e.g. an int8 SOFTMAX whose input
