@@ -21,8 +21,16 @@ from training.augment import mixup_or_cutmix
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 EMBEDDED_NAME = "embedded"
 EMBEDDED_CLASSES = (
-    "disc", "square", "triangle", "ring", "cross",
-    "striped_disc", "striped_square", "striped_triangle", "striped_ring", "striped_cross",
+    "disc",
+    "square",
+    "triangle",
+    "ring",
+    "cross",
+    "striped_disc",
+    "striped_square",
+    "striped_triangle",
+    "striped_ring",
+    "striped_cross",
 )
 
 
@@ -116,9 +124,7 @@ def _list_class_folder(split_dir):
     for label, name in enumerate(classes):
         class_dir = os.path.join(split_dir, name)
         try:
-            files = sorted(
-                f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS)
-            )
+            files = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
         except OSError as error:
             raise ValueError(f"Cannot read the class folder {class_dir}: {error}") from None
         if not files:
@@ -131,9 +137,7 @@ def _list_class_folder(split_dir):
             f"image files ({', '.join(IMAGE_EXTENSIONS)})."
         )
     if empty:
-        raise ValueError(
-            f"{len(empty)} class folders of {split_dir} hold no images: {empty[:10]}."
-        )
+        raise ValueError(f"{len(empty)} class folders of {split_dir} hold no images: {empty[:10]}.")
     return classes, paths, labels
 
 
@@ -221,8 +225,7 @@ def tfds_source(name, data_dir=None):
         import tensorflow_datasets as tfds
     except ImportError:
         raise ValueError(
-            f"--data=tfds:{name} needs tensorflow-datasets (pip install "
-            "tensorflow-datasets) and the prepared data."
+            f"--data=tfds:{name} needs tensorflow-datasets (pip install tensorflow-datasets) and the prepared data."
         ) from None
     builder = tfds.builder(name, data_dir=data_dir)
     if not os.path.isdir(builder.data_dir):
@@ -281,12 +284,12 @@ def _draw_shape(rng, size, class_index):
         mask = ((np.abs(dy) < radius * 0.3) | (np.abs(dx) < radius * 0.3)) & (
             np.maximum(np.abs(dy), np.abs(dx)) < radius
         )
-    if class_index >= 5:  # striped variants
-        angle = rng.uniform(0, np.pi)
-        stripes = np.sin((np.cos(angle) * x + np.sin(angle) * y) * 2 * np.pi * 8) > 0
-        mask = mask & stripes
     colour = rng.uniform(0.5, 1.0, 3) * (1 - 0.7 * rng.uniform(0, 1, 3) * (rng.rand() < 0.5))
     image[mask] = colour
+    if class_index >= 5:  # striped variants: dark stripes inside the whole outline
+        angle = rng.uniform(0, np.pi)
+        stripes = np.sin((np.cos(angle) * x + np.sin(angle) * y) * 2 * np.pi * 7) > 0
+        image[mask & stripes] = colour * 0.35
     return (image * 255).astype(np.uint8)
 
 
@@ -297,12 +300,8 @@ def embedded_source(dataset_dir=None, image_size=72, train_per_class=160, eval_p
     the same folder pipeline (file reading, decoding) as real data.
     """
     if not dataset_dir:
-        dataset_dir = os.path.join(
-            os.path.expanduser(os.environ.get("KERAS_HOME", "~/.keras")), "datasets"
-        )
-    root = os.path.join(
-        dataset_dir, f"mobilevitv2_shapes_{image_size}px_{train_per_class}_{eval_per_class}_v1"
-    )
+        dataset_dir = os.path.join(os.path.expanduser(os.environ.get("KERAS_HOME", "~/.keras")), "datasets")
+    root = os.path.join(dataset_dir, f"mobilevitv2_shapes_{image_size}px_{train_per_class}_{eval_per_class}_v2")
     if not os.path.isdir(root):
         os.makedirs(dataset_dir, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".shapes-", dir=dataset_dir)
@@ -328,7 +327,7 @@ def resolve_source(data, num_classes=0, label_offset=0, dataset_dir=None):
     if data == EMBEDDED_NAME:
         return embedded_source(dataset_dir)
     if data.startswith("tfds:"):
-        return tfds_source(data[len("tfds:"):], data_dir=dataset_dir or None)
+        return tfds_source(data[len("tfds:") :], data_dir=dataset_dir or None)
     if not os.path.exists(data):
         raise ValueError(
             f"--data {data!r} does not exist. Give an ImageNet-style folder, a "
@@ -420,9 +419,7 @@ def train_dataset(source, config, input_context, epoch, skip_batches=0):
     def mix(batch_index, batch):
         images, labels, skipped = batch
         seed = tf.stack([tf.constant(augment_seed + 7, tf.int64), batch_index])
-        images, labels = mixup_or_cutmix(
-            images, labels, seed, config.mixup_alpha, config.cutmix_alpha
-        )
+        images, labels = mixup_or_cutmix(images, labels, seed, config.mixup_alpha, config.cutmix_alpha)
         return images, labels, tf.reduce_max(skipped)
 
     batches = batches.enumerate().map(mix, num_parallel_calls=tf.data.AUTOTUNE)

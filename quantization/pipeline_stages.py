@@ -1,0 +1,248 @@
+"""The stages of the main job (`python -m quantization.pipeline`), each the
+same as one documented command, which it prints before it runs:
+
+    train    python -m training.train ...            the float model
+    qat      python -m quantization.qat ...          QAT fine-tune + QAT int8 TFLite
+    export   python -m quantization.export --mode    float32 and PTQ int8 TFLite
+    targets  python -m quantization.export --target  Edge TPU, TFLite Micro, Android, ONNX
+    report   python -m quantization.pipeline --stages=report
+
+A stage reads what the earlier ones wrote in `output_dir`, so any of them
+can be re-run alone.
+"""
+
+import dataclasses
+import os
+import shlex
+
+from training.recipe import TrainConfig
+
+STAGES = ("train", "qat", "export", "targets", "report")
+TARGET_NAMES = ("edgetpu", "micro", "android", "onnx")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """What the main job trains, on which data, and where it writes."""
+
+    output_dir: str = "runs/pipeline"
+    model: str = "mobilevitv2_050"
+    attention_norm: str = "layer_norm_2d"
+    data: str = "embedded"
+    dataset_dir: str = ""
+    image_size: int = 64
+    batch_size: int = 32
+    float_epochs: int = 16
+    qat_epochs: int = 1
+    float_lr: float = 3e-3
+    qat_lr: float = 2e-5
+    seed: int = 0
+    calibration_images: int = 128
+    targets: tuple = TARGET_NAMES
+
+    @property
+    def float_dir(self):
+        return os.path.join(self.output_dir, "float")
+
+    @property
+    def qat_dir(self):
+        return os.path.join(self.output_dir, "qat")
+
+    @property
+    def tflite_dir(self):
+        return os.path.join(self.output_dir, "tflite")
+
+    @property
+    def deploy_dir(self):
+        return os.path.join(self.output_dir, "deploy")
+
+    @property
+    def report_dir(self):
+        return os.path.join(self.output_dir, "report")
+
+    def tflite_path(self, mode):
+        """The float32 / ptq_int8 exports of the float model, and the QAT
+        command's qat_int8 export."""
+        if mode == "qat_int8":
+            return os.path.join(self.qat_dir, f"{self.model}_qat_int8.tflite")
+        return os.path.join(self.tflite_dir, f"{self.model}_{mode}.tflite")
+
+
+def float_train_config(config):
+    """The trainer's settings for the float model: a short run on a small
+    dataset, so light augmentation and a short EMA."""
+    return TrainConfig(
+        model=config.model,
+        attention_norm=config.attention_norm,
+        data=config.data,
+        dataset_dir=config.dataset_dir,
+        model_dir=config.float_dir,
+        image_size=config.image_size,
+        batch_size=config.batch_size,
+        epochs=config.float_epochs,
+        lr=config.float_lr,
+        min_lr=round(config.float_lr / 20, 12),  # 1.5e-4, not 0.00015000000000000001 in the command
+        warmup_steps=50,
+        seed=config.seed,
+        randaugment=False,
+        mixup_alpha=0.0,
+        cutmix_alpha=0.0,
+        random_erasing=0.0,
+        crop_min_scale=0.35,
+        ema_decay=0.9,  # a few hundred fast-moving steps: a short average
+        max_eval_images=100,  # the per-epoch check; the report evaluates the whole split
+    )
+
+
+def qat_train_config(config):
+    """The QAT fine-tune: the float run's settings, from its model, at a
+    small learning rate."""
+    return dataclasses.replace(
+        float_train_config(config),
+        model_dir=config.qat_dir,
+        epochs=config.qat_epochs,
+        lr=config.qat_lr,
+        min_lr=round(config.qat_lr / 10, 12),
+        warmup_steps=0,
+        init_weights=os.path.join(config.float_dir, "model.keras"),
+    )
+
+
+def _flag(name, value):
+    if isinstance(value, bool):
+        return f"--{name}={'true' if value else 'false'}"
+    return f"--{name}={value}"
+
+
+def trainer_flags(train_config):
+    """The trainer's command-line flags that give `train_config` (every field
+    that differs from the default)."""
+    default = TrainConfig()
+    return [
+        _flag(field.name, getattr(train_config, field.name))
+        for field in dataclasses.fields(TrainConfig)
+        if getattr(train_config, field.name) != getattr(default, field.name)
+    ]
+
+
+def export_arguments(config, mode):
+    """`python -m quantization.export` arguments of the float32 / ptq_int8 export."""
+    return [
+        "--model", os.path.join(config.float_dir, "model.keras"), "--mode", mode,
+        "--output", config.tflite_path(mode), "--data", config.data, "--dataset_dir", config.dataset_dir,
+        "--num_images", str(config.calibration_images),
+    ]  # fmt: skip
+
+
+def target_arguments(config, target):
+    """`python -m quantization.export` arguments of one deployment target: the
+    QAT model, and for Android the float model (float16) beside it."""
+    qat = os.path.join(config.qat_dir, "model.keras")
+    model = ["--model", os.path.join(config.float_dir, "model.keras"), "--qat_model", qat]
+    return [
+        *(model if target == "android" else ["--model", qat]), "--target", target,
+        "--output_dir", config.deploy_dir, "--data", config.data, "--dataset_dir", config.dataset_dir,
+        "--num_images", "64",
+    ]  # fmt: skip
+
+
+def command(module, arguments):
+    """The shell command line of `python -m module arguments`."""
+    return " ".join(["python", "-m", module, *(shlex.quote(str(a)) for a in arguments if a != "")])
+
+
+def announce(step, title, command_line):
+    print(f"\n== {step} {title}\n   {command_line}", flush=True)
+
+
+def run_train(config):
+    from training.trainer import Trainer
+
+    train_config = float_train_config(config)
+    announce("1/5", "Float training", command("training.train", trainer_flags(train_config)))
+    Trainer(train_config).run()
+
+
+def run_qat_stage(config):
+    from quantization.qat import run_qat
+
+    train_config = qat_train_config(config)
+    flags = [*trainer_flags(train_config), f"--calibration_images={config.calibration_images}"]
+    announce("2/5", "Quantization-aware fine-tuning and the QAT int8 export", command("quantization.qat", flags))
+    _, report = run_qat(train_config, calibration_images=config.calibration_images)
+    if report["errors"]:
+        raise RuntimeError(f"The QAT int8 export failed its audit: {report['errors']}")
+
+
+def run_exports(config):
+    from quantization.export import main as export_main
+
+    for mode in ("float32", "ptq_int8"):
+        arguments = _drop_empty(export_arguments(config, mode))
+        announce("3/5", f"{mode} TFLite export", command("quantization.export", arguments))
+        if export_main(arguments) != 0:
+            raise RuntimeError(f"The {mode} export failed (see above).")
+
+
+def run_targets(config):
+    from quantization.export import main as export_main
+
+    for target in config.targets:
+        arguments = _drop_empty(target_arguments(config, target))
+        announce("4/5", f"Deployment target {target}", command("quantization.export", arguments))
+        if export_main(arguments) != 0:
+            raise RuntimeError(f"The {target} target refused the model (see above).")
+
+
+def _drop_empty(arguments):
+    """The arguments without a flag whose value is empty (an unset --dataset_dir)."""
+    kept = []
+    for index, argument in enumerate(arguments):
+        if argument == "" or (index + 1 < len(arguments) and arguments[index + 1] == "" and argument.startswith("--")):
+            continue
+        kept.append(argument)
+    return kept
+
+
+def run_report(config):
+    """Evaluates every model on the evaluation split and writes the report
+    (tables, pipeline_report.json, report.png); returns the report's path."""
+    import platform
+
+    from quantization import pipeline_report
+    from quantization.qat import sample_images
+    from training.data import resolve_source
+
+    announce("5/5", "Accuracy, size, latency and targets", command("quantization.pipeline", ["--stages=report"]))
+    train_config = float_train_config(config)
+    source = resolve_source(config.data, dataset_dir=config.dataset_dir or None)
+    images, labels = sample_images(source, train_config, source.eval.num_examples, split="eval", with_labels=True)
+    rows, predictions = pipeline_report.evaluate_models(config, images, labels)
+    figures = pipeline_report.target_figures(config)
+    extra = {
+        "config": dataclasses.asdict(config),
+        "evaluation_images": int(len(images)),
+        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+    }
+    summary = pipeline_report.write_report(config, rows, figures, extra)
+    pipeline_report.draw_picture(
+        os.path.join(config.report_dir, pipeline_report.PICTURE), images, labels, predictions, source.class_names, rows
+    )
+    print(
+        f"\n{len(images)} evaluation images, {config.model} at {config.image_size}x{config.image_size}; latency: "
+        f"batch 1, median, default TFLite CPU runtime, {os.cpu_count()} threads\n\n{summary}\n"
+    )
+    print(
+        f"Report: {config.report_dir}/ ({pipeline_report.REPORT_JSON}, {pipeline_report.SUMMARY}, "
+        f"{pipeline_report.PICTURE})"
+    )
+    return os.path.join(config.report_dir, pipeline_report.REPORT_JSON)
+
+
+RUNNERS = {
+    "train": run_train,
+    "qat": run_qat_stage,
+    "export": run_exports,
+    "targets": run_targets,
+    "report": run_report,
+}

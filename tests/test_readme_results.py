@@ -1,0 +1,42 @@
+"""The README's `make demo` figures are the committed report's, as the
+pipeline itself formats them: a README that drifts from results/ fails."""
+
+import json
+import os
+import re
+
+import pytest
+
+from quantization.pipeline_report import accuracy_table
+from quantization.pipeline_report import targets_table
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "results", "demo")
+BLOCK = re.compile(r"<!-- demo-results:start -->\n(.*?)\n<!-- demo-results:end -->", re.S)
+
+
+def _committed():
+    path = os.path.join(RESULTS, "pipeline_report.json")
+    if not os.path.exists(path):
+        pytest.skip("results/demo is not in this checkout")
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_readme_demo_table_is_the_committed_report():
+    report = _committed()
+    expected = accuracy_table(report["rows"]) + "\n\n" + targets_table(report["targets"])
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        blocks = BLOCK.findall(f.read())
+    assert len(blocks) == 1, "README.md needs one <!-- demo-results:start/end --> block"
+    assert blocks[0].strip() == expected.strip()
+    with open(os.path.join(RESULTS, "summary.md"), encoding="utf-8") as f:
+        assert f.read().strip() == expected.strip()
+
+
+def test_committed_demo_meets_its_promise():
+    """What `make demo` promises a user, on the committed run."""
+    rows = _committed()["rows"]
+    assert rows["float_keras"]["top1"] >= 0.90
+    assert rows["qat_int8_tflite"]["top1"] >= rows["float_keras"]["top1"] - 0.01
+    assert os.path.getsize(os.path.join(RESULTS, "report.png")) > 10_000
