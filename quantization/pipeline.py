@@ -38,21 +38,26 @@ _HELP = {
 }
 
 
-def define_pipeline_flags():
+def define_pipeline_flags(flag_values=flags.FLAGS):
     """This command's flags; only its command line calls this."""
     defaults = PipelineConfig()
     for field in dataclasses.fields(PipelineConfig):
-        if field.name == "targets":
-            continue
         value = getattr(defaults, field.name)
+        if field.name == "targets":
+            flags.DEFINE_list("targets", list(value), "Deployment targets to export to, of "
+                              f"{', '.join(TARGET_NAMES)}.", flag_values=flag_values)  # fmt: skip
+            continue
         define = {int: flags.DEFINE_integer, float: flags.DEFINE_float}.get(type(value), flags.DEFINE_string)
-        define(field.name, value, _HELP[field.name])
-    flags.DEFINE_multi_enum("targets", list(TARGET_NAMES), list(TARGET_NAMES), "Deployment targets to export to.")
-    flags.DEFINE_list("stages", list(STAGES), f"Stages to run, in order: {', '.join(STAGES)}.")
+        define(field.name, value, _HELP[field.name], flag_values=flag_values)
+    flags.DEFINE_list("stages", list(STAGES), f"Stages to run, in order: {', '.join(STAGES)}.", flag_values=flag_values)
 
 
-def config_from_flags():
-    values = {field.name: getattr(flags.FLAGS, field.name) for field in dataclasses.fields(PipelineConfig)}
+def config_from_flags(flag_values=flags.FLAGS):
+    """The `PipelineConfig` of the parsed flags; UsageError for an unknown target."""
+    values = {field.name: getattr(flag_values, field.name) for field in dataclasses.fields(PipelineConfig)}
+    unknown = [target for target in values["targets"] if target not in TARGET_NAMES]
+    if unknown:
+        raise app.UsageError(f"Unknown --targets {unknown}; the targets are {', '.join(TARGET_NAMES)}.")
     values["targets"] = tuple(dict.fromkeys(values["targets"]))
     return PipelineConfig(**values)
 

@@ -125,6 +125,17 @@ def trainer_flags(train_config):
     ]
 
 
+def pipeline_flags(config):
+    """This command's flags that give `config` (those not at their default)."""
+    default = PipelineConfig()
+    found = []
+    for field in dataclasses.fields(PipelineConfig):
+        value = getattr(config, field.name)
+        if value != getattr(default, field.name):
+            found.append(f"--{field.name}={','.join(value)}" if field.name == "targets" else _flag(field.name, value))
+    return found
+
+
 def export_arguments(config, mode):
     """`python -m quantization.export` arguments of the float32 / ptq_int8 export."""
     return [
@@ -213,7 +224,8 @@ def run_report(config):
     from quantization.qat import sample_images
     from training.data import resolve_source
 
-    announce("5/5", "Accuracy, size, latency and targets", command("quantization.pipeline", ["--stages=report"]))
+    arguments = [*pipeline_flags(config), "--stages=report"]
+    announce("5/5", "Accuracy, size, latency and targets", command("quantization.pipeline", arguments))
     train_config = float_train_config(config)
     source = resolve_source(config.data, dataset_dir=config.dataset_dir or None)
     images, labels = sample_images(source, train_config, source.eval.num_examples, split="eval", with_labels=True)

@@ -39,7 +39,7 @@ def test_package_data_is_present():
 )
 def test_console_scripts_print_their_help(script, expected, tmp_path):
     path = shutil.which(script) or os.path.join(os.path.dirname(sys.executable), script)
-    flag = "--helpfull" if script in ("mobilevitv2-train", "mobilevitv2-qat") else "--help"
+    flag = "--helpfull" if script in ("mobilevitv2-train", "mobilevitv2-qat", "mobilevitv2-pipeline") else "--help"
     result = subprocess.run([path, flag], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode in (0, 1), result.stderr[-2000:]  # absl exits 1 after help
     assert expected in result.stdout
