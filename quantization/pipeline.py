@@ -20,6 +20,7 @@ from quantization.pipeline_stages import RUNNERS
 from quantization.pipeline_stages import STAGES
 from quantization.pipeline_stages import TARGET_NAMES
 from quantization.pipeline_stages import PipelineConfig
+from quantization.pipeline_stages import StageError
 
 _HELP = {
     "output_dir": "Where every stage writes: float/, qat/, tflite/, deploy/, report/.",
@@ -77,8 +78,13 @@ def main(argv):
 
     config = config_from_flags()
     for stage in STAGES:
-        if stage in flags.FLAGS.stages:
+        if stage not in flags.FLAGS.stages:
+            continue
+        try:
             RUNNERS[stage](config)
+        except (StageError, ValueError) as error:  # said what failed: no traceback
+            print(f"error: stage {stage}: {error}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -18,6 +18,13 @@ import shlex
 from training.recipe import TrainConfig
 
 STAGES = ("train", "qat", "export", "targets", "report")
+
+
+class StageError(RuntimeError):
+    """A stage's export failed its audit or a target refused the model; what
+    failed was printed above it."""
+
+
 TARGET_NAMES = ("edgetpu", "micro", "android", "onnx")
 
 
@@ -32,7 +39,7 @@ class PipelineConfig:
     dataset_dir: str = ""
     image_size: int = 64
     batch_size: int = 32
-    float_epochs: int = 16
+    float_epochs: int = 18
     qat_epochs: int = 1
     float_lr: float = 3e-3
     qat_lr: float = 2e-5
@@ -182,7 +189,7 @@ def run_qat_stage(config):
     announce("2/5", "Quantization-aware fine-tuning and the QAT int8 export", command("quantization.qat", flags))
     _, report = run_qat(train_config, calibration_images=config.calibration_images)
     if report["errors"]:
-        raise RuntimeError(f"The QAT int8 export failed its audit: {report['errors']}")
+        raise StageError(f"The QAT int8 export failed its audit: {report['errors']}")
 
 
 def run_exports(config):
@@ -192,7 +199,7 @@ def run_exports(config):
         arguments = _drop_empty(export_arguments(config, mode))
         announce("3/5", f"{mode} TFLite export", command("quantization.export", arguments))
         if export_main(arguments) != 0:
-            raise RuntimeError(f"The {mode} export failed (see above).")
+            raise StageError(f"The {mode} export failed (see above); rerun it alone with the command printed there.")
 
 
 def run_targets(config):
@@ -202,7 +209,9 @@ def run_targets(config):
         arguments = _drop_empty(target_arguments(config, target))
         announce("4/5", f"Deployment target {target}", command("quantization.export", arguments))
         if export_main(arguments) != 0:
-            raise RuntimeError(f"The {target} target refused the model (see above).")
+            raise StageError(
+                f"The {target} target refused the model (see above); rerun it alone with the command printed there."
+            )
 
 
 def _drop_empty(arguments):

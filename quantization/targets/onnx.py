@@ -55,12 +55,14 @@ FLOAT_RELATIVE_TOLERANCE = 1e-4
 # off vs on) differs as much (mean 1.0, max 11 steps on 16 images) as
 # onnxruntime against Keras (4 random models x 64 images at 64x64: mean
 # 0.8-1.5 steps, worst image 8-14 steps per model, 15 on another 48 images;
-# the same with 1 or 2 threads). The max bound is 1.5 times the worst image
-# seen (16 steps, an earlier run), half the former 48; both bounds still catch
-# a wrong scale or zero point, which shifts most outputs by many steps. A
-# dropped quantizer is caught by counting the QuantizeLinear nodes instead.
+# the same with 1 or 2 threads). Trained models spread further: the QAT
+# models of three `make demo` runs had a worst image of 21, 21 and 32 steps
+# (mean 0.54-0.78, top-1 agreement 0.98-1.0), so the max bound is 48 steps,
+# 1.5 times the worst seen. The mean bound is the one that catches a wrong
+# scale or zero point, which shifts most outputs by many steps. A dropped
+# quantizer is caught by counting the QuantizeLinear nodes instead.
 QAT_MEAN_TOLERANCE_STEPS = 2.0
-QAT_MAX_TOLERANCE_STEPS = 24.0
+QAT_MAX_TOLERANCE_STEPS = 48.0
 # A weight is taken as fake-quantized when every value is within this fraction
 # of a step of the int8 grid that its range defines (folded fake-quant kernels
 # are within 1e-5 of a step; float kernels are up to 0.5 off).
