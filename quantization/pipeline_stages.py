@@ -143,11 +143,16 @@ def pipeline_flags(config):
     return found
 
 
+def _data_flags(config):
+    """--data, and --dataset_dir when one is set."""
+    return ["--data", config.data, *(["--dataset_dir", config.dataset_dir] if config.dataset_dir else [])]
+
+
 def export_arguments(config, mode):
     """`python -m quantization.export` arguments of the float32 / ptq_int8 export."""
     return [
         "--model", os.path.join(config.float_dir, "model.keras"), "--mode", mode,
-        "--output", config.tflite_path(mode), "--data", config.data, "--dataset_dir", config.dataset_dir,
+        "--output", config.tflite_path(mode), *_data_flags(config),
         "--num_images", str(config.calibration_images),
     ]  # fmt: skip
 
@@ -159,14 +164,14 @@ def target_arguments(config, target):
     model = ["--model", os.path.join(config.float_dir, "model.keras"), "--qat_model", qat]
     return [
         *(model if target == "android" else ["--model", qat]), "--target", target,
-        "--output_dir", config.deploy_dir, "--data", config.data, "--dataset_dir", config.dataset_dir,
+        "--output_dir", config.deploy_dir, *_data_flags(config),
         "--num_images", "64",
     ]  # fmt: skip
 
 
 def command(module, arguments):
     """The shell command line of `python -m module arguments`."""
-    return " ".join(["python", "-m", module, *(shlex.quote(str(a)) for a in arguments if a != "")])
+    return " ".join(["python", "-m", module, *(shlex.quote(str(a)) for a in arguments)])
 
 
 def announce(step, title, command_line):
@@ -196,7 +201,7 @@ def run_exports(config):
     from quantization.export import main as export_main
 
     for mode in ("float32", "ptq_int8"):
-        arguments = _drop_empty(export_arguments(config, mode))
+        arguments = export_arguments(config, mode)
         announce("3/5", f"{mode} TFLite export", command("quantization.export", arguments))
         if export_main(arguments) != 0:
             raise StageError(f"The {mode} export failed (see above); rerun it alone with the command printed there.")
@@ -206,22 +211,12 @@ def run_targets(config):
     from quantization.export import main as export_main
 
     for target in config.targets:
-        arguments = _drop_empty(target_arguments(config, target))
+        arguments = target_arguments(config, target)
         announce("4/5", f"Deployment target {target}", command("quantization.export", arguments))
         if export_main(arguments) != 0:
             raise StageError(
                 f"The {target} target refused the model (see above); rerun it alone with the command printed there."
             )
-
-
-def _drop_empty(arguments):
-    """The arguments without a flag whose value is empty (an unset --dataset_dir)."""
-    kept = []
-    for index, argument in enumerate(arguments):
-        if argument == "" or (index + 1 < len(arguments) and arguments[index + 1] == "" and argument.startswith("--")):
-            continue
-        kept.append(argument)
-    return kept
 
 
 def run_report(config):
