@@ -1,7 +1,9 @@
 """MobileViTv2 for Keras 3: models, layers and PyTorch checkpoint loading."""
 
 from keras_mobilevitv2 import layers
+from keras_mobilevitv2 import segmentation
 from keras_mobilevitv2.convert import load_pytorch_weights
+from keras_mobilevitv2.features import feature_extractor
 from keras_mobilevitv2.imagenet import decode_predictions
 from keras_mobilevitv2.imagenet import eval_transform
 from keras_mobilevitv2.imagenet import preprocess_input
@@ -27,7 +29,9 @@ __all__ = [
     "MobileViTv2_200",
     "decode_predictions",
     "eval_transform",
+    "feature_extractor",
     "layers",
     "load_pytorch_weights",
     "preprocess_input",
+    "segmentation",
 ]

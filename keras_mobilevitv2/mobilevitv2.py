@@ -8,11 +8,13 @@ Reference:
 """
 
 import math
-import numbers
 import os
 
 import keras
 
+from keras_mobilevitv2.arguments import is_number
+from keras_mobilevitv2.arguments import is_positive_integer
+from keras_mobilevitv2.arguments import validate_input_shape
 from keras_mobilevitv2.config import WIDTHS
 from keras_mobilevitv2.config import config_for_width
 from keras_mobilevitv2.layers import InvertedResidual
@@ -21,24 +23,14 @@ from keras_mobilevitv2.layers.inverted_residual import batch_norm
 from keras_mobilevitv2.layers.normalization import validate_attention_norm
 
 DEFAULT_SIZE = 256
-MIN_SIZE = 32
 POOLING_MODES = (None, "avg", "max")
+OUTPUT_STRIDES = (8, 16, 32)
 PYTORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 KERAS_WEIGHTS_SUFFIXES = (".weights.h5", ".h5")
 
 
-def _is_number(value):
-    # bool is an int to Python, but True is no width, size or rate; numpy
-    # numbers are registered with `numbers` and pass.
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_positive_integer(value):
-    return _is_number(value) and isinstance(value, numbers.Integral) and value > 0
-
-
 def _validate_width(width_multiplier):
-    if not (_is_number(width_multiplier) and math.isfinite(width_multiplier) and width_multiplier > 0):
+    if not (is_number(width_multiplier) and math.isfinite(width_multiplier) and width_multiplier > 0):
         raise ValueError(
             "`width_multiplier` must be a positive number (not a bool). "
             f"Received: width_multiplier={width_multiplier!r}"
@@ -48,13 +40,13 @@ def _validate_width(width_multiplier):
 
 def _validate_rates(**rates):
     for name, rate in rates.items():
-        if not (_is_number(rate) and 0 <= rate < 1):
+        if not (is_number(rate) and 0 <= rate < 1):
             raise ValueError(f"`{name}` must be a number in [0, 1) (not a bool). Received: {name}={rate!r}")
     return {name: float(rate) for name, rate in rates.items()}
 
 
 def _validate_classes(classes):
-    if not _is_positive_integer(classes):
+    if not is_positive_integer(classes):
         raise ValueError(
             f"`classes` must be a positive integer (Python or numpy, not a bool). Received: classes={classes!r}"
         )
@@ -88,56 +80,6 @@ def _validate_weights(weights, include_top, classes):
         )
 
 
-def _validate_input_shape(input_shape, input_tensor, weights):
-    """Returns the (H, W, C) input shape to build, checking every source."""
-    if input_tensor is not None and not isinstance(input_tensor, keras.KerasTensor):
-        raise ValueError(
-            "`input_tensor` must be a Keras tensor (from `keras.Input` or a "
-            f"layer output). Received: input_tensor of type {type(input_tensor)}"
-        )
-    if input_shape is not None:
-        if not (
-            isinstance(input_shape, (tuple, list))
-            and len(input_shape) == 3
-            and all(d is None or _is_positive_integer(d) for d in input_shape)
-        ):
-            raise ValueError(
-                "`input_shape` must be a tuple of three integers (height, "
-                "width, channels), positive and not bools; height or width "
-                f"may be None. Received: input_shape={input_shape}"
-            )
-        input_shape = tuple(None if d is None else int(d) for d in input_shape)
-        if input_tensor is not None:
-            tensor_shape = tuple(input_tensor.shape[1:])
-            if len(tensor_shape) != 3 or any(
-                a is not None and b is not None and a != b for a, b in zip(input_shape, tensor_shape)
-            ):
-                raise ValueError(
-                    f"`input_shape` {input_shape} does not match the shape of "
-                    f"`input_tensor` {tensor_shape} (batch axis excluded)."
-                )
-    elif input_tensor is not None:
-        input_shape = tuple(input_tensor.shape[1:])
-        if len(input_shape) != 3:
-            raise ValueError(
-                "`input_tensor` must have shape (batch, height, width, "
-                f"channels). Received: input_tensor.shape={input_tensor.shape}"
-            )
-    else:
-        input_shape = (None, None, 3)
-
-    height, width, channels = input_shape
-    if (height is not None and height < MIN_SIZE) or (width is not None and width < MIN_SIZE):
-        raise ValueError(f"Input size must be at least {MIN_SIZE}x{MIN_SIZE}; Received: input_shape={input_shape}")
-    if channels is None:
-        raise ValueError(f"The number of input channels must be known. Received: input_shape={input_shape}")
-    if weights is not None and channels != 3:
-        raise ValueError(
-            f"The input must have 3 channels (RGB) to load pretrained weights; Received `input_shape={input_shape}`"
-        )
-    return input_shape
-
-
 def _validate_classifier_activation(classifier_activation, weights):
     if weights is None:
         return
@@ -149,6 +91,20 @@ def _validate_classifier_activation(classifier_activation, weights):
             "with `include_top=True`; Received: "
             f"classifier_activation={classifier_activation}"
         )
+
+
+def stage_dilations(stage, output_stride):
+    """(IR strides, IR dilation, block dilation) of stage 3, 4 or 5.
+
+    ml-cvnets' dilated backbone: a stage past `output_stride` keeps stride 1;
+    its inverted residual takes the dilation reached before the stage and its
+    MobileViTv2 block twice that.
+    """
+    # Stage s ends at stride 2**s; 2**s / output_stride stages are dilated.
+    before = max(1, 2 ** (stage - 1) // output_stride)
+    if 2**stage <= output_stride:
+        return 2, 1, 1
+    return 1, before, 2 * before
 
 
 def MobileViTv2(
@@ -166,6 +122,7 @@ def MobileViTv2(
     attn_dropout=0.0,
     ffn_dropout=0.0,
     attention_norm="layer_norm_2d",
+    output_stride=32,
 ):
     """Builds a MobileViTv2 of any width; see the named variants' docstring."""
     if keras.config.image_data_format() == "channels_first":
@@ -198,12 +155,14 @@ def MobileViTv2(
             "`.weights.h5` file of the same architecture. Received: "
             f"weights={weights!r}"
         )
+    if output_stride not in OUTPUT_STRIDES or isinstance(output_stride, bool):
+        raise ValueError(f"`output_stride` must be one of {OUTPUT_STRIDES}. Received: output_stride={output_stride!r}")
     if pooling not in POOLING_MODES:
         raise ValueError(f"`pooling` must be one of None, 'avg' or 'max'. Received: pooling={pooling}")
     if include_top:
         classes = _validate_classes(classes)
         _validate_classifier_activation(classifier_activation, weights)
-    input_shape = _validate_input_shape(input_shape, input_tensor, weights)
+    input_shape = validate_input_shape(input_shape, input_tensor, weights)
 
     config = config_for_width(width_multiplier)
     if name is None:
@@ -229,11 +188,13 @@ def MobileViTv2(
     x = InvertedResidual(config.stage2_channels, strides=2, name="stage2_ir1")(x)
     x = InvertedResidual(config.stage2_channels, strides=1, name="stage2_ir2")(x)
     for index, stage in enumerate(config.vit_stages, start=3):
-        x = InvertedResidual(stage.channels, strides=2, name=f"stage{index}_ir")(x)
+        strides, ir_dilation, block_dilation = stage_dilations(index, output_stride)
+        x = InvertedResidual(stage.channels, strides=strides, dilation_rate=ir_dilation, name=f"stage{index}_ir")(x)
         x = MobileViTv2Block(
             stage.attn_dim,
             stage.num_blocks,
             **rates,
+            dilation=block_dilation,
             attention_norm=attention_norm,
             name=f"stage{index}_mvit",
         )(x)
@@ -304,6 +265,10 @@ Args:
         weights.
     include_preprocessing: Whether the model rescales [0, 255] inputs itself.
     name: The model name; defaults to `"{default_name}"`.
+    output_stride: 32 (the classifier), 16 or 8: the last one or two stages
+        keep stride 1 and dilate their convolutions instead (ml-cvnets'
+        dense-prediction backbone; segmentation uses 16). The weights are
+        the same for every output stride.
 
 Returns:
     A Keras `Model` instance.
@@ -321,6 +286,7 @@ def _make_variant(suffix, width):
         classifier_activation="softmax",
         include_preprocessing=True,
         name=f"mobilevitv2_{suffix}",
+        output_stride=32,
     ):
         return MobileViTv2(
             width_multiplier=width,
@@ -333,6 +299,7 @@ def _make_variant(suffix, width):
             classifier_activation=classifier_activation,
             include_preprocessing=include_preprocessing,
             name=name,
+            output_stride=output_stride,
         )
 
     variant.__name__ = f"MobileViTv2_{suffix}"

@@ -8,6 +8,7 @@ line is `keras_mobilevitv2.convert`.
 
 import os
 
+import keras
 import numpy as np
 
 from keras_mobilevitv2.checkpoint_io import read_checkpoint
@@ -177,8 +178,43 @@ def _model_entries(model):
     for stage in (3, 4, 5):
         names = _names(f"layer_{stage}.1", f"stages.{stage - 1}.1", f"{hf_encoder}.{stage - 1}")
         yield from _mobilevit_block_entries(model.get_layer(f"stage{stage}_mvit"), names)
-    if "logits" in layer_names:
+    if "logits" in layer_names and isinstance(model.get_layer("logits"), keras.layers.Dense):
         yield model.get_layer("logits"), "linear", _classifier_names()
+    if "aspp_in_conv" in layer_names:
+        yield from _deeplabv3_entries(model, layer_names)
+
+
+def _conv_bn_entries(model, name, cvnets, hf):
+    """A conv + BatchNorm pair of the segmentation head (ml-cvnets ConvLayer2d)."""
+    yield model.get_layer(f"{name}_conv"), "conv", _names(f"{cvnets}.block.conv", None, f"{hf}.convolution")
+    yield model.get_layer(f"{name}_bn"), "batchnorm", _names(f"{cvnets}.block.norm", None, f"{hf}.normalization")
+
+
+def _deeplabv3_entries(model, layer_names):
+    """ml-cvnets `seg_head.*` and Hugging Face `segmentation_head.*` names."""
+    c, h = "seg_head.aspp.aspp_layer.convs", "segmentation_head.aspp.convs"
+    yield from _conv_bn_entries(model, "aspp_in", f"{c}.0", f"{h}.0")
+    rates = sorted(
+        int(n[len("aspp_atrous") : -len("_conv")])
+        for n in layer_names
+        if n.startswith("aspp_atrous") and n.endswith("_conv")
+    )
+    for index in rates:
+        yield from _conv_bn_entries(model, f"aspp_atrous{index}", f"{c}.{index}", f"{h}.{index}")
+    pool = len(rates) + 1
+    yield from _conv_bn_entries(model, "aspp_pool", f"{c}.{pool}.aspp_pool.conv_1x1", f"{h}.{pool}.conv_1x1")
+    yield from _conv_bn_entries(
+        model, "aspp_project", "seg_head.aspp.aspp_layer.project", "segmentation_head.aspp.project"
+    )
+    yield (
+        model.get_layer("classifier"),
+        "conv",
+        _names("seg_head.classifier.block.conv", None, "segmentation_head.classifier.convolution"),
+    )
+    if "aux_conv" in layer_names:
+        # Hugging Face's model has no auxiliary head: an HF checkpoint cannot fill it.
+        yield from _conv_bn_entries(model, "aux", "seg_head.aux_head.0", None)
+        yield model.get_layer("aux_classifier"), "conv", _names("seg_head.aux_head.2.block.conv", None, None)
 
 
 def _classifier_names():
@@ -199,10 +235,15 @@ def detect_naming(state_dict):
 
 
 def strip_wrapper_prefix(state_dict):
-    """`state_dict` without the "module." prefix of a wrapped model."""
+    """`state_dict` without the "module." prefix of a wrapped model, and with
+    an ml-cvnets segmentation model's `encoder.` backbone prefix removed."""
     # DistributedDataParallel saves every name with a "module." prefix.
     if state_dict and all(name.startswith("module.") for name in state_dict):
-        return {name[len("module.") :]: value for name, value in state_dict.items()}
+        state_dict = {name[len("module.") :]: value for name, value in state_dict.items()}
+    if "encoder." + _STEM_KEYS["cvnets"] in state_dict:
+        # ml-cvnets' SegEncoderDecoder: `encoder.*` is the classifier's
+        # backbone under its usual names, `seg_head.*` the head.
+        state_dict = {name.removeprefix("encoder."): value for name, value in state_dict.items()}
     return state_dict
 
 
@@ -254,6 +295,9 @@ def _match_weights(model, state_dict, naming):
             if variable is None:  # e.g. a conv without bias
                 continue
             covered.add(id(variable))
+            if prefixes[naming] is None:
+                missing.append(f"{variable.path} {tuple(variable.shape)}: {naming} checkpoints have no such tensor")
+                continue
             key = f"{prefixes[naming]}.{parameter}"
             shape = tuple(variable.shape)
             if key not in state_dict:
@@ -291,10 +335,15 @@ def _network_weights(model):
 def _expected_tensors(model, state_dict, naming):
     """Checkpoint tensors that must all find a Keras weight."""
     names = {name for name in state_dict if not name.endswith(_IGNORED_SUFFIXES)}
-    if not any(layer.name == "logits" for layer in model.layers):
+    layer_names = {layer.name for layer in model.layers}
+    if "logits" not in layer_names:
         # A model without top takes the backbone of a classifier checkpoint.
         prefix = _classifier_names()[naming] + "."
         names = {name for name in names if not name.startswith(prefix)}
+    if "aux_conv" not in layer_names:
+        # The auxiliary head is for training only: a segmenter without it
+        # takes a checkpoint saved with it.
+        names = {name for name in names if not name.startswith("seg_head.aux_head.")}
     return names
 
 
@@ -341,8 +390,9 @@ def _raise_if_incomplete(model, naming, match):
         )
     raise ValueError(
         f"The checkpoint ({naming} naming) does not fit model {model.name!r}; "
-        f"nothing was loaded.\n{report}\nIs it a MobileViTv2 classification "
-        f"checkpoint of the same width, `classes` and `attention_norm`?{hint}"
+        f"nothing was loaded.\n{report}\nIs it a MobileViTv2 checkpoint of the same task (classification or "
+        f"DeepLabV3 segmentation), "
+        f"width, `classes` / `num_classes` and `attention_norm`?{hint}"
     )
 
 

@@ -235,13 +235,14 @@ class QuantizedAdd(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class QuantizedInvertedResidual(keras.layers.Layer):
-    def __init__(self, filters, hidden_channels, strides, expand, use_residual, **kwargs):
+    def __init__(self, filters, hidden_channels, strides, expand, use_residual, dilation=1, **kwargs):
         super().__init__(**kwargs)
         self.filters = filters
         self.hidden_channels = hidden_channels
         self.strides = strides
         self.expand = expand
         self.use_residual = use_residual
+        self.dilation = dilation
         self.expand_conv = QuantizedConv(hidden_channels, 1, activation="silu", name="expand_conv") if expand else None
         self.depthwise_conv = QuantizedConv(
             hidden_channels,
@@ -250,6 +251,7 @@ class QuantizedInvertedResidual(keras.layers.Layer):
             padding="valid" if strides == 2 else "same",
             depthwise=True,
             activation="silu",
+            dilation=dilation,
             name="depthwise_conv",
         )
         self.project_conv = QuantizedConv(filters, 1, name="project_conv")
@@ -278,6 +280,7 @@ class QuantizedInvertedResidual(keras.layers.Layer):
                 "strides": self.strides,
                 "expand": self.expand,
                 "use_residual": self.use_residual,
+                "dilation": self.dilation,
             }
         )
         return config

@@ -91,6 +91,7 @@ def float_train_config(config):
         min_lr=round(config.float_lr / 20, 12),  # 1.5e-4, not 0.00015000000000000001 in the command
         warmup_steps=50,
         seed=config.seed,
+        deterministic=True,  # a rerun gives the same model (see TrainConfig)
         randaugment=False,
         mixup_alpha=0.0,
         cutmix_alpha=0.0,

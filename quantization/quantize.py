@@ -234,6 +234,7 @@ def quantize_model(model, graph="reference"):
                 layer.strides,
                 layer.expand_conv is not None,
                 layer.use_residual,
+                dilation=layer.dilation_rate,
                 name=layer.name,
             )
             x = quantized(x)

@@ -1,4 +1,5 @@
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -98,5 +99,35 @@ def timm_reference():
             model = timm.create_model(f"mobilevitv2_{suffix}", pretrained=False)
             _TIMM_CACHE[suffix] = randomize_torch_model(model, seed=int(suffix))
         return _TIMM_CACHE[suffix]
+
+    return build
+
+
+_HF_SEGMENTATION_CACHE = {}
+
+
+@pytest.fixture
+def hf_segmentation_reference():
+    """transformers `MobileViTV2ForSemanticSegmentation` with random weights,
+    cached per (width, output stride, classes). With `dilate_like_ml_cvnets`
+    (default) the block's 3x3 convolution in dilated stages is dilated as in
+    ml-cvnets, whose checkpoints HF converts (see
+    benchmarks/segmentation_parity.py)."""
+    pytest.importorskip("transformers")
+    # benchmarks/ is not installed: found in the checkout, after the
+    # installed packages (appended, so the wheel's modules still win).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.append(root)
+    from benchmarks.segmentation_parity import reference_model
+
+    def build(width, output_stride, num_classes=21, dilate_like_ml_cvnets=True):
+        key = (width, output_stride, num_classes, dilate_like_ml_cvnets)
+        if key not in _HF_SEGMENTATION_CACHE:
+            seed = int(width * 100) + output_stride
+            _HF_SEGMENTATION_CACHE[key] = reference_model(
+                width, output_stride, num_classes, seed=seed, dilate_like_ml_cvnets=dilate_like_ml_cvnets
+            )
+        return _HF_SEGMENTATION_CACHE[key]
 
     return build

@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pytest
+from checkpoint_names import timm_to_cvnets  # noqa: E402  (tests/ is on sys.path)
 
 import keras_mobilevitv2
 from keras_mobilevitv2 import MobileViTv2
@@ -73,52 +74,9 @@ def test_hugging_face_naming_loads_the_same_model(timm_reference):
     np.testing.assert_allclose(from_hf.predict_on_batch(x), expected, atol=1e-4)
 
 
-def _timm_to_cvnets(name, blocks_per_stage=None):
-    """ml-cvnets names, from the reference table (independent of convert.py)."""
-    blocks_per_stage = blocks_per_stage or {2: 2, 3: 4, 4: 3}
-    rules = [
-        (r"^stem\.conv\.", "conv_1.block.conv."),
-        (r"^stem\.bn\.", "conv_1.block.norm."),
-        (r"^head\.fc\.", "classifier.1."),
-    ]
-    for pattern, replacement in rules:
-        if re.match(pattern, name):
-            return re.sub(pattern, replacement, name)
-    m = re.match(r"^stages\.(\d)\.(\d)\.(.*)$", name)
-    stage, index, rest = int(m.group(1)), int(m.group(2)), m.group(3)
-    prefix = f"layer_{stage + 1}.{index}"
-    ir = {"conv1_1x1": "exp_1x1", "conv2_kxk": "conv_3x3", "conv3_1x1": "red_1x1"}
-    m = re.match(r"^(conv1_1x1|conv2_kxk|conv3_1x1)\.(conv|bn)\.(.*)$", rest)
-    if m:
-        part = "conv" if m.group(2) == "conv" else "norm"
-        return f"{prefix}.block.{ir[m.group(1)]}.block.{part}.{m.group(3)}"
-    m = re.match(r"^conv_kxk\.(conv|bn)\.(.*)$", rest)
-    if m:
-        return f"{prefix}.local_rep.0.block.{'conv' if m.group(1) == 'conv' else 'norm'}.{m.group(2)}"
-    if rest == "conv_1x1.weight":
-        return f"{prefix}.local_rep.1.block.conv.weight"
-    m = re.match(r"^conv_proj\.(conv|bn)\.(.*)$", rest)
-    if m:
-        return f"{prefix}.conv_proj.block.{'conv' if m.group(1) == 'conv' else 'norm'}.{m.group(2)}"
-    m = re.match(r"^norm\.(.*)$", rest)
-    if m:
-        return f"{prefix}.global_rep.{blocks_per_stage[stage]}.{m.group(1)}"
-    m = re.match(r"^transformer\.(\d)\.(.*)$", rest)
-    block, leaf = m.group(1), m.group(2)
-    leaf = (
-        leaf.replace("norm1.", "pre_norm_attn.0.")
-        .replace("attn.qkv_proj.", "pre_norm_attn.1.qkv_proj.block.conv.")
-        .replace("attn.out_proj.", "pre_norm_attn.1.out_proj.block.conv.")
-        .replace("norm2.", "pre_norm_ffn.0.")
-        .replace("mlp.fc1.", "pre_norm_ffn.1.block.conv.")
-        .replace("mlp.fc2.", "pre_norm_ffn.3.block.conv.")
-    )
-    return f"{prefix}.global_rep.{block}.{leaf}"
-
-
 def test_ml_cvnets_naming_and_pt_file(timm_reference, tmp_path):
     reference = timm_reference("050")
-    cvnets_state = {_timm_to_cvnets(k): v for k, v in reference.state_dict().items()}
+    cvnets_state = {timm_to_cvnets(k): v for k, v in reference.state_dict().items()}
     assert "layer_4.1.global_rep.4.weight" in cvnets_state
     path = tmp_path / "mobilevitv2-0.5.pt"
     torch.save(cvnets_state, path)  # a plain state_dict, as ml-cvnets publishes

@@ -40,3 +40,15 @@ def test_committed_demo_meets_its_promise():
     assert rows["float_keras"]["top1"] >= 0.90
     assert rows["qat_int8_tflite"]["top1"] >= rows["float_keras"]["top1"] - 0.01
     assert os.path.getsize(os.path.join(RESULTS, "report.png")) > 10_000
+
+
+def test_readme_segmentation_parity_table_is_the_committed_one():
+    path = os.path.join(ROOT, "benchmarks", "results", "segmentation_parity.md")
+    if not os.path.exists(path):
+        pytest.skip("benchmarks/results is not in this checkout")
+    with open(path, encoding="utf-8") as f:
+        table = f.read().strip()
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        assert table in f.read()
+    differences = [float(line.split("|")[5]) for line in table.splitlines()[2:]]
+    assert len(differences) >= 6 and max(differences) <= 1e-4

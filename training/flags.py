@@ -42,6 +42,10 @@ HELP = {
     "min_lr": "Final learning rate of the cosine; default: recipe.",
     "weight_decay": "AdamW weight decay (not on 1-D parameters); default: recipe.",
     "warmup_steps": "Linear warm-up steps; default min(20000, total_steps // 10).",
+    "deterministic": "Bitwise-repeatable training on one machine: TensorFlow runs one op at a "
+    "time (inter-op parallelism 1; each op still uses every core) with its deterministic kernels. "
+    "Measured on a 2-core CPU: as fast as the default, and two runs give the same weights (without "
+    "it they drift apart within 20 steps). Can slow multi-GPU training.",
     "checkpoint_every": "Write a checkpoint every N optimizer steps (and at every epoch end).",
 }
 # The enum flags and their choices; other fields take their type's flag.
@@ -96,7 +100,12 @@ def run_job(job):
 
     logging.set_verbosity(logging.WARNING)  # TF's checkpoint INFO lines
     try:
-        job(config_from_flags())
+        config = config_from_flags()
+        if config.deterministic:  # before the job starts TensorFlow
+            from training.distribution import make_deterministic
+
+            make_deterministic()
+        job(config)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -68,6 +68,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # optimizer steps
     keep_checkpoints: int = 3
     seed: int = 0
+    deterministic: bool = False  # bitwise-repeatable runs on one machine
     tfrecord_label_offset: int = 0
     max_eval_images: int = 0  # 0 = all
     dataset_dir: str = ""  # where the embedded dataset is generated

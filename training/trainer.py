@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 import warnings
+import weakref
 
 import keras
 import numpy as np
@@ -29,6 +30,7 @@ from training.data import resolve_source
 from training.data import train_dataset
 from training.distribution import check_shared_model_dir
 from training.distribution import is_chief
+from training.distribution import make_deterministic
 from training.distribution import make_strategy
 from training.distribution import worker_index
 from training.progress import Progress
@@ -274,6 +276,8 @@ class Trainer:
 
     def run(self):
         config = self.config
+        if config.deterministic:
+            make_deterministic()
         previous_policy = keras.mixed_precision.global_policy().name
         keras.mixed_precision.set_global_policy(config.mixed_precision)
         try:
@@ -743,13 +747,31 @@ class Trainer:
         return summary
 
 
+_PREDICT_FUNCTIONS = weakref.WeakKeyDictionary()
+
+
+def _predict_function(model, image_spec):
+    """`model`'s inference as one traced function, kept for the model's life:
+    evaluating every epoch (and the EMA model) then traces once per model,
+    for every batch size, instead of twice per call."""
+    functions = _PREDICT_FUNCTIONS.setdefault(model, {})
+    if image_spec not in functions:
+        # A weak reference: the cached function must not keep its model alive.
+        model_ref = weakref.ref(model)
+        functions[image_spec] = tf.function(
+            lambda images: tf.cast(model_ref()(images, training=False), tf.float32), input_signature=[image_spec]
+        )
+    return functions[image_spec]
+
+
 def evaluate(model, source, config, batch_size=64):
     """top-1, top-5 and cross-entropy of `model` (logits) on the eval split,
     and `skipped_images`: the undecodable images left out of them."""
-    predict = tf.function(lambda images: tf.cast(model(images, training=False), tf.float32))
+    dataset = eval_dataset(source, config, batch_size)
+    predict = _predict_function(model, dataset.element_spec[0])
     top1 = top5 = loss = 0.0
     count = 0
-    for images, labels in eval_dataset(source, config, batch_size):
+    for images, labels in dataset:
         logits = predict(images)
         top1 += float(tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, 1), tf.float32)))
         top5 += float(tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, min(5, logits.shape[-1])), tf.float32)))

@@ -9,6 +9,7 @@ from keras_mobilevitv2.layers.mobilevit_block import resize_bilinear_align_corne
 from keras_mobilevitv2.layers.mobilevit_block import unfold_patches
 from keras_mobilevitv2.layers.normalization import ATTENTION_NORMS
 from keras_mobilevitv2.layers.normalization import LayerNorm2D
+from keras_mobilevitv2.layers.resize import ResizeLike
 from keras_mobilevitv2.layers.transformer import LinearAttentionFFN
 from keras_mobilevitv2.layers.transformer import ffn_dim_for
 
@@ -18,6 +19,7 @@ __all__ = [
     "LayerNorm2D",
     "LinearAttentionFFN",
     "MobileViTv2Block",
+    "ResizeLike",
     "SeparableSelfAttention",
     "ffn_dim_for",
     "fold_patches",

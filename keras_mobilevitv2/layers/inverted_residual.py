@@ -1,5 +1,7 @@
 """MobileNetV2 inverted residual block as used by MobileViTv2."""
 
+import numbers
+
 import keras
 
 from keras_mobilevitv2.layers.folding import conv_batch_norm
@@ -35,16 +37,28 @@ class InvertedResidual(keras.layers.Layer):
         filters: Output channels.
         strides: 1 or 2.
         expansion: Hidden channels = `make_divisible(round(in * expansion))`.
+        dilation_rate: Dilation of the depthwise convolution (stride 1 only):
+            the stage of a dilated backbone that replaces its stride 2.
         **kwargs: Standard layer arguments.
     """
 
-    def __init__(self, filters, strides=1, expansion=2.0, **kwargs):
+    def __init__(self, filters, strides=1, expansion=2.0, dilation_rate=1, **kwargs):
         super().__init__(**kwargs)
         if strides not in (1, 2):
             raise ValueError(f"`strides` must be 1 or 2. Received: strides={strides}")
+        if not (
+            isinstance(dilation_rate, numbers.Integral) and not isinstance(dilation_rate, bool) and dilation_rate >= 1
+        ):
+            raise ValueError(f"`dilation_rate` must be a positive integer. Received: dilation_rate={dilation_rate!r}")
+        if strides == 2 and dilation_rate != 1:
+            raise ValueError(
+                "`dilation_rate` > 1 needs `strides=1` (a dilated stage replaces its stride). "
+                f"Received: strides={strides}, dilation_rate={dilation_rate}"
+            )
         self.filters = filters
         self.strides = strides
         self.expansion = expansion
+        self.dilation_rate = int(dilation_rate)
 
     def build(self, input_shape):
         input_shape = tuple(input_shape)
@@ -70,6 +84,7 @@ class InvertedResidual(keras.layers.Layer):
             3,
             strides=self.strides,
             padding="valid" if self.strides == 2 else "same",
+            dilation_rate=self.dilation_rate,
             use_bias=False,
             name="depthwise_conv",
             dtype=policy,
@@ -110,5 +125,12 @@ class InvertedResidual(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"filters": self.filters, "strides": self.strides, "expansion": self.expansion})
+        config.update(
+            {
+                "filters": self.filters,
+                "strides": self.strides,
+                "expansion": self.expansion,
+                "dilation_rate": self.dilation_rate,
+            }
+        )
         return config

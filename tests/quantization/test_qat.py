@@ -32,9 +32,13 @@ def qat_model(float_model, images):
     return calibrate(quantize_model(float_model), images[:32])
 
 
-def test_folded_qat_model_computes_the_float_function():
-    # 96x96 reaches an odd map at stage 5: the resize is part of the QAT graph too
-    model = randomize_keras_model(MobileViTv2_050(weights=None, input_shape=(96, 96, 3), classifier_activation=None))
+@pytest.mark.parametrize("output_stride", [32, 8])
+def test_folded_qat_model_computes_the_float_function(output_stride):
+    # 96x96 reaches an odd map at stage 5: the resize is part of the QAT graph
+    # too; output stride 8 puts dilated inverted residuals and blocks in it.
+    model = randomize_keras_model(
+        MobileViTv2_050(weights=None, input_shape=(96, 96, 3), classifier_activation=None, output_stride=output_stride)
+    )
     qat = quantize_model(model)
     x = np.random.RandomState(1).rand(4, 96, 96, 3).astype("float32") * 255
     for quantizer in quantizers(qat):

@@ -444,3 +444,18 @@ def test_init_weights_with_another_classifier_keep_the_backbone(tmp_path, caplog
 
     with pytest.raises(ValueError, match="does not fit mobilevitv2_075.*backbone weights"):
         build_model(fast_config(tmp_path / "run", "", image_size=32, model="mobilevitv2_075"), 3, weights=path)
+
+
+def test_deterministic_runs_give_bitwise_the_same_weights(tmp_path, dataset_dir):
+    # Separate processes: the setting must precede every TensorFlow op. With
+    # the default (concurrent ops) two such runs drift apart within 20 steps.
+    saved = []
+    for run in ("first", "second"):
+        config = fast_config(tmp_path / run, dataset_dir, deterministic=True, steps=20, batch_size=32)
+        weights = tmp_path / f"{run}.npz"
+        result = run_harness(config, "--save_weights", str(weights))
+        assert result.returncode == 0, result.stderr[-3000:]
+        saved.append(np.load(weights))
+    assert saved[0].files == saved[1].files and saved[0].files
+    for key in saved[0].files:
+        np.testing.assert_array_equal(saved[0][key], saved[1][key], err_msg=key)
