@@ -767,12 +767,12 @@ def _predict_function(model, image_spec):
 def evaluate(model, source, config, batch_size=64):
     """top-1, top-5 and cross-entropy of `model` (logits) on the eval split,
     and `skipped_images`: the undecodable images left out of them."""
-    dataset = eval_dataset(source, config, batch_size)
-    predict = _predict_function(model, dataset.element_spec[0])
     top1 = top5 = loss = 0.0
     count = 0
-    for images, labels in dataset:
-        logits = predict(images)
+    for images, labels in eval_dataset(source, config, batch_size):
+        # Any batch size, the concrete image size (a QAT model needs it static).
+        spec = tf.TensorSpec((None,) + tuple(images.shape[1:]), images.dtype)
+        logits = _predict_function(model, spec)(images)
         top1 += float(tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, 1), tf.float32)))
         top5 += float(tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, min(5, logits.shape[-1])), tf.float32)))
         loss += float(tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)))

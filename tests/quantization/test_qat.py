@@ -220,3 +220,17 @@ def test_qat_command_takes_the_trainer_flags(tmp_path):
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "give --init_weights" in result.stderr
+
+
+def test_trainer_evaluation_takes_a_qat_model(qat_model, tmp_path):
+    # The per-epoch evaluation of `python -m quantization.qat`: a QAT model
+    # needs static image sizes, whatever the evaluation pipeline's shapes.
+    from training.data import embedded_source
+    from training.recipe import TrainConfig
+    from training.trainer import evaluate
+
+    source = embedded_source(str(tmp_path))
+    config = TrainConfig(image_size=SIZE, max_eval_images=40)
+    result = evaluate(qat_model, source, config, batch_size=16)  # batches of 16, 16 and 8
+    assert 0.0 <= result["top1"] <= 1.0 and result["skipped_images"] == 0
+    assert np.isfinite(result["loss"])
