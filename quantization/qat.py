@@ -87,6 +87,59 @@ def qat_model_fn(calibration_images):
     return build
 
 
+FINE_TUNED_NAME = "model.finetuned.keras"
+SELECTION_NAME = "qat_selection.json"
+
+
+def keep_better_than_start(config, source, calibration_images, verbose=True):
+    """The safeguard: the run's `model.keras` stays the fine-tuned QAT model
+    only where it beats its calibrated starting point (post-training ranges,
+    no fine-tuning) in top-1 on the whole validation split; otherwise the
+    starting point becomes `model.keras` (the fine-tuned one is kept as
+    `model.finetuned.keras`) and this is said. Returns the comparison, also
+    written to `qat_selection.json`."""
+    import dataclasses
+    import json
+
+    import keras
+
+    from training.trainer import evaluate
+
+    if source.eval is None:
+        return {"chosen": "fine-tuned", "reason": "no validation split to compare on"}
+    whole_split = dataclasses.replace(config, max_eval_images=0)
+    path = os.path.join(config.model_dir, "model.keras")
+    fine_tuned = evaluate(keras.models.load_model(path, compile=False), source, whole_split)
+    start_model = qat_model_fn(calibration_images)(config, source.num_classes, source, None, True)
+    start = evaluate(start_model, source, whole_split)
+    chosen = "fine-tuned" if fine_tuned["top1"] > start["top1"] else "start"
+    selection = {
+        "chosen": chosen,
+        "start": {k: start[k] for k in ("top1", "loss")},
+        "fine_tuned": {k: fine_tuned[k] for k in ("top1", "loss")},
+        "evaluation_images": source.eval.num_examples - start["skipped_images"],
+    }
+    if chosen == "start":
+        os.replace(path, os.path.join(config.model_dir, FINE_TUNED_NAME))
+        temporary = os.path.join(config.model_dir, f".tmp-{os.getpid()}-model.keras")
+        start_model.save(temporary)
+        os.replace(temporary, path)
+    if verbose:
+        print(
+            f"QAT selection on {selection['evaluation_images']} validation images: calibrated start top-1 "
+            f"{start['top1']:.4f}, fine-tuned {fine_tuned['top1']:.4f}; "
+            + (
+                "keeping the fine-tuned model."
+                if chosen == "fine-tuned"
+                else f"fine-tuning did not beat its starting point: model.keras is the calibrated start "
+                f"(the fine-tuned model is {FINE_TUNED_NAME})."
+            )
+        )
+    with open(os.path.join(config.model_dir, SELECTION_NAME), "w") as f:
+        json.dump(selection, f, indent=2)
+    return selection
+
+
 def run_qat(config, calibration_images=256, io_type="int8", verbose=True, tpu_address=""):
     """QAT fine-tuning + int8 export. Returns (summary, audit report)."""
     import keras
@@ -105,6 +158,7 @@ def run_qat(config, calibration_images=256, io_type="int8", verbose=True, tpu_ad
     if summary is None:  # not the chief
         return None, None
     source = resolve_source(config.data, config.num_classes, config.tfrecord_label_offset, config.dataset_dir)
+    summary["selection"] = keep_better_than_start(config, source, calibration_images, verbose)
     exported = keras.models.load_model(os.path.join(config.model_dir, "model.keras"), compile=False)
     representative = sample_images(source, config, 64)
     samples = sample_images(source, config, 64, split="eval" if source.eval else "train")

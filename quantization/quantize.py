@@ -167,6 +167,29 @@ def _quantize_conv(layers, index, x, copies, input_scale):
     return x, consumed
 
 
+def _check_chain(model, layers):
+    """The walk below reads the layers in order, each from the one before:
+    a graph that branches or merges would be rebuilt wrong, so it is refused."""
+    previous = None
+    for layer in layers:
+        try:
+            source = layer.input
+        except (AttributeError, ValueError):  # an input layer, or a layer called twice
+            source = None
+        if previous is None and isinstance(layer, keras.layers.InputLayer):
+            previous = layer
+            continue
+        if previous is None or source is not previous.output:
+            raise ValueError(
+                f"quantize_model takes a chain of layers (a MobileViTv2 classifier or backbone); "
+                f"{model.name!r} branches or merges at layer {layer.name!r} ({type(layer).__name__}). "
+                "Quantization-aware training of such graphs (e.g. the DeepLabV3 segmenter) is not "
+                "supported yet: export the float model with post-training quantization "
+                "(quantization.export --mode ptq_int8, or the Android target)."
+            )
+        previous = layer
+
+
 def quantize_model(model, graph="reference"):
     """Returns the quantization-aware (QAT) version of a keras_mobilevitv2 model.
 
@@ -188,6 +211,7 @@ def quantize_model(model, graph="reference"):
     layers = list(model.layers)
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ValueError("quantize_model expects a single-input, single-output MobileViTv2 model.")
+    _check_chain(model, layers)
     input_shape = tuple(model.inputs[0].shape[1:])
     if None in input_shape[:2]:
         raise ValueError(

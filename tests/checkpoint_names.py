@@ -47,20 +47,30 @@ def timm_to_cvnets(name, blocks_per_stage=None):
     return f"{prefix}.global_rep.{block}.{leaf}"
 
 
+# Hugging Face segmentation head name -> ml-cvnets template (groups renamed
+# by _CVNETS_PARTS): the reverse of transformers' conversion script's rules.
+_HF_HEAD_RULES = (
+    (
+        r"^segmentation_head\.aspp\.convs\.(\d)\.conv_1x1\.(convolution|normalization)\.(.*)$",
+        "seg_head.aspp.aspp_layer.convs.{0}.aspp_pool.conv_1x1.block.{1}.{2}",
+    ),
+    (
+        r"^segmentation_head\.aspp\.convs\.(\d)\.(convolution|normalization)\.(.*)$",
+        "seg_head.aspp.aspp_layer.convs.{0}.block.{1}.{2}",
+    ),
+    (
+        r"^segmentation_head\.aspp\.project\.(convolution|normalization)\.(.*)$",
+        "seg_head.aspp.aspp_layer.project.block.{0}.{1}",
+    ),
+    (r"^segmentation_head\.classifier\.(convolution)\.(.*)$", "seg_head.classifier.block.{0}.{1}"),
+)
+_CVNETS_PARTS = {"convolution": "conv", "normalization": "norm"}
+
+
 def hf_segmentation_head_to_cvnets(name):
-    """Hugging Face `segmentation_head.*` -> ml-cvnets `seg_head.*` (the
-    reverse of transformers' conversion script's rename rules)."""
-    part = {"convolution": "conv", "normalization": "norm"}
-    m = re.match(r"^segmentation_head\.aspp\.convs\.(\d)\.conv_1x1\.(convolution|normalization)\.(.*)$", name)
-    if m:
-        return f"seg_head.aspp.aspp_layer.convs.{m.group(1)}.aspp_pool.conv_1x1.block.{part[m.group(2)]}.{m.group(3)}"
-    m = re.match(r"^segmentation_head\.aspp\.convs\.(\d)\.(convolution|normalization)\.(.*)$", name)
-    if m:
-        return f"seg_head.aspp.aspp_layer.convs.{m.group(1)}.block.{part[m.group(2)]}.{m.group(3)}"
-    m = re.match(r"^segmentation_head\.aspp\.project\.(convolution|normalization)\.(.*)$", name)
-    if m:
-        return f"seg_head.aspp.aspp_layer.project.block.{part[m.group(1)]}.{m.group(2)}"
-    m = re.match(r"^segmentation_head\.classifier\.convolution\.(.*)$", name)
-    if m:
-        return f"seg_head.classifier.block.conv.{m.group(1)}"
+    """Hugging Face `segmentation_head.*` -> ml-cvnets `seg_head.*`."""
+    for pattern, template in _HF_HEAD_RULES:
+        m = re.match(pattern, name)
+        if m:
+            return template.format(*(_CVNETS_PARTS.get(group, group) for group in m.groups()))
     raise ValueError(f"not a segmentation head tensor: {name}")

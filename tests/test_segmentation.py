@@ -1,6 +1,8 @@
 """Multi-scale features, dilated backbones and DeepLabV3 segmentation."""
 
 import math
+import os
+import sys
 
 import keras
 import numpy as np
@@ -8,6 +10,10 @@ import pytest
 from checkpoint_names import hf_segmentation_head_to_cvnets  # noqa: E402  (tests/ is on sys.path)
 from checkpoint_names import timm_to_cvnets  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.append(ROOT)  # benchmarks/ (not installed), after the installed packages
+from benchmarks.random_weights import randomize_keras_weights  # noqa: E402
 from keras_mobilevitv2 import MobileViTv2
 from keras_mobilevitv2 import feature_extractor
 from keras_mobilevitv2 import load_pytorch_weights
@@ -260,3 +266,48 @@ def test_argument_errors(kwargs, message):
 
     with pytest.raises(ValueError, match=re.escape(message)):
         DeepLabV3(**{"backbone": 0.5, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def small_segmenter():
+    model = DeepLabV3(0.5, num_classes=11, input_shape=(64, 64, 3), aspp_channels=128)
+    images = np.random.RandomState(0).rand(12, 64, 64, 3).astype("float32") * 255
+    return randomize_keras_weights(model, seed=1), images
+
+
+def test_post_training_int8_segmenter_is_fully_int8(small_segmenter, tmp_path):
+    from quantization import export_tflite
+
+    model, images = small_segmenter
+    report = export_tflite(
+        model,
+        str(tmp_path / "seg.tflite"),
+        "ptq_int8",
+        representative_images=images[:8],
+        sample_images=images[8:],
+        verbose=False,
+    )
+    assert report["errors"] == [] and report["float_tensors_inside"] == []
+    assert set(report["tensor_dtypes"]) <= {"INT8", "INT32"} and report["max_tensor_rank"] <= 4
+    # dilated convolutions stay CONV_2D / DEPTHWISE_CONV_2D; the upsampling is one builtin op
+    op_names = {version.rsplit(" v", 1)[0] for version in report["ops"]}
+    assert {"CONV_2D", "DEPTHWISE_CONV_2D", "RESIZE_BILINEAR", "CONCATENATION", "MEAN"} <= op_names
+    # argmax over the last axis: the fraction of pixels whose class TFLite and Keras agree on
+    assert report["agreement"]["top1_agreement"] >= 0.8
+
+
+def test_android_target_exports_the_segmenter(small_segmenter, tmp_path):
+    from quantization import targets
+
+    model, images = small_segmenter
+    report = targets.export(
+        "android", model, str(tmp_path), name="seg", calibration_images=images[:8], sample_images=images[8:]
+    )
+    assert os.path.exists(report["files"]["int8"]) and os.path.exists(report["files"]["float16"])
+
+
+def test_quantization_aware_training_refuses_the_segmenter_clearly(small_segmenter):
+    from quantization import quantize_model
+
+    with pytest.raises(ValueError, match="branches or merges at layer 'aspp_in_conv'.*not supported yet"):
+        quantize_model(small_segmenter[0])

@@ -175,6 +175,9 @@ def test_qat_fine_tuning_with_the_trainer(float_model, tmp_path):
     )
     summary, report = run_qat(config, calibration_images=32, verbose=False)
     assert summary["final_step"] == 3
+    # the safeguard compared the fine-tuned model with its calibrated start
+    assert summary["selection"]["chosen"] in ("start", "fine-tuned")
+    assert (tmp_path / "qat" / "qat_selection.json").exists()
     assert report["errors"] == [] and report["float_tensors_inside"] == []
     assert (tmp_path / "qat" / "mobilevitv2_050_qat_int8.tflite").exists()
     with pytest.raises(ValueError, match="give --init_weights"):
@@ -234,3 +237,40 @@ def test_trainer_evaluation_takes_a_qat_model(qat_model, tmp_path):
     result = evaluate(qat_model, source, config, batch_size=16)  # batches of 16, 16 and 8
     assert 0.0 <= result["top1"] <= 1.0 and result["skipped_images"] == 0
     assert np.isfinite(result["loss"])
+
+
+def test_fine_tuning_that_does_worse_than_its_start_is_not_kept(float_model, tmp_path, capsys):
+    import keras
+
+    from quantization.qat import keep_better_than_start
+    from quantization.qat import qat_model_fn
+    from training import TrainConfig
+    from training.data import embedded_source
+    from training.trainer import evaluate
+
+    dataset_dir = str(tmp_path / "datasets")
+    source = embedded_source(dataset_dir)
+    weights = str(tmp_path / "float.weights.h5")
+    float_model.save_weights(weights)
+    model_dir = tmp_path / "qat"
+    model_dir.mkdir()
+    config = TrainConfig(
+        data="embedded", dataset_dir=dataset_dir, model_dir=str(model_dir), image_size=SIZE, init_weights=weights
+    )
+    start = qat_model_fn(32)(config, source.num_classes, source, None, True)
+    # A fine-tune that diverged: its logits are NaN, no image is right.
+    ruined = qat_model_fn(32)(config, source.num_classes, source, None, True)
+    kernel = ruined.get_layer("logits").kernel
+    kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+    ruined.save(str(model_dir / "model.keras"))
+
+    selection = keep_better_than_start(config, source, calibration_images=32)
+    assert selection["chosen"] == "start", selection
+    assert selection["fine_tuned"]["top1"] == 0.0 < selection["start"]["top1"]
+    assert selection["evaluation_images"] == 400  # the whole validation split
+    assert "fine-tuning did not beat its starting point" in capsys.readouterr().out
+    assert (model_dir / "model.finetuned.keras").exists() and (model_dir / "qat_selection.json").exists()
+    kept = keras.models.load_model(str(model_dir / "model.keras"), compile=False)
+    for a, b in zip(kept.weights, start.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    assert evaluate(kept, source, TrainConfig(image_size=SIZE))["top1"] == selection["start"]["top1"]
