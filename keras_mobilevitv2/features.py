@@ -33,8 +33,7 @@ def _check_strides(out_strides):
     return tuple(sorted(int(s) for s in out_strides))
 
 
-def _level_layer(model, level, name=None):
-    name = name or FEATURE_LEVELS[level]
+def _layer(model, name):
     try:
         return model.get_layer(name)
     except ValueError:
@@ -69,13 +68,13 @@ def feature_extractor(model, out_strides=(8, 16, 32), name=None):
     for k in range(3, 6):
         # A stride-1 (dilated) stage starts from the previous block's
         # enlarged map: the size to restore is the previous level's.
-        inverted_residual = _level_layer(model, f"P{k}", f"stage{k}_ir")
-        block = _level_layer(model, f"P{k}")
+        inverted_residual = _layer(model, f"stage{k}_ir")
+        block = _layer(model, FEATURE_LEVELS[f"P{k}"])
         reference = block.input if inverted_residual.strides == 2 else unpadded[k - 1]
         unpadded[k] = ResizeLike(align_corners=True, name=f"P{k}_unpad")([block.output, reference])
     outputs = {}
     for stride in strides:
         level = _LEVEL_OF_STRIDE[stride]
         k = int(level[1:])
-        outputs[level] = unpadded[k] if k in unpadded else _level_layer(model, level).output
+        outputs[level] = unpadded[k] if k in unpadded else _layer(model, FEATURE_LEVELS[level]).output
     return keras.Model(model.inputs, outputs, name=name or f"{model.name}_features")

@@ -8,7 +8,6 @@ line is `keras_mobilevitv2.convert`.
 
 import os
 
-import keras
 import numpy as np
 
 from keras_mobilevitv2.checkpoint_io import read_checkpoint
@@ -178,7 +177,7 @@ def _model_entries(model):
     for stage in (3, 4, 5):
         names = _names(f"layer_{stage}.1", f"stages.{stage - 1}.1", f"{hf_encoder}.{stage - 1}")
         yield from _mobilevit_block_entries(model.get_layer(f"stage{stage}_mvit"), names)
-    if "logits" in layer_names and isinstance(model.get_layer("logits"), keras.layers.Dense):
+    if "logits" in layer_names:
         yield model.get_layer("logits"), "linear", _classifier_names()
     if "aspp_in_conv" in layer_names:
         yield from _deeplabv3_entries(model, layer_names)

@@ -77,11 +77,6 @@ def main(argv):
     import quantization  # noqa: F401
 
     config = config_from_flags()
-    # The training stages run deterministically (see TrainConfig); this must
-    # precede every TensorFlow op of the process.
-    from training.distribution import make_deterministic
-
-    make_deterministic()
     for stage in STAGES:
         if stage not in flags.FLAGS.stages:
             continue

@@ -100,12 +100,7 @@ def run_job(job):
 
     logging.set_verbosity(logging.WARNING)  # TF's checkpoint INFO lines
     try:
-        config = config_from_flags()
-        if config.deterministic:  # before the job starts TensorFlow
-            from training.distribution import make_deterministic
-
-            make_deterministic()
-        job(config)
+        job(config_from_flags())
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

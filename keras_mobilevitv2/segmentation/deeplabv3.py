@@ -15,11 +15,12 @@ from keras_mobilevitv2.arguments import is_positive_integer
 from keras_mobilevitv2.layers.inverted_residual import batch_norm
 from keras_mobilevitv2.layers.resize import ResizeLike
 from keras_mobilevitv2.mobilevitv2 import OUTPUT_STRIDES
+from keras_mobilevitv2.mobilevitv2 import PYTORCH_SUFFIXES
 from keras_mobilevitv2.mobilevitv2 import MobileViTv2
 
 __all__ = ["DeepLabV3"]
 
-SEGMENTATION_WEIGHT_SUFFIXES = (".weights.h5", ".pt", ".pth", ".bin", ".safetensors")
+SEGMENTATION_WEIGHT_SUFFIXES = (".weights.h5",) + PYTORCH_SUFFIXES
 
 
 def _conv_bn_relu(x, filters, kernel_size, name, dilation_rate=1):
@@ -206,8 +207,9 @@ def DeepLabV3(
     image = backbone.inputs[0]
     x = aspp(backbone.get_layer("stage5_mvit").output, aspp_channels, tuple(atrous_rates), aspp_dropout)
     x = keras.layers.Conv2D(num_classes, 1, name="classifier")(x)
-    # float32 logits keep the loss exact under mixed precision.
-    logits = ResizeLike(align_corners=True, dtype="float32", name="logits")([x, image])
+    # float32 logits keep the loss exact under mixed precision. Not named
+    # "logits": that name marks the classifier's Dense layer to the loaders.
+    logits = ResizeLike(align_corners=True, dtype="float32", name="upsampled_logits")([x, image])
     outputs = logits
     if aux_head:
         aux = auxiliary_head(backbone.get_layer("stage4_mvit").output, num_classes, aux_dropout)
