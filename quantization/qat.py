@@ -67,37 +67,48 @@ def load_float_weights(model, config, path):
         load_init_weights(model, config, path)
 
 
-def qat_model_fn(calibration_images):
-    """A Trainer model_fn that returns calibrated QAT models."""
+class _CalibratedQATModels:
+    """A Trainer model_fn that returns calibrated QAT models; it keeps the
+    weights of the last calibrated one (`start_weights`), the starting point
+    the safeguard compares the fine-tuned model with."""
 
-    def build(config, num_classes, source, classifier_activation, initialize):
+    def __init__(self, calibration_images):
+        self.calibration_images = calibration_images
+        self.start_weights = None
+
+    def __call__(self, config, num_classes, source, classifier_activation, initialize):
         from quantization.quantize import calibrate
         from quantization.quantize import quantize_model
         from training.trainer import build_model
 
         float_model = build_model(config, num_classes, classifier_activation=classifier_activation)
-        if initialize:
-            if config.init_weights:
-                load_float_weights(float_model, config, config.init_weights)
-            qat = quantize_model(float_model)
-            calibrate(qat, sample_images(source, config, calibration_images))
-            return qat
-        return quantize_model(float_model)
+        if not initialize:
+            return quantize_model(float_model)
+        if config.init_weights:
+            load_float_weights(float_model, config, config.init_weights)
+        qat = quantize_model(float_model)
+        calibrate(qat, sample_images(source, config, self.calibration_images))
+        self.start_weights = qat.get_weights()
+        return qat
 
-    return build
+
+def qat_model_fn(calibration_images):
+    """A Trainer model_fn that returns calibrated QAT models (its
+    `start_weights` are those of the last one built)."""
+    return _CalibratedQATModels(calibration_images)
 
 
 FINE_TUNED_NAME = "model.finetuned.keras"
 SELECTION_NAME = "qat_selection.json"
 
 
-def keep_better_than_start(config, source, calibration_images, verbose=True):
+def keep_better_than_start(config, source, start_weights, verbose=True):
     """The safeguard: the run's `model.keras` stays the fine-tuned QAT model
-    only where it beats its calibrated starting point (post-training ranges,
-    no fine-tuning) in top-1 on the whole validation split; otherwise the
-    starting point becomes `model.keras` (the fine-tuned one is kept as
-    `model.finetuned.keras`) and this is said. Returns the comparison, also
-    written to `qat_selection.json`."""
+    only where it beats its calibrated starting point (`start_weights`:
+    post-training ranges, no fine-tuning) in top-1 on the whole validation
+    split; otherwise the starting point becomes `model.keras` (the fine-tuned
+    one is kept as `model.finetuned.keras`) and this is said. Returns the
+    comparison, also written to `qat_selection.json`."""
     import dataclasses
     import json
 
@@ -109,9 +120,11 @@ def keep_better_than_start(config, source, calibration_images, verbose=True):
         return {"chosen": "fine-tuned", "reason": "no validation split to compare on"}
     whole_split = dataclasses.replace(config, max_eval_images=0)
     path = os.path.join(config.model_dir, "model.keras")
-    fine_tuned = evaluate(keras.models.load_model(path, compile=False), source, whole_split)
-    start_model = qat_model_fn(calibration_images)(config, source.num_classes, source, None, True)
-    start = evaluate(start_model, source, whole_split)
+    model = keras.models.load_model(path, compile=False)
+    fine_tuned = evaluate(model, source, whole_split)
+    # The same model with the start's weights: evaluated by the same traced function.
+    model.set_weights(start_weights)
+    start = evaluate(model, source, whole_split)
     chosen = "fine-tuned" if fine_tuned["top1"] > start["top1"] else "start"
     selection = {
         "chosen": chosen,
@@ -122,22 +135,27 @@ def keep_better_than_start(config, source, calibration_images, verbose=True):
     if chosen == "start":
         os.replace(path, os.path.join(config.model_dir, FINE_TUNED_NAME))
         temporary = os.path.join(config.model_dir, f".tmp-{os.getpid()}-model.keras")
-        start_model.save(temporary)
+        model.save(temporary)
         os.replace(temporary, path)
     if verbose:
-        print(
-            f"QAT selection on {selection['evaluation_images']} validation images: calibrated start top-1 "
-            f"{start['top1']:.4f}, fine-tuned {fine_tuned['top1']:.4f}; "
-            + (
-                "keeping the fine-tuned model."
-                if chosen == "fine-tuned"
-                else f"fine-tuning did not beat its starting point: model.keras is the calibrated start "
-                f"(the fine-tuned model is {FINE_TUNED_NAME})."
-            )
-        )
+        _print_selection(selection)
     with open(os.path.join(config.model_dir, SELECTION_NAME), "w") as f:
         json.dump(selection, f, indent=2)
     return selection
+
+
+def _print_selection(selection):
+    start, fine_tuned = selection["start"]["top1"], selection["fine_tuned"]["top1"]
+    print(
+        f"QAT selection on {selection['evaluation_images']} validation images: calibrated start top-1 "
+        f"{start:.4f}, fine-tuned {fine_tuned:.4f}; "
+        + (
+            "keeping the fine-tuned model."
+            if selection["chosen"] == "fine-tuned"
+            else f"fine-tuning did not beat its starting point: model.keras is the calibrated start "
+            f"(the fine-tuned model is {FINE_TUNED_NAME})."
+        )
+    )
 
 
 def run_qat(config, calibration_images=256, io_type="int8", verbose=True, tpu_address=""):
@@ -153,12 +171,13 @@ def run_qat(config, calibration_images=256, io_type="int8", verbose=True, tpu_ad
         raise ValueError("QAT runs in float32 (fake quantization); drop --mixed_precision.")
     if not config.init_weights:
         raise ValueError("QAT starts from trained float weights: give --init_weights.")
-    trainer = Trainer(config, verbose=verbose, model_fn=qat_model_fn(calibration_images), tpu_address=tpu_address)
+    model_fn = qat_model_fn(calibration_images)
+    trainer = Trainer(config, verbose=verbose, model_fn=model_fn, tpu_address=tpu_address)
     summary = trainer.run()
     if summary is None:  # not the chief
         return None, None
     source = resolve_source(config.data, config.num_classes, config.tfrecord_label_offset, config.dataset_dir)
-    summary["selection"] = keep_better_than_start(config, source, calibration_images, verbose)
+    summary["selection"] = keep_better_than_start(config, source, model_fn.start_weights, verbose)
     exported = keras.models.load_model(os.path.join(config.model_dir, "model.keras"), compile=False)
     representative = sample_images(source, config, 64)
     samples = sample_images(source, config, 64, split="eval" if source.eval else "train")

@@ -4,6 +4,8 @@ Every export is audited (see `audit.py`); the audit is printed and written as
 JSON beside the model, and a model that fails it is not written.
 """
 
+import collections
+import hashlib
 import json
 import os
 import tempfile
@@ -97,6 +99,38 @@ def convert(model, mode, io_type="int8", representative_images=None, batch_size=
     if representative_images is not None:
         representative_images = check_images(representative_images, shape, "representative_images")
 
+    key = _conversion_key(model, mode, io_type, representative_images, batch_size)
+    if key not in _CONVERSIONS:
+        _CONVERSIONS[key] = _convert_uncached(model, mode, io_type, representative_images, batch_size)
+        while len(_CONVERSIONS) > _CONVERSIONS_KEPT:
+            _CONVERSIONS.popitem(last=False)
+    return _CONVERSIONS[key]
+
+
+# Converting a QAT model takes most of a minute on 2 cores. A process that
+# exports the same model with the same settings twice (the pipeline's QAT
+# stage and its TFLite Micro target) gets the bytes of the first conversion:
+# the converter is deterministic, and the key covers everything it reads.
+_CONVERSIONS = collections.OrderedDict()
+_CONVERSIONS_KEPT = 4
+
+
+def _conversion_key(model, mode, io_type, representative_images, batch_size):
+    """A digest of the model (architecture and weights) and of the settings."""
+    digest = hashlib.sha256(f"{mode}|{io_type}|{batch_size}|{tf.__version__}".encode())
+    digest.update(model.to_json().encode())
+    for weight in model.weights:
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+        digest.update(f"{weight.path}|{value.dtype}|{value.shape}".encode())
+        digest.update(value.tobytes())
+    if representative_images is not None:
+        digest.update(np.ascontiguousarray(representative_images).tobytes())
+    return digest.hexdigest()
+
+
+def _convert_uncached(model, mode, io_type, representative_images, batch_size):
+    integer = mode in ("ptq_int8", "qat_int8")
+    shape = static_input_shape(model)
     with tempfile.TemporaryDirectory() as saved_model:
         # Traced with each norm's affine folded into the next 1x1 convolution
         # (the converter does not do it): one MUL and ADD fewer per norm.

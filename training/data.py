@@ -379,11 +379,14 @@ def _count_skipped(dataset):
     return dataset.scan((tf.constant(-1, tf.int64), tf.constant(0, tf.int64)), step)
 
 
-def train_dataset(source, config, input_context, epoch, skip_batches=0):
-    """The training stream of one input pipeline for one epoch.
+def train_dataset(source, config, input_context, epoch, skip_batches=0, num_batches=None):
+    """The training stream of one input pipeline for one epoch: `num_batches`
+    batches after the first `skip_batches` (without end when None).
 
-    Repeats without end: the trainer takes exactly `steps_per_epoch` batches,
-    so every worker runs the same number of steps whatever its shard size.
+    The records repeat, so every worker yields the same number of batches
+    whatever its shard size. The trainer passes the epoch's remaining batches,
+    so the pipeline stops at the epoch's last step instead of preparing
+    batches nobody takes.
     """
     per_replica_batch = input_context.get_per_replica_batch_size(config.batch_size)
     augmentation = TrainAugmentation(
@@ -425,6 +428,8 @@ def train_dataset(source, config, input_context, epoch, skip_batches=0):
     batches = batches.enumerate().map(mix, num_parallel_calls=tf.data.AUTOTUNE)
     if skip_batches:
         batches = batches.skip(skip_batches)
+    if num_batches is not None:
+        batches = batches.take(num_batches)
     return batches.prefetch(tf.data.AUTOTUNE)
 
 

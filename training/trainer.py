@@ -596,19 +596,22 @@ class Trainer:
         }
 
     def _train_data(self, run):
-        """The epoch's distributed training data, skipping the micro-batches
-        already trained on (a resume, exactly where the checkpoint was)."""
+        """The epoch's distributed training data: the micro-batches from the
+        current position (a resume, exactly where the checkpoint was) to the
+        end of the epoch or of training, and no more."""
         config, source = self.config, run.source
-        # Each step takes one batch per local replica from the worker's pipeline.
-        return run.strategy.distribute_datasets_from_function(
-            lambda context, e=run.epoch, s=run.step_in_epoch * config.grad_accum_steps: train_dataset(
-                source,
-                config,
-                context,
-                e,
-                skip_batches=s * (context.num_replicas_in_sync // context.num_input_pipelines),
+        done = run.step_in_epoch * config.grad_accum_steps
+        steps_left = min(run.steps_per_epoch - run.step_in_epoch, run.total_steps - run.step)
+        left = steps_left * config.grad_accum_steps
+
+        def dataset_fn(context, epoch=run.epoch):
+            # Each micro-step takes one batch per local replica from the worker's pipeline.
+            local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
+            return train_dataset(
+                source, config, context, epoch, skip_batches=done * local_replicas, num_batches=left * local_replicas
             )
-        )
+
+        return run.strategy.distribute_datasets_from_function(dataset_fn)
 
     def _optimizer_step(self, run, iterator, train_steps):
         """One optimizer step (grad_accum_steps micro-steps); its mean loss

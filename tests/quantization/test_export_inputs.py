@@ -1,10 +1,12 @@
 """The export entry points (CLI and Python) refuse what they cannot do, with
 an error that says what was wrong and what is accepted: no TypeError, no
-silently ignored --io_type, no calibration on images the model never saw."""
+silently ignored --io_type, no calibration on images the model never saw; and
+a conversion is reused only for the same model and settings."""
 
 import json
 import os
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -351,3 +353,25 @@ def test_export_agreeing_with_keras_passes(mode, tmp_path):
     assert report["agreement"]["min_top1_agreement"] == MIN_TOP1_AGREEMENT[mode]
     with open(tmp_path / "m.audit.json") as f:
         assert json.load(f)["agreement"]["min_top1_agreement"] == MIN_TOP1_AGREEMENT[mode]
+
+
+def test_a_repeated_conversion_is_reused_and_a_changed_model_is_not(qat_model, tmp_path, monkeypatch):
+    from quantization import tflite_export
+
+    converted = []
+    convert_once = tflite_export._convert_uncached
+    monkeypatch.setattr(tflite_export, "_convert_uncached", lambda *a: converted.append(a) or convert_once(*a))
+    monkeypatch.setattr(tflite_export, "_CONVERSIONS", type(tflite_export._CONVERSIONS)())
+    path = str(tmp_path / "model.keras")
+    qat_model.save(path)
+    first = tflite_export.convert(qat_model, "qat_int8")
+    # The same model loaded again (as a later command of the pipeline does): not converted again.
+    assert tflite_export.convert(keras.models.load_model(path, compile=False), "qat_int8") == first
+    assert len(converted) == 1
+    # Other settings, or changed weights, are converted afresh.
+    tflite_export.convert(qat_model, "qat_int8", io_type="float32")
+    changed = keras.models.load_model(path, compile=False)
+    kernel = [w for w in changed.weights if w.path.endswith("kernel")][-1]
+    kernel.assign(kernel.numpy() * 2)
+    assert tflite_export.convert(changed, "qat_int8") != first
+    assert len(converted) == 3

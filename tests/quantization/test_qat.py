@@ -264,7 +264,7 @@ def test_fine_tuning_that_does_worse_than_its_start_is_not_kept(float_model, tmp
     kernel.assign(np.full(kernel.shape, np.nan, "float32"))
     ruined.save(str(model_dir / "model.keras"))
 
-    selection = keep_better_than_start(config, source, calibration_images=32)
+    selection = keep_better_than_start(config, source, start.get_weights())
     assert selection["chosen"] == "start", selection
     assert selection["fine_tuned"]["top1"] == 0.0 < selection["start"]["top1"]
     assert selection["evaluation_images"] == 400  # the whole validation split
