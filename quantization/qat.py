@@ -179,7 +179,11 @@ def run_qat(config, calibration_images=256, io_type="int8", verbose=True, tpu_ad
     source = resolve_source(config.data, config.num_classes, config.tfrecord_label_offset, config.dataset_dir)
     summary["selection"] = keep_better_than_start(config, source, model_fn.start_weights, verbose)
     exported = keras.models.load_model(os.path.join(config.model_dir, "model.keras"), compile=False)
-    representative = sample_images(source, config, 64)
+    # A QAT model carries its own ranges: the converter only checks on a few
+    # images that everything is int8. The 4 the targets take (the first of
+    # `python -m quantization.export`'s 64), so that the same process's Micro
+    # target reuses this conversion (see tflite_export.convert).
+    representative = sample_images(source, config, 64)[:4]
     samples = sample_images(source, config, 64, split="eval" if source.eval else "train")
     report = export_tflite(
         exported,

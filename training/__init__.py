@@ -2,7 +2,8 @@
 
 from training.recipe import RECIPES
 from training.recipe import TrainConfig
+from training.segmentation import SegmentationTrainer
 from training.trainer import Trainer
 from training.trainer import train
 
-__all__ = ["RECIPES", "TrainConfig", "Trainer", "train"]
+__all__ = ["RECIPES", "SegmentationTrainer", "TrainConfig", "Trainer", "train"]

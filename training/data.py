@@ -264,6 +264,12 @@ def tfds_source(name, data_dir=None):
 
 def _draw_shape(rng, size, class_index):
     """One image of the embedded dataset: a coloured shape on a noisy field."""
+    return paint_shape(rng, size, class_index)[0]
+
+
+def paint_shape(rng, size, class_index):
+    """`_draw_shape`'s (uint8 image, boolean mask of the shape's pixels); the
+    embedded segmentation data uses the mask."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
     background = rng.uniform(0.0, 0.6, 3)[None, None] + 0.25 * rng.uniform(-1, 1, 3)[None, None] * x[..., None]
     image = np.clip(background + rng.normal(0, 0.06, (size, size, 3)), 0, 1)
@@ -290,7 +296,7 @@ def _draw_shape(rng, size, class_index):
         angle = rng.uniform(0, np.pi)
         stripes = np.sin((np.cos(angle) * x + np.sin(angle) * y) * 2 * np.pi * 7) > 0
         image[mask & stripes] = colour * 0.35
-    return (image * 255).astype(np.uint8)
+    return (image * 255).astype(np.uint8), mask
 
 
 def embedded_source(dataset_dir=None, image_size=72, train_per_class=160, eval_per_class=40, seed=1234):

@@ -15,6 +15,7 @@ from keras_mobilevitv2.layers.normalization import ATTENTION_NORMS
 from training.recipe import PRECISIONS
 from training.recipe import RECIPES
 from training.recipe import STRATEGIES
+from training.recipe import TASKS
 from training.recipe import TrainConfig
 
 HELP = {
@@ -22,6 +23,11 @@ HELP = {
     "and the published weights) or batch_norm_2d (folds into the convolutions at inference: "
     "the Edge TPU / microcontroller friendly option).",
     "model": "Model to train: " + ", ".join(sorted(RECIPES)) + ".",
+    "task": "classification (the MobileViTv2 classifier) or segmentation (DeepLabV3 on the model's "
+    "backbone, output stride 16, with the auxiliary head: per-pixel cross-entropy ignoring label 255 "
+    "plus 0.4 x the auxiliary loss, mean IoU; --data a PASCAL VOC-layout folder or 'embedded'; "
+    "--lr/--min_lr/--weight_decay default to ml-cvnets' VOC recipe; --init_weights loads the backbone "
+    "from a classifier).",
     "data": "ImageNet-style folder (train/<class>/..., val/<class>/...), a folder of "
     "ImageNet TFRecords (train-*, validation-*), tfds:NAME, or 'embedded' (a generated "
     "10-class dataset; no download).",
@@ -50,6 +56,7 @@ HELP = {
 }
 # The enum flags and their choices; other fields take their type's flag.
 _ENUMS = {
+    "task": TASKS,
     "strategy": STRATEGIES,
     "mixed_precision": PRECISIONS,
     "model": sorted(RECIPES),

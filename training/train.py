@@ -2,6 +2,8 @@
 
     python -m training.train --model=mobilevitv2_100 --data=/data/imagenet \
         --model_dir=runs/v2_100 --strategy=mirrored --batch_size=1024 --epochs=300
+    python -m training.train --task=segmentation --model=mobilevitv2_100 --data=/data/VOCdevkit/VOC2012 \
+        --init_weights=imagenet --image_size=512 --batch_size=128 --epochs=50 --model_dir=runs/deeplabv3
 """
 
 from absl import app
@@ -16,9 +18,14 @@ from training.flags import run_job
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from training.segmentation import SegmentationTrainer
     from training.trainer import Trainer
 
-    return run_job(lambda config: Trainer(config, tpu_address=flags.FLAGS.tpu).run())
+    def job(config):
+        trainer = SegmentationTrainer if config.task == "segmentation" else Trainer
+        return trainer(config, tpu_address=flags.FLAGS.tpu).run()
+
+    return run_job(job)
 
 
 def run():

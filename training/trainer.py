@@ -44,6 +44,7 @@ EXPORT_NAME = "model.keras"
 # Settings whose change makes an existing checkpoint meaningless.
 COMPATIBILITY_FIELDS = (
     "model",
+    "task",
     "attention_norm",
     "image_size",
     "num_classes",
@@ -334,7 +335,7 @@ class Trainer:
                 f"--batch_size {config.batch_size} cannot be split evenly over "
                 f"{replicas} replicas; use a multiple of {replicas}."
             )
-        source = resolve_source(config.data, config.num_classes, config.tfrecord_label_offset, config.dataset_dir)
+        source = self._resolve_source()
         num_classes = source.num_classes
         if config.num_classes and config.num_classes != num_classes:
             raise ValueError(
@@ -366,6 +367,11 @@ class Trainer:
         )
         self._log_plan(run)
         return run
+
+    def _resolve_source(self):
+        """The data of `config.data` (a task's trainer reads its own kind)."""
+        config = self.config
+        return resolve_source(config.data, config.num_classes, config.tfrecord_label_offset, config.dataset_dir)
 
     def _log_plan(self, run):
         config, source = self.config, run.source
@@ -425,7 +431,13 @@ class Trainer:
 
     def _make_checkpoint(self, run):
         config = self.config
-        run.checkpoint = tf.train.Checkpoint(model=run.model, optimizer=run.optimizer, ema=run.ema, state=run.state)
+        # Dropout's random state (Keras seed generators, not among the weights):
+        # a resume draws the masks that the uninterrupted run draws.
+        weights = {id(w) for w in run.model.weights}
+        seeds = [v for v in run.model.variables if id(v) not in weights]
+        run.checkpoint = tf.train.Checkpoint(
+            model=run.model, optimizer=run.optimizer, ema=run.ema, state=run.state, seeds=seeds
+        )
         run.checkpoint_dir = os.path.join(config.model_dir, "checkpoints")
         if not run.chief:  # every worker must save; only the chief's copy is kept
             run.checkpoint_dir = os.path.join(config.model_dir, ".workers", f"worker_{worker_index(run.strategy)}")
@@ -607,11 +619,15 @@ class Trainer:
         def dataset_fn(context, epoch=run.epoch):
             # Each micro-step takes one batch per local replica from the worker's pipeline.
             local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
-            return train_dataset(
+            return self._train_dataset(
                 source, config, context, epoch, skip_batches=done * local_replicas, num_batches=left * local_replicas
             )
 
         return run.strategy.distribute_datasets_from_function(dataset_fn)
+
+    # (source, config, input_context, epoch, skip_batches, num_batches) -> tf.data
+    # of (images, labels, skipped): the task's training pipeline.
+    _train_dataset = staticmethod(train_dataset)
 
     def _optimizer_step(self, run, iterator, train_steps):
         """One optimizer step (grad_accum_steps micro-steps); its mean loss
@@ -714,10 +730,9 @@ class Trainer:
         previous = keras.mixed_precision.global_policy().name
         keras.mixed_precision.set_global_policy("float32")
         try:
-            exported = self.model_fn(config, run.num_classes, run.source, "softmax", False)
+            exported = self._exported_model(run)
         finally:
             keras.mixed_precision.set_global_policy(previous)
-        exported.set_weights(self.ema_weights)
         export_path = os.path.join(config.model_dir, EXPORT_NAME)
         temporary = os.path.join(config.model_dir, f".tmp-{os.getpid()}-{EXPORT_NAME}")
         exported.save(temporary)
@@ -748,6 +763,12 @@ class Trainer:
             )
         self._progress.message(f"Done: step {run.step}; summary in {os.path.join(config.model_dir, SUMMARY)}")
         return summary
+
+    def _exported_model(self, run):
+        """The float32 inference model holding the EMA weights."""
+        exported = self.model_fn(self.config, run.num_classes, run.source, "softmax", False)
+        exported.set_weights(self.ema_weights)
+        return exported
 
 
 _PREDICT_FUNCTIONS = weakref.WeakKeyDictionary()

@@ -1,0 +1,206 @@
+"""DeepLabV3-MobileViTv2 on the embedded segmentation data, float to int8.
+
+    python -m benchmarks.segmentation_int8 [--epochs 6] [--output benchmarks/results/segmentation_int8]
+
+Trains DeepLabV3 (MobileViTv2-0.5 backbone, output stride 16, auxiliary head)
+with `--task segmentation` on the embedded shapes-with-masks data, exports
+float32 and post-training int8 TFLite, and prints mean IoU of Keras and of
+both TFLite models on the whole evaluation split, batch-1 latency (XNNPACK,
+this machine's cores) at the training size and at 512x512 (ml-cvnets' VOC
+size; same weights), and the Edge TPU (documented op table) and TFLite
+Micro (real TFLM interpreter) checks of the int8 flatbuffer. Writes
+`<output>.json` and `<output>.md`. QAT of the segmenter is not available yet
+(`quantize_model` takes chains only), so it has no row.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def train(args, model_dir):
+    from training import SegmentationTrainer
+    from training import TrainConfig
+
+    config = TrainConfig(
+        task="segmentation",
+        model="mobilevitv2_050",
+        data="embedded",
+        dataset_dir=args.dataset_dir,
+        model_dir=model_dir,
+        image_size=args.image_size,
+        batch_size=16,
+        epochs=args.epochs,
+        lr=args.lr,
+        min_lr=args.lr / 20,
+        warmup_steps=50,
+        ema_decay=0.9,
+        max_eval_images=50,
+        deterministic=True,
+    )
+    started = time.perf_counter()
+    summary = SegmentationTrainer(config).run()
+    return config, summary, time.perf_counter() - started
+
+
+def _eval_arrays(source, config):
+    from training.segmentation_data import segmentation_eval_dataset
+
+    images, masks = zip(*segmentation_eval_dataset(source, config, 50))
+    return np.concatenate([i.numpy() for i in images]), np.concatenate([m.numpy() for m in masks])
+
+
+def mean_iou(predictions, masks, num_classes):
+    """Mean IoU over the classes present in truth or prediction; 255 ignored."""
+    from training.segmentation_data import IGNORE_LABEL
+
+    keep = masks != IGNORE_LABEL
+    confusion = np.zeros((num_classes, num_classes))
+    np.add.at(confusion, (masks[keep], predictions[keep]), 1)
+    union = confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
+    return float((np.diag(confusion)[union > 0] / union[union > 0]).mean())
+
+
+def tflite_row(label, flatbuffer, images, masks, num_classes, image_512):
+    from quantization.audit import make_interpreter
+    from quantization.audit import run_tflite
+    from quantization.pipeline_report import latency_ms
+
+    scores = run_tflite(make_interpreter(flatbuffer), images)
+    return {
+        "label": label,
+        "miou": mean_iou(scores.argmax(-1), masks, num_classes),
+        "size_bytes": len(flatbuffer),
+        "latency_ms": latency_ms(flatbuffer, images[:1]),
+        "latency_512_ms": latency_ms(image_512[0], image_512[1], repeats=5) if image_512 else None,
+    }
+
+
+def at_size(model, size, num_classes, config):
+    """The segmenter at `size` x `size` with `model`'s weights."""
+    import dataclasses
+
+    from training.segmentation import build_segmenter
+
+    resized = build_segmenter(dataclasses.replace(config, image_size=size), num_classes, aux_head=False)
+    resized.set_weights(model.get_weights())
+    return resized
+
+
+def _target(name, flatbuffer, output_dir, **options):
+    """The target's report on the PTQ int8 flatbuffer (the targets' own
+    quantization goes through `quantize_model`, chains only for now); a
+    refusal is a result here (its report says why)."""
+    from quantization import targets
+
+    module = targets.target(name)
+    try:
+        return module.export_flatbuffer(flatbuffer, output_dir, "deeplabv3", **options)
+    except targets.TargetError as error:
+        return dict(error.report, refused=str(error))
+
+
+def run(args):
+    import keras
+
+    from quantization.tflite_export import convert
+    from training.segmentation_data import resolve_segmentation_source
+
+    model_dir = os.path.join(args.work_dir, "deeplabv3")
+    config, summary, train_s = train(args, model_dir)
+    source = resolve_segmentation_source("embedded", args.dataset_dir)
+    model = keras.models.load_model(os.path.join(model_dir, "model.keras"), compile=False)
+    images, masks = _eval_arrays(source, config)
+    calibration = images[:64]  # the first evaluation images stand in for training images
+    keras_miou = mean_iou(model.predict(images, batch_size=25, verbose=0).argmax(-1), masks, source.num_classes)
+    big = at_size(model, 512, source.num_classes, config)
+    big_image = np.asarray(keras.ops.image.resize(images[:1], (512, 512)))
+    big_calibration = np.asarray(keras.ops.image.resize(calibration[:16], (512, 512)))
+    rows = [{"label": "float Keras", "miou": keras_miou, "size_bytes": None, "latency_ms": None}]
+    for mode, label in (("float32", "float TFLite"), ("ptq_int8", "PTQ int8 TFLite")):
+        representative = calibration if mode == "ptq_int8" else None
+        flatbuffer = convert(model, mode, representative_images=representative)
+        flatbuffer_512 = convert(
+            big, mode, representative_images=big_calibration if representative is not None else None
+        )
+        rows.append(tflite_row(label, flatbuffer, images, masks, source.num_classes, (flatbuffer_512, big_image)))
+    deploy = os.path.join(args.work_dir, "deploy")
+    edgetpu = _target("edgetpu", flatbuffer, deploy, allow_cpu_fallback=True)
+    micro = _target("micro", flatbuffer, deploy, sample_images=images[64:96])
+    return {
+        "model": model.name,
+        "image_size": config.image_size,
+        "evaluation_images": int(len(images)),
+        "training": {"epochs": config.epochs, "seconds": train_s, "eval": summary["eval"]},
+        "rows": rows,
+        "edgetpu": {
+            k: edgetpu.get(k)
+            for k in ("ops_total", "ops_mapped", "mac_share_on_tpu", "first_cpu_op", "unsupported", "refused")
+        },
+        "micro": {k: micro.get(k) for k in ("arena_bytes", "flash_bytes", "agreement", "fits", "problems", "refused")},
+        "command": "python -m benchmarks.segmentation_int8 " + " ".join(sys.argv[1:]),
+        "machine": f"{os.cpu_count()} CPU cores",
+    }
+
+
+def markdown(result):
+    lines = [
+        f"# DeepLabV3 {result['model']}: embedded segmentation data, {result['image_size']}x{result['image_size']}",
+        "",
+        f"`{result['command']}` on {result['machine']}; mean IoU over {result['evaluation_images']} evaluation "
+        f"images (11 classes); trained {result['training']['epochs']} epochs in {result['training']['seconds']:.0f} s.",
+        "Latency: batch 1, median, TFLite CPU runtime (XNNPACK) on every core.",
+        "",
+        "| model | mIoU | size (MB) | latency (ms) | latency at 512x512 (ms) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        size = f"{row['size_bytes'] / 1e6:.2f}" if row["size_bytes"] else "-"
+        latency = f"{row['latency_ms']:.2f}" if row["latency_ms"] else "-"
+        big = f"{row['latency_512_ms']:.0f}" if row.get("latency_512_ms") else "-"
+        lines.append(f"| {row['label']} | {row['miou']:.4f} | {size} | {latency} | {big} |")
+    lines += ["| QAT int8 TFLite | not yet: QAT takes chain models only | | | |", ""]
+    edgetpu, micro = result["edgetpu"], result["micro"]
+    lines.append(
+        f"Edge TPU (PTQ int8, predicted from the documented op table): {edgetpu['ops_mapped']}/"
+        f"{edgetpu['ops_total']} ops mapped, {100 * edgetpu['mac_share_on_tpu']:.1f}% of the MACs on the TPU; "
+        f"first CPU op: {json.dumps(edgetpu['first_cpu_op'])}; unsupported: {json.dumps(edgetpu['unsupported'])}"
+    )
+    arena, flash = (f"{v:,} B" if v is not None else "-" for v in (micro["arena_bytes"], micro["flash_bytes"]))
+    lines.append(
+        f"TFLite Micro (PTQ int8, real TFLM interpreter): arena {arena}, flash {flash}, fits: {micro['fits']}, "
+        f"agreement with TFLite: {json.dumps(micro['agreement'])}"
+    )
+    lines += [f"{name} refused: {report['refused']}" for name, report in (("Edge TPU", edgetpu), ("Micro", micro))
+              if report.get("refused")]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--image_size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--dataset_dir", default="")
+    parser.add_argument("--output", default="")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as work_dir:
+        args.work_dir = work_dir
+        result = run(args)
+    text = markdown(result)
+    print(text)
+    if args.output:
+        with open(args.output + ".json", "w") as f:
+            json.dump(result, f, indent=2)
+        with open(args.output + ".md", "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

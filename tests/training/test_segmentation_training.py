@@ -1,0 +1,186 @@
+"""`--task segmentation`: VOC-layout data, the joint image/mask pipeline, the
+per-pixel loss, mean IoU, and a real training run of DeepLabV3."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_mobilevitv2  # noqa: F401  (registers the layers for load_model)
+from training import SegmentationTrainer
+from training import TrainConfig
+from training.segmentation import build_segmenter
+from training.segmentation import evaluate_segmentation
+from training.segmentation_data import IGNORE_LABEL
+from training.segmentation_data import embedded_segmentation_source
+from training.segmentation_data import resolve_segmentation_source
+from training.segmentation_data import segmentation_eval_dataset
+from training.segmentation_data import segmentation_train_dataset
+from training.segmentation_data import voc_source
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("datasets"))
+    embedded_segmentation_source(path)
+    return path
+
+
+def seg_config(tmp_path, dataset_dir, **overrides):
+    values = dict(
+        task="segmentation",
+        data="embedded",
+        dataset_dir=dataset_dir,
+        model_dir=str(tmp_path / "run"),
+        image_size=SIZE,
+        batch_size=8,
+        epochs=1,
+        steps=4,
+        warmup_steps=1,
+        max_eval_images=16,
+        checkpoint_every=1000,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+class _Context:
+    """One input pipeline, one replica (what `distribute_datasets_from_function` passes)."""
+
+    num_input_pipelines, input_pipeline_id, num_replicas_in_sync = 1, 0, 1
+
+    def get_per_replica_batch_size(self, batch_size):
+        return batch_size
+
+
+def test_embedded_data_is_a_voc_folder_of_index_masks(dataset_dir):
+    source = resolve_segmentation_source("embedded", dataset_dir)
+    assert source.num_classes == 11 and source.class_names[0] == "background"
+    assert (source.train.num_examples, source.eval.num_examples) == (800, 200)
+    mask = tf.io.decode_png(tf.io.read_file(source.eval.mask_paths[3]), channels=0).numpy()
+    assert mask.shape[-1] == 1
+    # image 3 holds shape class 3 (label 4), the background, and its ignored outline.
+    assert set(np.unique(mask)) == {0, 4, IGNORE_LABEL}
+    assert os.path.basename(os.path.dirname(source.eval.mask_paths[0])) == "SegmentationClassAug"
+
+
+def test_augmentation_moves_image_and_mask_together(tmp_path):
+    """Images whose pixels encode their mask (colour = 20 x class): after the
+    random scale, crop and flip the two still agree away from the edges."""
+    root = tmp_path / "voc"
+    for folder in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True)
+    rng = np.random.RandomState(0)
+    for i in range(4):
+        mask = np.zeros((48, 80), np.uint8)
+        top, left = rng.randint(0, 24), rng.randint(0, 50)
+        mask[top : top + 20, left : left + 26] = 1 + i
+        image = np.repeat(mask[..., None] * 20, 3, -1)
+        tf.io.write_file(str(root / f"JPEGImages/{i}.png"), tf.io.encode_png(image))
+        tf.io.write_file(str(root / f"SegmentationClassAug/{i}.png"), tf.io.encode_png(mask[..., None]))
+    for split in ("train", "val"):
+        (root / f"ImageSets/Segmentation/{split}.txt").write_text("0\n1\n2\n3\n")
+    source = voc_source(str(root))
+    config = TrainConfig(task="segmentation", image_size=40, batch_size=4)
+    images, masks, _ = next(iter(segmentation_train_dataset(source, config, _Context(), epoch=0)))
+    assert images.shape == (4, 40, 40, 3) and masks.shape == (4, 40, 40) and masks.dtype == tf.int32
+    labelled = masks.numpy() != IGNORE_LABEL
+    expected = masks.numpy() * 20
+    agree = np.abs(images.numpy()[..., 0] - expected) < 1
+    assert labelled.any() and agree[labelled].mean() > 0.9
+    # The crop's padding beyond the image is ignored, and black.
+    assert np.all(images.numpy()[..., 0][~labelled] == 0)
+
+
+def test_bad_folders_and_palette_masks_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="VOC-layout"):
+        resolve_segmentation_source(str(tmp_path))
+    root = tmp_path / "voc"
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True)
+    image = np.zeros((16, 16, 3), np.uint8)
+    tf.io.write_file(str(root / "JPEGImages/a.jpg"), tf.io.encode_jpeg(image))
+    tf.io.write_file(str(root / "SegmentationClass/a.png"), tf.io.encode_png(image))  # an RGB mask
+    for split in ("train", "val"):
+        (root / f"ImageSets/Segmentation/{split}.txt").write_text("a\n")
+    source = voc_source(str(root))
+    dataset = segmentation_train_dataset(
+        source, TrainConfig(task="segmentation", image_size=32, batch_size=1), _Context(), 0
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError, match="one-channel PNG of class indices"):
+        next(iter(dataset))
+
+
+def test_mean_iou_ignores_label_255_and_matches_a_confusion_matrix(tmp_path, dataset_dir):
+    config = seg_config(tmp_path, dataset_dir, max_eval_images=12)
+    source = resolve_segmentation_source("embedded", dataset_dir)
+    model = build_segmenter(config, source.num_classes, aux_head=False)
+    result = evaluate_segmentation(model, source, config, batch_size=5)
+
+    images, masks = zip(*segmentation_eval_dataset(source, config, 12))
+    truth = masks[0].numpy().ravel()
+    predicted = np.argmax(model.predict_on_batch(images[0]), -1).ravel()
+    keep = truth != IGNORE_LABEL
+    confusion = np.zeros((11, 11))
+    np.add.at(confusion, (truth[keep], predicted[keep]), 1)
+    union = confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
+    present = union > 0
+    assert result["miou"] == pytest.approx((np.diag(confusion)[present] / union[present]).mean(), abs=1e-5)
+    assert result["pixel_accuracy"] == pytest.approx(np.diag(confusion).sum() / keep.sum(), abs=1e-6)
+
+
+def test_training_lowers_the_loss_and_exports_the_inference_model(tmp_path, dataset_dir):
+    config = seg_config(tmp_path, dataset_dir, steps=8, lr=2e-3, min_lr=2e-4)
+    trainer = SegmentationTrainer(config, verbose=False)
+    summary = trainer.run()
+    assert np.mean(trainer.step_losses[-3:]) < np.mean(trainer.step_losses[:3]), trainer.step_losses
+    for key in ("miou", "pixel_accuracy", "loss", "ema_miou"):
+        assert 0 <= summary["eval"][key] and np.isfinite(summary["eval"][key])
+    with open(os.path.join(config.model_dir, "summary.json")) as f:
+        assert json.load(f)["eval"]["miou"] == summary["eval"]["miou"]
+    exported = keras.models.load_model(os.path.join(config.model_dir, "model.keras"), compile=False)
+    assert not any(layer.name.startswith("aux_") for layer in exported.layers)  # inference: no auxiliary head
+    assert exported.output_shape == (None, SIZE, SIZE, 11)
+    # The exported model is the EMA weights: it scores what the trainer's EMA evaluation scored.
+    again = evaluate_segmentation(exported, resolve_segmentation_source("embedded", dataset_dir), config)
+    assert again["miou"] == pytest.approx(summary["eval"]["ema_miou"], abs=1e-6)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, dataset_dir, monkeypatch):
+    # 800 images / batch 8 = 100 steps an epoch; interrupted after step 2 of 4.
+    settings = dict(steps=4, epochs=1, max_eval_images=8, checkpoint_every=2, seed=3)
+    straight = SegmentationTrainer(seg_config(tmp_path / "a", dataset_dir, **settings), verbose=False)
+    straight.run()
+    save = tf.train.CheckpointManager.save
+
+    def save_then_die(manager, checkpoint_number=None, **kwargs):
+        path = save(manager, checkpoint_number=checkpoint_number, **kwargs)
+        if checkpoint_number == 2:
+            raise Interrupted(path)
+        return path
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", save_then_die)
+    with pytest.raises(Interrupted):
+        SegmentationTrainer(seg_config(tmp_path / "b", dataset_dir, **settings), verbose=False).run()
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", save)
+    resumed = SegmentationTrainer(seg_config(tmp_path / "b", dataset_dir, **settings), verbose=False)
+    resumed.run()
+    np.testing.assert_allclose(resumed.step_losses, straight.step_losses[2:], rtol=1e-5)
+    for x, y in zip(straight.ema_weights, resumed.ema_weights):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+
+
+def test_a_classification_config_is_refused():
+    with pytest.raises(ValueError, match="--task segmentation"):
+        SegmentationTrainer(TrainConfig())
+    with pytest.raises(ValueError, match="Unknown --task"):
+        TrainConfig(task="detection")
