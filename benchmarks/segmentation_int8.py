@@ -49,9 +49,13 @@ def train(args, model_dir):
 
 
 def _eval_arrays(source, config):
+    """The whole evaluation split (the trainer's per-epoch check takes 50)."""
+    import dataclasses
+
     from training.segmentation_data import segmentation_eval_dataset
 
-    images, masks = zip(*segmentation_eval_dataset(source, config, 50))
+    whole = dataclasses.replace(config, max_eval_images=0)
+    images, masks = zip(*segmentation_eval_dataset(source, whole, 50))
     return np.concatenate([i.numpy() for i in images]), np.concatenate([m.numpy() for m in masks])
 
 
@@ -123,11 +127,10 @@ def run(args):
     big_calibration = np.asarray(keras.ops.image.resize(calibration[:16], (512, 512)))
     rows = [{"label": "float Keras", "miou": keras_miou, "size_bytes": None, "latency_ms": None}]
     for mode, label in (("float32", "float TFLite"), ("ptq_int8", "PTQ int8 TFLite")):
-        representative = calibration if mode == "ptq_int8" else None
-        flatbuffer = convert(model, mode, representative_images=representative)
-        flatbuffer_512 = convert(
-            big, mode, representative_images=big_calibration if representative is not None else None
-        )
+        representative, big_representative = (calibration, big_calibration) if mode == "ptq_int8" else (None, None)
+        io_type = "int8" if mode == "ptq_int8" else "float32"
+        flatbuffer = convert(model, mode, io_type, representative_images=representative)
+        flatbuffer_512 = convert(big, mode, io_type, representative_images=big_representative)
         rows.append(tflite_row(label, flatbuffer, images, masks, source.num_classes, (flatbuffer_512, big_image)))
     deploy = os.path.join(args.work_dir, "deploy")
     edgetpu = _target("edgetpu", flatbuffer, deploy, allow_cpu_fallback=True)

@@ -99,7 +99,10 @@ def convert(model, mode, io_type="int8", representative_images=None, batch_size=
     if representative_images is not None:
         representative_images = check_images(representative_images, shape, "representative_images")
 
-    key = _conversion_key(model, mode, io_type, representative_images, batch_size)
+    try:
+        key = _conversion_key(model, mode, io_type, representative_images, batch_size)
+    except (NotImplementedError, TypeError, ValueError):  # a layer without a config: not cached
+        return _convert_uncached(model, mode, io_type, representative_images, batch_size)
     if key not in _CONVERSIONS:
         _CONVERSIONS[key] = _convert_uncached(model, mode, io_type, representative_images, batch_size)
         while len(_CONVERSIONS) > _CONVERSIONS_KEPT:
