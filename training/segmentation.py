@@ -157,18 +157,8 @@ class SegmentationTrainer(Trainer):
 
         return replica_gradients
 
-    def _evaluate(self, run):
-        results = {}
-        for label, weights in (
-            ("", [w.numpy() for w in run.model.weights]),
-            ("ema_", [v.numpy() for v in run.ema]),
-        ):
-            run.eval_model.set_weights(weights)
-            metrics = evaluate_segmentation(run.eval_model, run.source, self.config)
-            results.update({label + k: v for k, v in metrics.items()})
-        if run.writers:
-            run.writers["eval"].write(run.step, results)
-        return results
+    def _evaluate_model(self, model, source):
+        return evaluate_segmentation(model, source, self.config)
 
     def _exported_model(self, run):
         """The inference DeepLabV3 (no auxiliary head) with the EMA weights."""

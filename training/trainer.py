@@ -710,8 +710,8 @@ class Trainer:
             ("ema_", [v.numpy() for v in run.ema]),
         ):
             run.eval_model.set_weights(weights)
-            metrics = evaluate(run.eval_model, run.source, self.config)
-            self.skipped_eval_images = metrics.pop("skipped_images")
+            metrics = self._evaluate_model(run.eval_model, run.source)
+            self.skipped_eval_images = metrics.pop("skipped_images", 0)
             results.update({label + k: v for k, v in metrics.items()})
         if self.skipped_eval_images:
             self._log(
@@ -721,6 +721,10 @@ class Trainer:
         if run.writers:
             run.writers["eval"].write(run.step, results)
         return results
+
+    def _evaluate_model(self, model, source):
+        """The task's metrics of `model` on the evaluation split."""
+        return evaluate(model, source, self.config)
 
     # ------------------------------------------------------------ finish
 
