@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 import warnings
 import weakref
@@ -305,9 +306,7 @@ class Trainer:
         self.ema_weights = [v.numpy() for v in run.ema]
         if not run.chief:
             return None
-        summary = self._finish(run)
-        shutil.rmtree(os.path.join(self.config.model_dir, ".workers"), ignore_errors=True)
-        return summary
+        return self._finish(run)
 
     # ------------------------------------------------------------ build
 
@@ -439,8 +438,11 @@ class Trainer:
             model=run.model, optimizer=run.optimizer, ema=run.ema, state=run.state, seeds=seeds
         )
         run.checkpoint_dir = os.path.join(config.model_dir, "checkpoints")
-        if not run.chief:  # every worker must save; only the chief's copy is kept
-            run.checkpoint_dir = os.path.join(config.model_dir, ".workers", f"worker_{worker_index(run.strategy)}")
+        if not run.chief:
+            # Saving is collective, so every worker writes; a non-chief writes
+            # to its own local scratch folder, never under model_dir, which
+            # no other process then has to clean up (or race to clean up).
+            run.checkpoint_dir = tempfile.mkdtemp(prefix=f"mobilevitv2_worker{worker_index(run.strategy)}_")
         run.manager = tf.train.CheckpointManager(
             run.checkpoint, run.checkpoint_dir, max_to_keep=config.keep_checkpoints
         )

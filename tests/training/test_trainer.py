@@ -91,6 +91,8 @@ def test_two_workers_train_the_same_steps_to_identical_weights(tmp_path, dataset
     for index in range(2):
         env = dict(os.environ)
         env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+        env["TMPDIR"] = str(tmp_path / f"scratch{index}")  # where a non-chief's collective saves go
+        os.makedirs(env["TMPDIR"])
         command = [
             sys.executable,
             HARNESS,
@@ -113,7 +115,10 @@ def test_two_workers_train_the_same_steps_to_identical_weights(tmp_path, dataset
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)  # globally reduced loss
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["final_step"] == 4 and summary["num_replicas"] == 2
-    assert not (tmp_path / "run" / ".workers").exists()  # non-chief copies are removed
+    # The non-chief's saves went to its scratch folder and were removed; the
+    # model_dir holds the chief's outputs only.
+    assert list((tmp_path / "scratch1").iterdir()) == []
+    assert not [p for p in (tmp_path / "run").rglob("*") if "worker" in p.name]
 
 
 def test_mirrored_replicas_and_an_impossible_batch(tmp_path, dataset_dir):
