@@ -442,9 +442,10 @@ class QuantizedMobileViTv2Block(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class QuantizedGlobalPool(keras.layers.Layer):
-    def __init__(self, mode="avg", **kwargs):
+    def __init__(self, mode="avg", keepdims=False, **kwargs):
         super().__init__(**kwargs)
         self.mode = mode
+        self.keepdims = bool(keepdims)
         self.output_quantizer = ActivationQuantizer(name="output_quantizer")
 
     def build(self, input_shape):
@@ -452,11 +453,42 @@ class QuantizedGlobalPool(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         reduce = tf.reduce_mean if self.mode == "avg" else tf.reduce_max
-        return self.output_quantizer(reduce(inputs, axis=[1, 2]), training=training)
+        pooled = reduce(inputs, axis=[1, 2], keepdims=self.keepdims)  # [B, C] or [B, 1, 1, C]
+        return self.output_quantizer(pooled, training=training)
 
     def get_config(self):
         config = super().get_config()
-        config.update({"mode": self.mode})
+        config.update({"mode": self.mode, "keepdims": self.keepdims})
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class QuantizedConcatenate(keras.layers.Layer):
+    """Concatenation with one output range. Inputs with other ranges are
+    requantized (int8 -> int8 QUANTIZE), as TFLite's CONCATENATION requires
+    one scale for all its operands."""
+
+    def __init__(self, axis=-1, **kwargs):
+        super().__init__(**kwargs)
+        self.axis = axis
+        self.output_quantizer = ActivationQuantizer(name="output_quantizer")
+
+    def build(self, input_shape):
+        self.output_quantizer.build(input_shape[0])
+
+    def call(self, inputs, training=None):
+        return self.output_quantizer(tf.concat(inputs, axis=self.axis), training=training)
+
+    def compute_output_shape(self, input_shape):
+        shapes = [list(shape) for shape in input_shape]
+        axis = self.axis % len(shapes[0])
+        sizes = [shape[axis] for shape in shapes]
+        shapes[0][axis] = None if None in sizes else sum(sizes)
+        return tuple(shapes[0])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"axis": self.axis})
         return config
 
 

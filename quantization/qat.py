@@ -42,6 +42,10 @@ def sample_images(source, config, count, split="train", seed=1234, with_labels=F
 
     chosen = source.train if split == "train" else source.eval
     view = dataclasses.replace(config, max_eval_images=count)
+    if config.task == "segmentation":
+        if with_labels:
+            raise ValueError("sample_images(with_labels=True) takes a classification source.")
+        return _segmentation_images(dataclasses.replace(source, eval=chosen), view, count)
     images, labels = [], []
     for batch, batch_labels in eval_dataset(
         DataSource(source.name, source.class_names, chosen, chosen), view, 64, shuffle_seed=(seed,)
@@ -52,6 +56,15 @@ def sample_images(source, config, count, split="train", seed=1234, with_labels=F
     return (images, np.concatenate(labels)[:count]) if with_labels else images
 
 
+def _segmentation_images(source, config, count):
+    """The first `count` images of `source.eval`, as the evaluation sees them
+    (the split's order: the embedded data is in random order already)."""
+    from training.segmentation_data import segmentation_eval_dataset
+
+    images = [batch.numpy() for batch, _ in segmentation_eval_dataset(source, config, 64)]
+    return np.concatenate(images)[:count]
+
+
 def load_float_weights(model, config, path):
     """Float weights from any form the models accept, or a trainer's .keras file."""
     import keras
@@ -59,8 +72,16 @@ def load_float_weights(model, config, path):
     if str(path).endswith(".keras"):
         trained = keras.models.load_model(path, compile=False)
         if len(trained.weights) != len(model.weights):
-            raise ValueError(f"{path} is not a {config.model} with this number of classes.")
+            kind = "segmenter (exported, without the auxiliary head)" if config.task == "segmentation" else ""
+            raise ValueError(f"{path} is not a {config.model} {kind}with this number of classes.")
         model.set_weights(trained.get_weights())
+    elif config.task == "segmentation":
+        if not str(path).endswith(".weights.h5"):
+            raise ValueError(
+                "QAT of a segmenter starts from the trained segmenter: give --init_weights=<the segmentation run's "
+                f"model.keras, or a .weights.h5 of the same DeepLabV3>; got {path!r}."
+            )
+        model.load_weights(path)
     else:
         from training.trainer import load_init_weights
 
@@ -79,9 +100,8 @@ class _CalibratedQATModels:
     def __call__(self, config, num_classes, source, classifier_activation, initialize):
         from quantization.quantize import calibrate
         from quantization.quantize import quantize_model
-        from training.trainer import build_model
 
-        float_model = build_model(config, num_classes, classifier_activation=classifier_activation)
+        float_model = _float_model(config, num_classes, classifier_activation)
         if not initialize:
             return quantize_model(float_model)
         if config.init_weights:
@@ -90,6 +110,18 @@ class _CalibratedQATModels:
         calibrate(qat, sample_images(source, config, self.calibration_images))
         self.start_weights = qat.get_weights()
         return qat
+
+
+def _float_model(config, num_classes, classifier_activation):
+    if config.task == "segmentation":
+        from training.segmentation import build_segmenter
+
+        # The exported segmenter (no auxiliary head) is what --init_weights
+        # holds; a short fine-tune needs no deep supervision.
+        return build_segmenter(config, num_classes, aux_head=False)
+    from training.trainer import build_model
+
+    return build_model(config, num_classes, classifier_activation=classifier_activation)
 
 
 def qat_model_fn(calibration_images):
@@ -102,22 +134,33 @@ FINE_TUNED_NAME = "model.finetuned.keras"
 SELECTION_NAME = "qat_selection.json"
 
 
+def _evaluation(config):
+    """(the metric the safeguard compares, the function that measures it)."""
+    if config.task == "segmentation":
+        from training.segmentation import evaluate_segmentation
+
+        return "miou", evaluate_segmentation
+    from training.trainer import evaluate
+
+    return "top1", evaluate
+
+
 def keep_better_than_start(config, source, start_weights, verbose=True):
     """The safeguard: the run's `model.keras` stays the fine-tuned QAT model
     only where it beats its calibrated starting point (`start_weights`:
-    post-training ranges, no fine-tuning) in top-1 on the whole validation
-    split; otherwise the starting point becomes `model.keras` (the fine-tuned
-    one is kept as `model.finetuned.keras`) and this is said. Returns the
-    comparison, also written to `qat_selection.json`."""
+    post-training ranges, no fine-tuning) on the whole validation split
+    (top-1; mean IoU for a segmenter); otherwise the starting point becomes
+    `model.keras` (the fine-tuned one is kept as `model.finetuned.keras`) and
+    this is said. Returns the comparison, also written to
+    `qat_selection.json`."""
     import dataclasses
     import json
 
     import keras
 
-    from training.trainer import evaluate
-
     if source.eval is None:
         return {"chosen": "fine-tuned", "reason": "no validation split to compare on"}
+    metric, evaluate = _evaluation(config)
     whole_split = dataclasses.replace(config, max_eval_images=0)
     path = os.path.join(config.model_dir, "model.keras")
     model = keras.models.load_model(path, compile=False)
@@ -125,12 +168,13 @@ def keep_better_than_start(config, source, start_weights, verbose=True):
     # The same model with the start's weights: evaluated by the same traced function.
     model.set_weights(start_weights)
     start = evaluate(model, source, whole_split)
-    chosen = "fine-tuned" if fine_tuned["top1"] > start["top1"] else "start"
+    chosen = "fine-tuned" if fine_tuned[metric] > start[metric] else "start"
     selection = {
         "chosen": chosen,
-        "start": {k: start[k] for k in ("top1", "loss")},
-        "fine_tuned": {k: fine_tuned[k] for k in ("top1", "loss")},
-        "evaluation_images": source.eval.num_examples - start["skipped_images"],
+        "metric": metric,
+        "start": {k: start[k] for k in (metric, "loss")},
+        "fine_tuned": {k: fine_tuned[k] for k in (metric, "loss")},
+        "evaluation_images": source.eval.num_examples - start.get("skipped_images", 0),
     }
     if chosen == "start":
         os.replace(path, os.path.join(config.model_dir, FINE_TUNED_NAME))
@@ -145,9 +189,11 @@ def keep_better_than_start(config, source, start_weights, verbose=True):
 
 
 def _print_selection(selection):
-    start, fine_tuned = selection["start"]["top1"], selection["fine_tuned"]["top1"]
+    metric = selection["metric"]
+    start, fine_tuned = selection["start"][metric], selection["fine_tuned"][metric]
+    name = {"top1": "top-1", "miou": "mean IoU"}[metric]
     print(
-        f"QAT selection on {selection['evaluation_images']} validation images: calibrated start top-1 "
+        f"QAT selection on {selection['evaluation_images']} validation images: calibrated start {name} "
         f"{start:.4f}, fine-tuned {fine_tuned:.4f}; "
         + (
             "keeping the fine-tuned model."
@@ -165,6 +211,8 @@ def run_qat(config, calibration_images=256, io_type="int8", verbose=True, tpu_ad
     import quantization  # noqa: F401  (registers the QAT layers)
     from quantization.tflite_export import export_tflite
     from training.data import resolve_source
+    from training.segmentation import SegmentationTrainer
+    from training.segmentation_data import resolve_segmentation_source
     from training.trainer import Trainer
 
     if config.mixed_precision != "float32":
@@ -172,11 +220,16 @@ def run_qat(config, calibration_images=256, io_type="int8", verbose=True, tpu_ad
     if not config.init_weights:
         raise ValueError("QAT starts from trained float weights: give --init_weights.")
     model_fn = qat_model_fn(calibration_images)
-    trainer = Trainer(config, verbose=verbose, model_fn=model_fn, tpu_address=tpu_address)
+    segmentation = config.task == "segmentation"
+    trainer_class = SegmentationTrainer if segmentation else Trainer
+    trainer = trainer_class(config, verbose=verbose, model_fn=model_fn, tpu_address=tpu_address)
     summary = trainer.run()
     if summary is None:  # not the chief
         return None, None
-    source = resolve_source(config.data, config.num_classes, config.tfrecord_label_offset, config.dataset_dir)
+    if segmentation:
+        source = resolve_segmentation_source(config.data, config.dataset_dir)
+    else:
+        source = resolve_source(config.data, config.num_classes, config.tfrecord_label_offset, config.dataset_dir)
     summary["selection"] = keep_better_than_start(config, source, model_fn.start_weights, verbose)
     exported = keras.models.load_model(os.path.join(config.model_dir, "model.keras"), compile=False)
     # A QAT model carries its own ranges: the converter only checks on a few

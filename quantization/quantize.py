@@ -12,8 +12,10 @@ import numpy as np
 from keras_mobilevitv2.layers import InvertedResidual
 from keras_mobilevitv2.layers import MobileViTv2Block
 from keras_mobilevitv2.layers.nesting import nested_layers
+from keras_mobilevitv2.layers.resize import ResizeLike
 from quantization.fake_quant import ActivationQuantizer
 from quantization.layers import GRAPHS
+from quantization.layers import QuantizedConcatenate
 from quantization.layers import QuantizedConv
 from quantization.layers import QuantizedDense
 from quantization.layers import QuantizedGlobalPool
@@ -22,11 +24,11 @@ from quantization.layers import QuantizedMobileViTv2Block
 from quantization.layers import QuantizedSoftmax
 
 SUPPORTED = (
-    "InputLayer, Rescaling (first layer), ZeroPadding2D, Conv2D and "
+    "InputLayer, Rescaling (on the input, read by convolutions only), ZeroPadding2D, Conv2D and "
     "DepthwiseConv2D (each optionally followed by BatchNormalization and a "
     "relu/silu/linear activation), InvertedResidual, MobileViTv2Block, "
     "GlobalAveragePooling2D, GlobalMaxPooling2D, Dense (linear), "
-    "Activation('softmax' or 'linear')"
+    "Activation('softmax' or 'linear'), Concatenate, ResizeLike, Dropout, SpatialDropout2D"
 )
 _CONV_ACTIVATIONS = {"relu": "relu", "silu": "silu", "swish": "silu", "linear": None}
 
@@ -124,74 +126,207 @@ def _copy_mobilevit_block(source, target):
     _set(target.project_conv, kernel * scale, bias * scale + shift)
 
 
-def _quantize_conv(layers, index, x, copies, input_scale):
-    """Conv2D/DepthwiseConv2D [+ BatchNormalization] [+ activation] -> one QuantizedConv."""
-    conv = layers[index]
-    depthwise = isinstance(conv, keras.layers.DepthwiseConv2D)
+def _check_conv(conv):
     strides, dilation = conv.strides, conv.dilation_rate
+    depthwise = isinstance(conv, keras.layers.DepthwiseConv2D)
     if (
         strides[0] != strides[1]
         or dilation[0] != dilation[1]
         or conv.kernel_size[0] != conv.kernel_size[1]
         or (depthwise and conv.depth_multiplier != 1)
         or getattr(conv, "groups", 1) != 1
+        or getattr(conv.activation, "__name__", "linear") not in _CONV_ACTIVATIONS
     ):
         raise _unsupported(conv)
-    consumed = 1
-    bn = None
-    if index + 1 < len(layers) and isinstance(layers[index + 1], keras.layers.BatchNormalization):
-        bn = layers[index + 1]
-        consumed += 1
-    activation = getattr(conv.activation, "__name__", "linear")
-    if activation not in _CONV_ACTIVATIONS:
-        raise _unsupported(conv)
-    activation = _CONV_ACTIVATIONS[activation]
-    following = layers[index + consumed] if index + consumed < len(layers) else None
-    if activation is None and following is not None and _activation_name(following):
-        activation = _CONV_ACTIVATIONS[_activation_name(following)]
-        consumed += 1
-    if bn is not None and getattr(conv.activation, "__name__", "linear") != "linear":
-        raise _unsupported(bn)  # BN after a fused activation cannot fold into the conv
-    quantized = QuantizedConv(
-        conv.kernel.shape[2] if depthwise else conv.filters,
-        conv.kernel_size[0],
-        strides=strides[0],
-        padding=conv.padding,
-        depthwise=depthwise,
-        activation=activation,
-        dilation=dilation[0],
-        name=conv.name,
-    )
-    x = quantized(x)
-    copies.append(lambda: _set(quantized, *_fold_conv_bn(conv, bn, depthwise=depthwise, input_scale=input_scale)))
-    return x, consumed
+    return depthwise
 
 
-def _check_chain(model, layers):
-    """The walk below reads the layers in order, each from the one before:
-    a graph that branches or merges would be rebuilt wrong, so it is refused."""
-    previous = None
-    for layer in layers:
-        try:
-            source = layer.input
-        except (AttributeError, ValueError):  # an input layer, or a layer called twice
-            source = None
-        if previous is None and isinstance(layer, keras.layers.InputLayer):
-            previous = layer
-            continue
-        if previous is None or source is not previous.output:
+def _check_input(model):
+    if len(model.inputs) != 1:
+        raise ValueError("quantize_model expects a single-input MobileViTv2 model.")
+    input_shape = tuple(model.inputs[0].shape[1:])
+    if None in input_shape[:2]:
+        raise ValueError(
+            f"quantize_model needs a static input size (int8 TFLite models have one); "
+            f"the model's input shape is {input_shape}. Build it with input_shape=(H, W, 3)."
+        )
+    return input_shape
+
+
+class _GraphRebuild:
+    """Rebuilds a functional model layer by layer, in the order Keras keeps
+    (every layer after the layers it reads), mapping each float tensor to its
+    QAT tensor. A convolution absorbs the BatchNormalization and activation
+    that its output alone flows into, as the TFLite converter fuses them, so
+    branches and merges (ASPP, auxiliary heads) rebuild as they are."""
+
+    def __init__(self, model, graph):
+        self.model = model
+        self.graph = graph
+        self.consumers = {}  # id(float tensor) -> the layers reading it
+        for layer in model.layers:
+            if not isinstance(layer, keras.layers.InputLayer):
+                for tensor in keras.tree.flatten(layer.input):
+                    self.consumers.setdefault(id(tensor), []).append(layer)
+        self.outputs = {id(tensor) for tensor in model.outputs}
+        self.tensors = {}  # id(float tensor) -> QAT tensor
+        self.input_scales = {}  # id(float tensor) -> a Rescaling's scale, to fold into its convolutions
+        self.absorbed = set()  # ids of the layers a convolution absorbed
+        self.copies = []  # weight copies, run once the QAT model exists
+
+    def run(self, input_shape):
+        image = keras.Input(input_shape, name="image")
+        fixed_input_range = None
+        for layer in self.consumers.get(id(self.model.inputs[0]), []):
+            if isinstance(layer, keras.layers.Rescaling) and abs(float(layer.scale) - 1 / 255) < 1e-9:
+                fixed_input_range = (0.0, 255.0)
+        quantized_image = ActivationQuantizer(fixed_input_range, name="input_quantizer")(image)
+        self.tensors[id(self.model.inputs[0])] = quantized_image
+        for layer in self.model.layers:
+            if isinstance(layer, keras.layers.InputLayer) or id(layer) in self.absorbed:
+                continue
+            inputs = [self._qat_tensor(layer, tensor) for tensor in keras.tree.flatten(layer.input)]
+            float_output, output = self._rebuild(layer, inputs)
+            self.tensors[id(float_output)] = output
+        outputs = keras.tree.map_structure(lambda tensor: self._qat_tensor(None, tensor), self.model.output)
+        qat_model = keras.Model(image, outputs, name=f"{self.model.name}_qat")
+        for copy in self.copies:
+            copy()
+        return qat_model
+
+    def _qat_tensor(self, layer, tensor):
+        if id(tensor) not in self.tensors:
+            reader = f"layer {layer.name!r}" if layer is not None else "the model output"
             raise ValueError(
-                f"quantize_model takes a chain of layers (a MobileViTv2 classifier or backbone); "
-                f"{model.name!r} branches or merges at layer {layer.name!r} ({type(layer).__name__}). "
-                "Quantization-aware training of such graphs (e.g. the DeepLabV3 segmenter) is not "
-                "supported yet: export the float model with post-training quantization "
-                "(quantization.export --mode ptq_int8, or the Android target)."
+                f"quantize_model cannot rebuild {self.model.name!r}: {reader} reads a tensor that no layer of the "
+                "model produces once (a layer called more than once, or a nested model). It takes a functional "
+                "model whose layers are each called once."
             )
-        previous = layer
+        return self.tensors[id(tensor)]
+
+    def _sole_consumer(self, layer):
+        """The one layer reading `layer`'s output, unless others (or the
+        model's outputs) read it too."""
+        readers = self.consumers.get(id(layer.output), [])
+        return readers[0] if len(readers) == 1 and id(layer.output) not in self.outputs else None
+
+    def _rebuild(self, layer, inputs):
+        """(the float tensor the result stands for, the QAT tensor)."""
+        if isinstance(layer, keras.layers.Rescaling):
+            if layer.input is not self.model.inputs[0] or np.any(np.asarray(layer.offset) != 0):
+                raise _unsupported(layer)
+            self.input_scales[id(layer.output)] = float(layer.scale)
+            return layer.output, inputs[0]
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+            return self._conv(layer, inputs[0])
+        if id(layer.input) in self.input_scales:
+            # The scale folds into the first convolution's kernel; zero padding
+            # commutes with it, anything else would see unscaled values.
+            if not isinstance(layer, keras.layers.ZeroPadding2D):
+                raise ValueError(
+                    f"The Rescaling of {self.model.name!r} must be followed by a convolution to be "
+                    f"folded; found {layer.name!r} ({type(layer).__name__})."
+                )
+            self.input_scales[id(layer.output)] = self.input_scales[id(layer.input)]
+        return layer.output, _rebuild_layer(layer, inputs, self.graph, self.copies)
+
+    def _conv(self, conv, x):
+        """Conv2D/DepthwiseConv2D [+ BatchNormalization] [+ activation] -> one QuantizedConv."""
+        depthwise = _check_conv(conv)
+        activation = _CONV_ACTIVATIONS[getattr(conv.activation, "__name__", "linear")]
+        tail, bn = conv, None
+        following = self._sole_consumer(conv)
+        if isinstance(following, keras.layers.BatchNormalization):
+            if activation is not None:
+                raise _unsupported(following)  # BN after a fused activation cannot fold into the conv
+            tail = bn = following
+            following = self._sole_consumer(bn)
+        if activation is None and following is not None and _activation_name(following):
+            activation = _CONV_ACTIVATIONS[_activation_name(following)]
+            tail = following
+        self.absorbed.update(id(layer) for layer in (bn, tail) if layer is not None and layer is not conv)
+        quantized = QuantizedConv(
+            conv.kernel.shape[2] if depthwise else conv.filters,
+            conv.kernel_size[0],
+            strides=conv.strides[0],
+            padding=conv.padding,
+            depthwise=depthwise,
+            activation=activation,
+            dilation=conv.dilation_rate[0],
+            name=conv.name,
+        )
+        input_scale = self.input_scales.get(id(conv.input), 1.0)
+        self.copies.append(
+            lambda: _set(quantized, *_fold_conv_bn(conv, bn, depthwise=depthwise, input_scale=input_scale))
+        )
+        return tail.output, quantized(x)
+
+
+def _rebuild_layer(layer, inputs, graph, copies):
+    """The QAT form of a layer other than a convolution, called on `inputs`."""
+    if isinstance(layer, InvertedResidual):
+        quantized = QuantizedInvertedResidual(
+            layer.filters,
+            layer.hidden_channels,
+            layer.strides,
+            layer.expand_conv is not None,
+            layer.use_residual,
+            dilation=layer.dilation_rate,
+            name=layer.name,
+        )
+        copies.append(lambda: _copy_inverted_residual(layer, quantized))
+        return quantized(inputs[0])
+    if isinstance(layer, MobileViTv2Block):
+        quantized = QuantizedMobileViTv2Block(
+            layer.project_conv.filters,
+            layer.attn_dim,
+            layer.transformer_blocks[0].ffn_dim,
+            layer.num_blocks,
+            layer.patch_size,
+            layer.dilation,
+            attention_norm=layer.attention_norm,
+            graph=graph,
+            name=layer.name,
+        )
+        copies.append(lambda: _copy_mobilevit_block(layer, quantized))
+        return quantized(inputs[0])
+    if isinstance(layer, keras.layers.Dense):
+        if layer.activation not in (keras.activations.linear, None):
+            raise _unsupported(layer)
+        quantized = QuantizedDense(layer.units, name=layer.name)
+        copies.append(lambda: _set(quantized, np.asarray(layer.kernel), np.asarray(layer.bias)))
+        return quantized(inputs[0])
+    return _rebuild_weightless(layer, inputs)
+
+
+def _rebuild_weightless(layer, inputs):
+    if isinstance(layer, (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)):
+        mode = "avg" if isinstance(layer, keras.layers.GlobalAveragePooling2D) else "max"
+        return QuantizedGlobalPool(mode, keepdims=layer.keepdims, name=layer.name)(inputs[0])
+    if isinstance(layer, keras.layers.Activation):
+        if layer.activation is keras.activations.softmax:
+            return QuantizedSoftmax(name=layer.name)(inputs[0])
+        if layer.activation is keras.activations.linear:
+            return inputs[0]
+        raise _unsupported(layer)
+    if isinstance(layer, keras.layers.Concatenate):
+        return QuantizedConcatenate(layer.axis, name=layer.name)(inputs)
+    # Value-moving layers keep their input's int8 range: padding, bilinear
+    # resizing (its outputs lie within its inputs' range) and dropout (the
+    # identity at inference) need no quantizer of their own.
+    if isinstance(layer, (keras.layers.ZeroPadding2D, ResizeLike, keras.layers.Dropout, keras.layers.SpatialDropout2D)):
+        clone = type(layer).from_config(layer.get_config())
+        return clone(inputs if isinstance(layer, ResizeLike) else inputs[0])
+    raise _unsupported(layer)
 
 
 def quantize_model(model, graph="reference"):
     """Returns the quantization-aware (QAT) version of a keras_mobilevitv2 model.
+
+    Takes the classifiers, the backbones (`include_top=False`) and the
+    DeepLabV3 segmenters, auxiliary head included (the QAT model has the
+    same outputs), or any functional model built from the layers in
+    `SUPPORTED`, each called once.
 
     `graph="edgetpu"` writes the MobileViTv2 blocks in ops the Edge TPU maps
     (same function and same int8 values; see `quantization.layers.GRAPHS`).
@@ -204,101 +339,12 @@ def quantize_model(model, graph="reference"):
 
     Raises:
         ValueError: for a layer the QAT path does not know (named in the
-            message), or a model whose graph is not a MobileViTv2 chain.
+            message), or a model it cannot rebuild (several inputs, a
+            dynamic input size, a layer called twice).
     """
     if graph not in GRAPHS:
         raise ValueError(f"graph must be one of {GRAPHS}; got {graph!r}.")
-    layers = list(model.layers)
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise ValueError("quantize_model expects a single-input, single-output MobileViTv2 model.")
-    _check_chain(model, layers)
-    input_shape = tuple(model.inputs[0].shape[1:])
-    if None in input_shape[:2]:
-        raise ValueError(
-            f"quantize_model needs a static input size (int8 TFLite models have one); "
-            f"the model's input shape is {input_shape}. Build it with input_shape=(H, W, 3)."
-        )
-    inputs = keras.Input(input_shape, name="image")
-    input_scale = 1.0
-    fixed_input_range = None
-    x = inputs
-    copies = []
-    index = 0
-    if isinstance(layers[index], keras.layers.InputLayer):
-        index += 1
-    if isinstance(layers[index], keras.layers.Rescaling):
-        rescaling = layers[index]
-        if np.any(np.asarray(rescaling.offset) != 0):
-            raise _unsupported(rescaling)
-        input_scale = float(rescaling.scale)
-        fixed_input_range = (0.0, 255.0) if abs(input_scale - 1 / 255) < 1e-9 else None
-        index += 1
-    x = ActivationQuantizer(fixed_input_range, name="input_quantizer")(x)
-
-    while index < len(layers):
-        layer = layers[index]
-        if isinstance(layer, keras.layers.ZeroPadding2D):
-            x = keras.layers.ZeroPadding2D(layer.padding, name=layer.name)(x)
-            index += 1
-            continue
-        if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
-            x, consumed = _quantize_conv(layers, index, x, copies, input_scale)
-            input_scale = 1.0  # folded into the first convolution only
-            index += consumed
-            continue
-        if input_scale != 1.0:
-            raise ValueError(
-                f"The Rescaling of {model.name!r} must be followed by a convolution to be "
-                f"folded; found {layer.name!r} ({type(layer).__name__})."
-            )
-        if isinstance(layer, InvertedResidual):
-            quantized = QuantizedInvertedResidual(
-                layer.filters,
-                layer.hidden_channels,
-                layer.strides,
-                layer.expand_conv is not None,
-                layer.use_residual,
-                dilation=layer.dilation_rate,
-                name=layer.name,
-            )
-            x = quantized(x)
-            copies.append(lambda s=layer, t=quantized: _copy_inverted_residual(s, t))
-        elif isinstance(layer, MobileViTv2Block):
-            quantized = QuantizedMobileViTv2Block(
-                layer.project_conv.filters,
-                layer.attn_dim,
-                layer.transformer_blocks[0].ffn_dim,
-                layer.num_blocks,
-                layer.patch_size,
-                layer.dilation,
-                attention_norm=layer.attention_norm,
-                graph=graph,
-                name=layer.name,
-            )
-            x = quantized(x)
-            copies.append(lambda s=layer, t=quantized: _copy_mobilevit_block(s, t))
-        elif isinstance(layer, (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)):
-            mode = "avg" if isinstance(layer, keras.layers.GlobalAveragePooling2D) else "max"
-            x = QuantizedGlobalPool(mode, name=layer.name)(x)
-        elif isinstance(layer, keras.layers.Dense):
-            if layer.activation not in (keras.activations.linear, None):
-                raise _unsupported(layer)
-            quantized = QuantizedDense(layer.units, name=layer.name)
-            x = quantized(x)
-            copies.append(lambda s=layer, t=quantized: _set(t, np.asarray(s.kernel), np.asarray(s.bias)))
-        elif isinstance(layer, keras.layers.Activation):
-            if layer.activation is keras.activations.softmax:
-                x = QuantizedSoftmax(name=layer.name)(x)
-            elif layer.activation is not keras.activations.linear:
-                raise _unsupported(layer)
-        else:
-            raise _unsupported(layer)
-        index += 1
-
-    qat_model = keras.Model(inputs, x, name=f"{model.name}_qat")
-    for copy in copies:
-        copy()
-    return qat_model
+    return _GraphRebuild(model, graph).run(_check_input(model))
 
 
 def rewrite_graph(qat_model, graph):

@@ -306,8 +306,45 @@ def test_android_target_exports_the_segmenter(small_segmenter, tmp_path):
     assert os.path.exists(report["files"]["int8"]) and os.path.exists(report["files"]["float16"])
 
 
-def test_quantization_aware_training_refuses_the_segmenter_clearly(small_segmenter):
+def test_quantization_aware_segmenter_with_its_auxiliary_head_is_the_float_function():
+    from quantization import calibrate
     from quantization import quantize_model
+    from quantization.quantize import quantizers
 
-    with pytest.raises(ValueError, match="branches or merges at layer 'aspp_in_conv'.*not supported yet"):
-        quantize_model(small_segmenter[0])
+    model = randomize_keras_weights(
+        DeepLabV3(0.5, num_classes=5, input_shape=(64, 64, 3), aspp_channels=32, aux_head=True), seed=2
+    )
+    images = np.random.RandomState(1).rand(4, 64, 64, 3).astype("float32") * 255
+    qat = calibrate(quantize_model(model), images)
+    assert set(qat.output) == {"logits", "aux_logits"}
+    # The branches and the merge are rebuilt: ASPP's five branches, its concatenation, the auxiliary head.
+    names = {layer.name for layer in qat.layers}
+    assert {"aspp_in_conv", "aspp_atrous3_conv", "aspp_pool", "aspp_pool_resize", "aspp_concat", "aux_conv"} <= names
+    assert not {"aspp_in_bn", "aspp_in_relu"} & names  # folded into the convolution
+    for quantizer in quantizers(qat):
+        quantizer.calibrating = True  # quantization off: the folded model must compute the float function
+    try:
+        folded = qat(images, training=False)
+    finally:
+        for quantizer in quantizers(qat):
+            quantizer.calibrating = False
+    expected = model(images, training=False)
+    for key in ("logits", "aux_logits"):
+        np.testing.assert_allclose(np.asarray(folded[key]), np.asarray(expected[key]), atol=1e-4)
+        fake_quant = np.asarray(qat(images, training=False)[key])
+        assert np.mean(fake_quant.argmax(-1) == np.asarray(expected[key]).argmax(-1)) > 0.8
+
+
+def test_micro_target_runs_the_segmenter_and_compares_every_pixel(small_segmenter, tmp_path):
+    """The target's own QAT conversion of the DeepLabV3 graph, run in the real
+    TFLM interpreter; agreement is per pixel (argmax over the classes)."""
+    from quantization import targets
+
+    model, images = small_segmenter
+    report = targets.export(
+        "micro", model, str(tmp_path), name="seg", calibration_images=images[:8], sample_images=images[8:]
+    )
+    assert report["fits"] and report["problems"] == []
+    agreement = report["agreement"]
+    assert agreement["predictions"] == 4 * 64 * 64 and agreement["top1_agreement"] >= 0.95
+    assert {"CONCATENATION", "RESIZE_BILINEAR", "CONV_2D"} <= {entry["op"] for entry in report["ops_to_register"]}

@@ -144,12 +144,13 @@ class SegmentationTrainer(Trainer):
             global_valid = tf.maximum(context.all_reduce(tf.distribute.ReduceOp.SUM, valid), 1.0)
             with tf.GradientTape() as tape:
                 outputs = model(images, training=True)
-                total = _pixel_cross_entropy_sum(masks, outputs["logits"])
-                total += AUX_WEIGHT * _pixel_cross_entropy_sum(masks, outputs["aux_logits"])
+                total = _pixel_cross_entropy_sum(masks, _logits(outputs))
+                if isinstance(outputs, dict):  # QAT fine-tunes the exported model, without the head
+                    total += AUX_WEIGHT * _pixel_cross_entropy_sum(masks, outputs["aux_logits"])
                 loss = total / global_valid
                 scaled = optimizer.scale_loss(loss) if loss_scaling else loss
             gradients = tape.gradient(scaled, trainable)
-            predictions = tf.argmax(outputs["logits"], -1, output_type=masks.dtype)
+            predictions = tf.argmax(_logits(outputs), -1, output_type=masks.dtype)
             right = tf.reduce_sum(tf.cast((predictions == masks) & (masks != IGNORE_LABEL), tf.float32))
             correct = right / tf.maximum(valid, 1.0) * tf.cast(tf.shape(masks)[0], tf.float32)
             gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
@@ -161,11 +162,10 @@ class SegmentationTrainer(Trainer):
         return evaluate_segmentation(model, source, self.config)
 
     def _exported_model(self, run):
-        """The inference DeepLabV3 (no auxiliary head) with the EMA weights."""
+        """The inference DeepLabV3 (no auxiliary head) with the EMA weights:
+        the trained graph up to its "logits" output (a float or QAT model)."""
         trained = self.model_fn(self.config, run.num_classes, run.source, None, False)
         trained.set_weights(self.ema_weights)
-        exported = build_segmenter(self.config, run.num_classes, aux_head=False)
-        for layer in exported.layers:
-            if layer.weights:
-                layer.set_weights(trained.get_layer(layer.name).get_weights())
-        return exported
+        if not isinstance(trained.output, dict):
+            return trained
+        return keras.Model(trained.inputs, trained.output["logits"], name=trained.name)

@@ -130,8 +130,9 @@ def export_flatbuffer(
         sample_images: float32 [N, H, W, C] in the model's input range.
         arena_budget_bytes: RAM for the tensor arena, or None.
         flash_budget_bytes: Flash for the model (the flatbuffer), or None.
-        min_top1_agreement: Least fraction of samples whose top-1 class TFLM
-            and the TFLite interpreter must agree on.
+        min_top1_agreement: Least fraction of predictions whose top-1 class
+            TFLM and the TFLite interpreter must agree on: one prediction per
+            image for a classifier, one per pixel for a segmenter.
         array_name: C identifier of the model array in the .h/.cc.
         timeout: Seconds for each TFLM interpreter process.
 
@@ -223,8 +224,8 @@ def _run_and_compare(flatbuffer, images, report, min_top1_agreement, timeout):
     if agreement["top1_agreement"] < min_top1_agreement:
         problems.append(
             f"TFLite Micro and the TFLite interpreter agree on the top-1 class of only "
-            f"{agreement['top1_agreement']:.1%} of {agreement['samples']} sample images; the minimum is "
-            f"{min_top1_agreement:.1%}"
+            f"{agreement['top1_agreement']:.1%} of {agreement['predictions']:,} predictions "
+            f"({agreement['samples']} sample images); the minimum is {min_top1_agreement:.1%}"
         )
 
 
@@ -239,11 +240,13 @@ def _check_budgets(report):
 
 def _agreement(micro_outputs, tflite_outputs, output_step, min_top1_agreement):
     difference = np.abs(micro_outputs.astype(np.float64) - tflite_outputs.astype(np.float64))
-    flat_micro = micro_outputs.reshape(len(micro_outputs), -1)
-    flat_tflite = tflite_outputs.reshape(len(tflite_outputs), -1)
+    # The class axis is the last one: one prediction per image for a
+    # classifier, one per pixel for a segmenter ([N, H, W, classes]).
+    agree = micro_outputs.argmax(-1) == tflite_outputs.argmax(-1)
     return {
         "samples": int(len(micro_outputs)),
-        "top1_agreement": float(np.mean(flat_micro.argmax(-1) == flat_tflite.argmax(-1))),
+        "predictions": int(agree.size),
+        "top1_agreement": float(np.mean(agree)),
         "min_top1_agreement": float(min_top1_agreement),
         "max_abs_difference": float(difference.max()),
         "mean_abs_difference": float(difference.mean()),

@@ -1,6 +1,7 @@
 """`--task segmentation`: VOC-layout data, the joint image/mask pipeline, the
 per-pixel loss, mean IoU, and a real training run of DeepLabV3."""
 
+import dataclasses
 import json
 import os
 
@@ -184,3 +185,35 @@ def test_a_classification_config_is_refused():
         SegmentationTrainer(TrainConfig())
     with pytest.raises(ValueError, match="Unknown --task"):
         TrainConfig(task="detection")
+
+
+def test_qat_fine_tunes_the_trained_segmenter_to_a_fully_int8_model(tmp_path, dataset_dir):
+    from quantization.qat import run_qat
+    from quantization.quantize import quantizers
+
+    from benchmarks.random_weights import randomize_keras_weights
+
+    # What a segmentation run exports (model.keras: DeepLabV3 without the auxiliary head), with
+    # random weights of a trained model's spread (an untrained one predicts near-ties everywhere).
+    float_model = randomize_keras_weights(
+        build_segmenter(seg_config(tmp_path, dataset_dir), 11, aux_head=False), seed=5
+    )
+    float_model.save(tmp_path / "float.keras")
+    config = seg_config(
+        tmp_path / "qat", dataset_dir, steps=3, lr=1e-5, min_lr=1e-6, init_weights=str(tmp_path / "float.keras")
+    )
+    summary, report = run_qat(config, calibration_images=16, verbose=False)
+    selection = summary["selection"]
+    assert selection["metric"] == "miou" and selection["chosen"] in ("start", "fine-tuned")
+    assert selection["evaluation_images"] == 200  # the whole split
+    kept = keras.models.load_model(os.path.join(config.model_dir, "model.keras"), compile=False)
+    assert quantizers(kept) and not any(layer.name.startswith("aux_") for layer in kept.layers)
+    assert report["errors"] == [] and report["float_tensors_inside"] == [] and report["max_tensor_rank"] <= 4
+    # The int8 TFLite model computes the QAT Keras model: the audit's per-pixel top-1 agreement
+    # (>= 0.8 or no export), and logits a few output steps apart (the rounding of ~40 int8 layers).
+    agreement = report["agreement"]
+    assert agreement["top1_agreement"] >= 0.8
+    assert agreement["mean_abs_error"] <= 5 * agreement["output_quantization_step"], agreement
+    whole_split = dataclasses.replace(config, max_eval_images=0)
+    again = evaluate_segmentation(kept, resolve_segmentation_source("embedded", dataset_dir), whole_split)
+    assert again["miou"] == pytest.approx(selection[selection["chosen"].replace("-", "_")]["miou"], abs=1e-6)
