@@ -188,10 +188,9 @@ def test_a_classification_config_is_refused():
 
 
 def test_qat_fine_tunes_the_trained_segmenter_to_a_fully_int8_model(tmp_path, dataset_dir):
+    from benchmarks.random_weights import randomize_keras_weights
     from quantization.qat import run_qat
     from quantization.quantize import quantizers
-
-    from benchmarks.random_weights import randomize_keras_weights
 
     # What a segmentation run exports (model.keras: DeepLabV3 without the auxiliary head), with
     # random weights of a trained model's spread (an untrained one predicts near-ties everywhere).
