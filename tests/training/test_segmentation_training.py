@@ -216,3 +216,27 @@ def test_qat_fine_tunes_the_trained_segmenter_to_a_fully_int8_model(tmp_path, da
     whole_split = dataclasses.replace(config, max_eval_images=0)
     again = evaluate_segmentation(kept, resolve_segmentation_source("embedded", dataset_dir), whole_split)
     assert again["miou"] == pytest.approx(selection[selection["chosen"].replace("-", "_")]["miou"], abs=1e-6)
+
+
+def test_two_mirrored_replicas_take_the_one_device_steps(tmp_path, dataset_dir):
+    """MirroredStrategy over 2 logical CPUs (a subprocess: devices are fixed
+    at start-up) with the global batch of one device: the same per-step loss
+    (the mean over the global batch's labelled pixels)."""
+    import subprocess
+    import sys
+
+    harness = os.path.join(os.path.dirname(__file__), "run_trainer.py")
+    settings = dict(steps=2, max_eval_images=8, seed=3)
+    mirrored = seg_config(tmp_path / "mirrored", dataset_dir, strategy="mirrored", **settings)
+    command = [sys.executable, harness, "--config", json.dumps(mirrored.__dict__), "--logical_cpus", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = json.loads(result.stdout.strip().splitlines()[-1])["losses"]
+    with open(os.path.join(mirrored.model_dir, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["num_replicas"] == 2 and 0 <= summary["eval"]["miou"] <= 1
+    one_device = SegmentationTrainer(seg_config(tmp_path / "one", dataset_dir, **settings), verbose=False)
+    one_device.run()
+    # Not bitwise: each replica draws its own dropout masks (ASPP and auxiliary head, rate 0.1); a
+    # loss averaged per replica instead of over the global batch would be off by far more.
+    np.testing.assert_allclose(losses, one_device.step_losses, rtol=1e-2)
