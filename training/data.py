@@ -369,7 +369,7 @@ def _checked_one_hot(one_hot, num_classes, message=_LABEL_HELP):
         return tf.identity(one_hot)
 
 
-def _count_skipped(dataset):
+def count_skipped(dataset):
     """Adds to each element how many records were dropped before it.
 
     Elements carry their record index; `ignore_errors` drops undecodable
@@ -421,7 +421,7 @@ def train_dataset(source, config, input_context, epoch, skip_batches=0, num_batc
         return index, image, tf.one_hot(label, num_classes)
 
     images = records.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    images = _count_skipped(images.ignore_errors(log_warning=True))
+    images = count_skipped(images.ignore_errors(log_warning=True))
     images = images.map(lambda image, label, skipped: (image, _checked_one_hot(label, num_classes), skipped))
     batches = images.batch(per_replica_batch, drop_remainder=True)
 

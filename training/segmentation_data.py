@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from training.data import EMBEDDED_CLASSES
 from training.data import EMBEDDED_NAME
+from training.data import count_skipped
 from training.data import paint_shape
 
 __all__ = [
@@ -200,10 +201,14 @@ _MASK_HELP = (
 
 def _decode_pair(image_bytes, mask_bytes):
     image = tf.cast(tf.io.decode_image(image_bytes, channels=3, expand_animations=False), tf.float32)
-    mask = tf.io.decode_png(mask_bytes, channels=0)
+    return image, tf.io.decode_png(mask_bytes, channels=0)  # (H, W, 3) float32 pixels, (H, W, c) uint8 mask
+
+
+def _checked_mask(mask):
+    """(H, W, 1) int32 classes. Checked after `ignore_errors` (which skips
+    undecodable files): a palette or RGB mask is an error, never a skip."""
     with tf.control_dependencies([tf.debugging.assert_equal(tf.shape(mask)[-1], 1, message=_MASK_HELP)]):
-        mask = tf.cast(mask, tf.int32)
-    return image, mask  # (H, W, 3) float32 pixels, (H, W, 1) int32 classes
+        return tf.cast(mask, tf.int32)
 
 
 def _random_scale_crop_flip(image, mask, size, seed):
@@ -227,18 +232,24 @@ def _random_scale_crop_flip(image, mask, size, seed):
 
 def segmentation_train_dataset(source, config, input_context, epoch, skip_batches=0, num_batches=None):
     """`train_dataset` for segmentation: (images, masks, skipped) batches of
-    one input pipeline for one epoch, keyed per image as the classifier's."""
+    one input pipeline for one epoch, keyed per image as the classifier's;
+    undecodable images or masks are skipped and counted as the classifier's."""
     per_replica_batch = input_context.get_per_replica_batch_size(config.batch_size)
     shard = (input_context.num_input_pipelines, input_context.input_pipeline_id)
     records = source.train.dataset(shuffle_seed=(config.seed, epoch), shard=shard).repeat().enumerate()
     image_seed = int(np.random.default_rng([config.seed, epoch]).integers(2**62))
 
-    def load(index, record):
-        seed = tf.stack([tf.constant(image_seed, tf.int64), index * shard[0] + shard[1]])
-        image, mask = _random_scale_crop_flip(*_decode_pair(*record), config.image_size, seed)
-        return image, mask, tf.constant(0, tf.int64)
+    def decode(index, record):
+        return (index, index) + _decode_pair(*record)  # the first index is consumed by count_skipped
 
-    batches = records.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    def augment(index, image, mask, skipped):
+        seed = tf.stack([tf.constant(image_seed, tf.int64), index * shard[0] + shard[1]])
+        image, mask = _random_scale_crop_flip(image, _checked_mask(mask), config.image_size, seed)
+        return image, mask, skipped
+
+    decoded = records.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    decoded = count_skipped(decoded.ignore_errors(log_warning=True))
+    batches = decoded.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     batches = batches.batch(per_replica_batch, drop_remainder=True)
     batches = batches.map(lambda images, masks, skipped: (images, masks, tf.reduce_max(skipped)))
     if skip_batches:
@@ -258,6 +269,8 @@ def segmentation_eval_dataset(source, config, batch_size):
 
     def load(image_bytes, mask_bytes):
         image, mask = _decode_pair(image_bytes, mask_bytes)
-        return tf.image.resize(image, size, "bilinear"), tf.image.resize(mask, size, "nearest")[..., 0]
+        return tf.image.resize(image, size, "bilinear"), tf.image.resize(mask, size, "nearest")
 
-    return records.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    pairs = records.map(load, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
+    pairs = pairs.map(lambda image, mask: (image, _checked_mask(mask)[..., 0]))
+    return pairs.batch(batch_size).prefetch(tf.data.AUTOTUNE)

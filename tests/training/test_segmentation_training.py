@@ -117,6 +117,27 @@ def test_bad_folders_and_palette_masks_are_refused(tmp_path):
         next(iter(dataset))
 
 
+def test_undecodable_files_are_skipped_and_counted(tmp_path):
+    root = tmp_path / "voc"
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        tf.io.write_file(str(root / f"JPEGImages/{name}.jpg"), tf.io.encode_jpeg(np.zeros((16, 16, 3), np.uint8)))
+        tf.io.write_file(str(root / f"SegmentationClass/{name}.png"), tf.io.encode_png(np.ones((16, 16, 1), np.uint8)))
+    (root / "JPEGImages/b.jpg").write_bytes(b"not an image")
+    for split in ("train", "val"):
+        (root / f"ImageSets/Segmentation/{split}.txt").write_text("a\nb\nc\n")
+    source = voc_source(str(root))
+    config = TrainConfig(task="segmentation", image_size=32, batch_size=2)
+    # Two passes over the 3 records (they repeat) give 2 batches; the count is cumulative.
+    batches = list(segmentation_train_dataset(source, config, _Context(), 0, num_batches=2))
+    images, masks, skipped = batches[1]
+    assert images.shape == (2, 32, 32, 3) and 1 <= int(skipped) <= 2
+    assert set(np.unique(masks.numpy())) <= {1, IGNORE_LABEL}
+    evaluated = [m for _, m in segmentation_eval_dataset(source, config, 8)]
+    assert sum(len(m) for m in evaluated) == 2  # the evaluation skips it too
+
+
 def test_mean_iou_ignores_label_255_and_matches_a_confusion_matrix(tmp_path, dataset_dir):
     config = seg_config(tmp_path, dataset_dir, max_eval_images=12)
     source = resolve_segmentation_source("embedded", dataset_dir)
