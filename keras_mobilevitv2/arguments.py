@@ -1,5 +1,6 @@
 """Argument checks shared by the model builders (keras.applications style)."""
 
+import math
 import numbers
 
 import keras
@@ -15,6 +16,19 @@ def is_number(value):
 
 def is_positive_integer(value):
     return is_number(value) and isinstance(value, numbers.Integral) and value > 0
+
+
+def is_width(value):
+    """A width multiplier: a positive, finite number (not a bool)."""
+    return is_number(value) and math.isfinite(value) and value > 0
+
+
+def validate_rates(**rates):
+    """Dropout-style rates in [0, 1), as floats; names the first bad one."""
+    for name, rate in rates.items():
+        if not (is_number(rate) and 0 <= rate < 1):
+            raise ValueError(f"`{name}` must be a number in [0, 1) (not a bool). Received: {name}={rate!r}")
+    return {name: float(rate) for name, rate in rates.items()}
 
 
 def validate_input_shape(input_shape, input_tensor, weights):

@@ -7,14 +7,14 @@ Reference:
   license); timm and Hugging Face publish the same weights under their names.
 """
 
-import math
 import os
 
 import keras
 
-from keras_mobilevitv2.arguments import is_number
 from keras_mobilevitv2.arguments import is_positive_integer
+from keras_mobilevitv2.arguments import is_width
 from keras_mobilevitv2.arguments import validate_input_shape
+from keras_mobilevitv2.arguments import validate_rates
 from keras_mobilevitv2.config import WIDTHS
 from keras_mobilevitv2.config import config_for_width
 from keras_mobilevitv2.layers import InvertedResidual
@@ -30,19 +30,12 @@ KERAS_WEIGHTS_SUFFIXES = (".weights.h5", ".h5")
 
 
 def _validate_width(width_multiplier):
-    if not (is_number(width_multiplier) and math.isfinite(width_multiplier) and width_multiplier > 0):
+    if not is_width(width_multiplier):
         raise ValueError(
             "`width_multiplier` must be a positive number (not a bool). "
             f"Received: width_multiplier={width_multiplier!r}"
         )
     return float(width_multiplier)
-
-
-def _validate_rates(**rates):
-    for name, rate in rates.items():
-        if not (is_number(rate) and 0 <= rate < 1):
-            raise ValueError(f"`{name}` must be a number in [0, 1) (not a bool). Received: {name}={rate!r}")
-    return {name: float(rate) for name, rate in rates.items()}
 
 
 def _validate_classes(classes):
@@ -134,7 +127,7 @@ def MobileViTv2(
             "transpose inputs to (batch, height, width, channels)."
         )
     width_multiplier = _validate_width(width_multiplier)
-    rates = _validate_rates(dropout=dropout, attn_dropout=attn_dropout, ffn_dropout=ffn_dropout)
+    rates = validate_rates(dropout=dropout, attn_dropout=attn_dropout, ffn_dropout=ffn_dropout)
     if weights == "imagenet" and width_multiplier not in WIDTHS.values():
         raise ValueError(
             "If imagenet weights are being loaded, `width_multiplier` must be "

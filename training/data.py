@@ -299,30 +299,49 @@ def paint_shape(rng, size, class_index):
     return (image * 255).astype(np.uint8), mask
 
 
+def generated_folder(dataset_dir, name, write):
+    """`<dataset_dir>/<name>`, written once by `write(folder)`.
+
+    Written in a staging folder that is renamed into place, so a half-written
+    dataset (an interrupted run, two processes at once) is never used.
+    `dataset_dir` defaults to Keras' datasets folder ($KERAS_HOME/datasets).
+    """
+    if not dataset_dir:
+        dataset_dir = os.path.join(os.path.expanduser(os.environ.get("KERAS_HOME", "~/.keras")), "datasets")
+    root = os.path.join(dataset_dir, name)
+    if not os.path.isdir(root):
+        os.makedirs(dataset_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{name}-", dir=dataset_dir)
+        try:
+            write(staging)
+            os.rename(staging, root)  # atomic
+        except OSError:
+            if not os.path.isdir(root):
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone after the rename; else another process won
+    return root
+
+
 def embedded_source(dataset_dir=None, image_size=72, train_per_class=160, eval_per_class=40, seed=1234):
     """Generates (once) and returns the embedded 10-class 'shapes' dataset.
 
     Written as PNG files in an ImageNet-style folder, so training on it runs
     the same folder pipeline (file reading, decoding) as real data.
     """
-    if not dataset_dir:
-        dataset_dir = os.path.join(os.path.expanduser(os.environ.get("KERAS_HOME", "~/.keras")), "datasets")
-    root = os.path.join(dataset_dir, f"mobilevitv2_shapes_{image_size}px_{train_per_class}_{eval_per_class}_v2")
-    if not os.path.isdir(root):
-        os.makedirs(dataset_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".shapes-", dir=dataset_dir)
+
+    def write(folder):
         rng = np.random.RandomState(seed)
         for split, per_class in (("train", train_per_class), ("val", eval_per_class)):
             for index, name in enumerate(EMBEDDED_CLASSES):
-                class_dir = os.path.join(staging, split, name)
+                class_dir = os.path.join(folder, split, name)
                 os.makedirs(class_dir)
                 for i in range(per_class):
                     png = tf.io.encode_png(_draw_shape(rng, image_size, index))
                     tf.io.write_file(os.path.join(class_dir, f"{i:05d}.png"), png)
-        try:
-            os.rename(staging, root)  # atomic: a half-written dataset is never used
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)  # another process won
+
+    name = f"mobilevitv2_shapes_{image_size}px_{train_per_class}_{eval_per_class}_v2"
+    root = generated_folder(dataset_dir, name, write)
     source = folder_source(root)
     source.name = f"embedded ({root})"
     return source

@@ -17,8 +17,6 @@ index PNGs first (SegmentationClassAug already is).
 
 import dataclasses
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -26,6 +24,7 @@ import tensorflow as tf
 from training.data import EMBEDDED_CLASSES
 from training.data import EMBEDDED_NAME
 from training.data import count_skipped
+from training.data import generated_folder
 from training.data import paint_shape
 
 __all__ = [
@@ -162,17 +161,9 @@ def embedded_segmentation_source(dataset_dir=None, image_size=72, train_images=8
     classifier's shapes with their masks (11 classes: background and the 10
     shapes), written in the VOC layout so that it runs the same pipeline as
     real data."""
-    if not dataset_dir:
-        dataset_dir = os.path.join(os.path.expanduser(os.environ.get("KERAS_HOME", "~/.keras")), "datasets")
-    root = os.path.join(dataset_dir, f"mobilevitv2_shapes_voc_{image_size}px_{train_images}_{eval_images}_v1")
-    if not os.path.isdir(root):
-        os.makedirs(dataset_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".shapes-voc-", dir=dataset_dir)
-        _write_embedded(staging, image_size, {"train": train_images, "val": eval_images}, seed)
-        try:
-            os.rename(staging, root)  # atomic: a half-written dataset is never used
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)  # another process won
+    name = f"mobilevitv2_shapes_voc_{image_size}px_{train_images}_{eval_images}_v1"
+    counts = {"train": train_images, "val": eval_images}
+    root = generated_folder(dataset_dir, name, lambda folder: _write_embedded(folder, image_size, counts, seed))
     source = voc_source(root)
     source.name = f"embedded segmentation ({root})"
     return source

@@ -5,13 +5,13 @@ Reference: ml-cvnets `cvnets/models/segmentation/heads/deeplabv3.py`,
 configs `config/segmentation/{pascal_voc,ade20k}/deeplabv3_mobilevitv2.yaml`.
 """
 
-import math
 import os
 
 import keras
 
-from keras_mobilevitv2.arguments import is_number
 from keras_mobilevitv2.arguments import is_positive_integer
+from keras_mobilevitv2.arguments import is_width
+from keras_mobilevitv2.arguments import validate_rates
 from keras_mobilevitv2.layers.inverted_residual import batch_norm
 from keras_mobilevitv2.layers.resize import ResizeLike
 from keras_mobilevitv2.mobilevitv2 import OUTPUT_STRIDES
@@ -82,7 +82,7 @@ def _check_backbone(backbone, output_stride, include_preprocessing, backbone_wei
         if backbone_weights is not None:
             raise ValueError("`backbone_weights` applies only when `backbone` is a width; load them into the model.")
         return backbone
-    if not (is_number(backbone) and math.isfinite(backbone) and backbone > 0):
+    if not is_width(backbone):
         raise ValueError(
             "`backbone` must be a width multiplier (a positive number, e.g. 0.5 ... 2.0) or a "
             f"keras_mobilevitv2 model. Received: backbone={backbone!r}"
@@ -112,9 +112,7 @@ def _check_head_arguments(num_classes, atrous_rates, aspp_channels, aspp_dropout
         )
     if not is_positive_integer(aspp_channels):
         raise ValueError(f"`aspp_channels` must be a positive integer. Received: aspp_channels={aspp_channels!r}")
-    for name, rate in (("aspp_dropout", aspp_dropout), ("aux_dropout", aux_dropout)):
-        if not (is_number(rate) and 0 <= rate < 1):
-            raise ValueError(f"`{name}` must be a number in [0, 1) (not a bool). Received: {name}={rate!r}")
+    validate_rates(aspp_dropout=aspp_dropout, aux_dropout=aux_dropout)
 
 
 def _check_weights(weights):
