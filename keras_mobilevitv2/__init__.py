@@ -1,5 +1,6 @@
 """MobileViTv2 for Keras 3: models, layers and PyTorch checkpoint loading."""
 
+from keras_mobilevitv2 import detection
 from keras_mobilevitv2 import layers
 from keras_mobilevitv2 import segmentation
 from keras_mobilevitv2.convert import load_pytorch_weights
@@ -28,6 +29,7 @@ __all__ = [
     "MobileViTv2_175",
     "MobileViTv2_200",
     "decode_predictions",
+    "detection",
     "eval_transform",
     "feature_extractor",
     "layers",

@@ -117,28 +117,86 @@ def make_interpreter(flatbuffer, use_xnnpack=False, num_threads=None):
     return interpreter
 
 
-def run_tflite(interpreter, images):
-    """Runs images one batch-sized chunk at a time; returns float outputs."""
-    input_detail = interpreter.get_input_details()[0]
-    output_detail = interpreter.get_output_details()[0]
+def _input_chunks(input_detail, images):
+    """`images` as the input tensor takes them: batch-sized chunks (the last
+    one padded by repetition) in the input's dtype; yields (chunk, rows)."""
     batch = int(input_detail["shape"][0])
-    outputs = []
     for start in range(0, len(images), batch):
         chunk = np.asarray(images[start : start + batch], np.float32)
-        if len(chunk) < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), 0)])
+        rows = len(chunk)
+        if rows < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - rows, 0)])
         if input_detail["dtype"] != np.float32:
             scale, zero_point = input_detail["quantization"]
             info = np.iinfo(input_detail["dtype"])
             chunk = np.clip(np.round(chunk / scale + zero_point), info.min, info.max).astype(input_detail["dtype"])
+        yield chunk, rows
+
+
+def _dequantized(out, detail):
+    if detail["dtype"] == np.float32:
+        return out
+    scale, zero_point = detail["quantization"]
+    return (out.astype(np.float32) - zero_point) * scale
+
+
+def run_tflite(interpreter, images):
+    """Runs images one batch-sized chunk at a time; returns float outputs."""
+    input_detail = interpreter.get_input_details()[0]
+    output_detail = interpreter.get_output_details()[0]
+    outputs = []
+    for chunk, rows in _input_chunks(input_detail, images):
         interpreter.set_tensor(input_detail["index"], chunk)
         interpreter.invoke()
-        out = interpreter.get_tensor(output_detail["index"])
-        if output_detail["dtype"] != np.float32:
-            scale, zero_point = output_detail["quantization"]
-            out = (out.astype(np.float32) - zero_point) * scale
-        outputs.append(out[: min(batch, len(images) - start)])
+        outputs.append(_dequantized(interpreter.get_tensor(output_detail["index"]), output_detail)[:rows])
     return np.concatenate(outputs)
+
+
+def run_tflite_outputs(interpreter, images):
+    """`run_tflite` for a model with several named outputs (a Keras dict
+    output): {name: float outputs}, through its serving signature."""
+    runner = interpreter.get_signature_runner()
+    (input_name, input_detail), *_ = runner.get_input_details().items()
+    output_details = runner.get_output_details()
+    outputs = {name: [] for name in output_details}
+    for chunk, rows in _input_chunks(input_detail, images):
+        for name, out in runner(**{input_name: chunk}).items():
+            outputs[name].append(_dequantized(out, output_details[name])[:rows])
+    steps = {
+        name: float(detail["quantization"][0]) if detail["dtype"] != np.float32 else 0.0
+        for name, detail in output_details.items()
+    }
+    return {name: np.concatenate(chunks) for name, chunks in outputs.items()}, steps
+
+
+def _compare(actual, expected, step):
+    difference = np.abs(actual - expected)
+    return {
+        "top1_agreement": float(np.mean(actual.argmax(-1) == expected.argmax(-1))),
+        "max_abs_error": float(difference.max()),
+        "mean_abs_error": float(difference.mean()),
+        "output_quantization_step": step,
+        "max_error_in_steps": float(difference.max() / step) if step else None,
+    }
+
+
+def _agreement(flatbuffer, keras_model, sample_images):
+    """TFLite against Keras on `sample_images`. With several outputs, each
+    is compared (`outputs`) and the top-1 agreement is the class output's
+    (the one named "...logits"; the first otherwise)."""
+    interpreter = make_interpreter(flatbuffer)
+    expected = keras_model.predict_on_batch(np.asarray(sample_images, np.float32))
+    if not isinstance(expected, dict):
+        output_detail = interpreter.get_output_details()[0]
+        step = float(output_detail["quantization"][0]) if output_detail["dtype"] != np.float32 else 0.0
+        actual = run_tflite(interpreter, sample_images)
+        return {"samples": int(len(sample_images)), **_compare(actual, np.asarray(expected, np.float32), step)}
+    actual, steps = run_tflite_outputs(interpreter, sample_images)
+    if set(actual) != set(expected):
+        raise ValueError(f"The TFLite outputs {sorted(actual)} are not the Keras model's {sorted(expected)}.")
+    outputs = {name: _compare(actual[name], np.asarray(expected[name], np.float32), steps[name]) for name in expected}
+    classes = next((name for name in expected if name.endswith("logits")), next(iter(expected)))
+    return {"samples": int(len(sample_images)), "class_output": classes, **outputs[classes], "outputs": outputs}
 
 
 def audit(flatbuffer, mode, keras_model=None, sample_images=None, allow_float=False):
@@ -172,20 +230,7 @@ def audit(flatbuffer, mode, keras_model=None, sample_images=None, allow_float=Fa
     if mode.endswith("int8") and float_inside and not allow_float:
         report["errors"].append(f"{len(float_inside)} float tensors inside an int8 model, e.g. {float_inside[:5]}")
     if keras_model is not None and sample_images is not None:
-        interpreter = make_interpreter(flatbuffer)
-        expected = np.asarray(keras_model.predict_on_batch(np.asarray(sample_images, np.float32)), np.float32)
-        actual = run_tflite(interpreter, sample_images)
-        output_detail = interpreter.get_output_details()[0]
-        step = float(output_detail["quantization"][0]) if output_detail["dtype"] != np.float32 else 0.0
-        difference = np.abs(actual - expected)
-        report["agreement"] = {
-            "samples": int(len(sample_images)),
-            "top1_agreement": float(np.mean(actual.argmax(-1) == expected.argmax(-1))),
-            "max_abs_error": float(difference.max()),
-            "mean_abs_error": float(difference.mean()),
-            "output_quantization_step": step,
-            "max_error_in_steps": float(difference.max() / step) if step else None,
-        }
+        report["agreement"] = _agreement(flatbuffer, keras_model, sample_images)
     return report
 
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from keras_mobilevitv2.layers import InvertedResidual
 from keras_mobilevitv2.layers import MobileViTv2Block
+from keras_mobilevitv2.layers.channel_slice import ChannelSlice
 from keras_mobilevitv2.layers.nesting import nested_layers
 from keras_mobilevitv2.layers.resize import ResizeLike
 from quantization.fake_quant import ActivationQuantizer
@@ -28,7 +29,7 @@ SUPPORTED = (
     "DepthwiseConv2D (each optionally followed by BatchNormalization and a "
     "relu/silu/linear activation), InvertedResidual, MobileViTv2Block, "
     "GlobalAveragePooling2D, GlobalMaxPooling2D, Dense (linear), "
-    "Activation('softmax' or 'linear'), Concatenate, ResizeLike, Dropout, SpatialDropout2D"
+    "Activation('softmax' or 'linear'), Concatenate, Reshape, ChannelSlice, ResizeLike, Dropout, SpatialDropout2D"
 )
 _CONV_ACTIVATIONS = {"relu": "relu", "silu": "silu", "swish": "silu", "linear": None}
 
@@ -299,6 +300,16 @@ def _rebuild_layer(layer, inputs, graph, copies):
     return _rebuild_weightless(layer, inputs)
 
 
+_VALUE_MOVING = (
+    keras.layers.ZeroPadding2D,
+    keras.layers.Reshape,
+    ChannelSlice,
+    ResizeLike,
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout2D,
+)
+
+
 def _rebuild_weightless(layer, inputs):
     if isinstance(layer, (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)):
         mode = "avg" if isinstance(layer, keras.layers.GlobalAveragePooling2D) else "max"
@@ -311,10 +322,10 @@ def _rebuild_weightless(layer, inputs):
         raise _unsupported(layer)
     if isinstance(layer, keras.layers.Concatenate):
         return QuantizedConcatenate(layer.axis, name=layer.name)(inputs)
-    # Value-moving layers keep their input's int8 range: padding, bilinear
-    # resizing (its outputs lie within its inputs' range) and dropout (the
-    # identity at inference) need no quantizer of their own.
-    if isinstance(layer, (keras.layers.ZeroPadding2D, ResizeLike, keras.layers.Dropout, keras.layers.SpatialDropout2D)):
+    # Value-moving layers keep their input's int8 range: padding, reshaping,
+    # slicing, bilinear resizing (its outputs lie within its inputs' range)
+    # and dropout (the identity at inference) need no quantizer of their own.
+    if isinstance(layer, _VALUE_MOVING):
         clone = type(layer).from_config(layer.get_config())
         return clone(inputs if isinstance(layer, ResizeLike) else inputs[0])
     raise _unsupported(layer)
@@ -323,10 +334,10 @@ def _rebuild_weightless(layer, inputs):
 def quantize_model(model, graph="reference"):
     """Returns the quantization-aware (QAT) version of a keras_mobilevitv2 model.
 
-    Takes the classifiers, the backbones (`include_top=False`) and the
-    DeepLabV3 segmenters, auxiliary head included (the QAT model has the
-    same outputs), or any functional model built from the layers in
-    `SUPPORTED`, each called once.
+    Takes the classifiers, the backbones (`include_top=False`), the
+    DeepLabV3 segmenters (auxiliary head included) and the SSDLite
+    detectors - the QAT model has the same outputs - or any functional model
+    built from the layers in `SUPPORTED`, each called once.
 
     `graph="edgetpu"` writes the MobileViTv2 blocks in ops the Edge TPU maps
     (same function and same int8 values; see `quantization.layers.GRAPHS`).

@@ -1,6 +1,7 @@
 """Layers of MobileViTv2, each registered for `.keras` save/load."""
 
 from keras_mobilevitv2.layers.attention import SeparableSelfAttention
+from keras_mobilevitv2.layers.channel_slice import ChannelSlice
 from keras_mobilevitv2.layers.inverted_residual import InvertedResidual
 from keras_mobilevitv2.layers.inverted_residual import make_divisible
 from keras_mobilevitv2.layers.mobilevit_block import MobileViTv2Block
@@ -15,6 +16,7 @@ from keras_mobilevitv2.layers.transformer import ffn_dim_for
 
 __all__ = [
     "ATTENTION_NORMS",
+    "ChannelSlice",
     "InvertedResidual",
     "LayerNorm2D",
     "LinearAttentionFFN",
