@@ -130,3 +130,76 @@ def test_quantization_aware_detector_computes_the_float_function_and_is_fully_in
     assert set(agreement["outputs"]) == {"box_deltas", "class_logits"} and agreement["class_output"] == "class_logits"
     for output in agreement["outputs"].values():
         assert output["mean_abs_error"] <= 3 * output["output_quantization_step"]
+
+
+def _decode(deltas, anchors):
+    """ml-cvnets' decoding, written out: (tx, ty, tw, th) against (cx, cy, w, h), variances 0.1 / 0.2;
+    -> (ymin, xmin, ymax, xmax)."""
+    cx = deltas[:, 0] * 0.1 * anchors[:, 2] + anchors[:, 0]
+    cy = deltas[:, 1] * 0.1 * anchors[:, 3] + anchors[:, 1]
+    w = np.exp(deltas[:, 2] * 0.2) * anchors[:, 2]
+    h = np.exp(deltas[:, 3] * 0.2) * anchors[:, 3]
+    return np.stack([cy - h / 2, cx - w / 2, cy + h / 2, cx + w / 2], -1)
+
+
+def _iou(box, boxes):
+    top, left = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
+    bottom, right = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(bottom - top, 0, None) * np.clip(right - left, 0, None)
+    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
+    return inter / (area(box) + area(boxes) - inter)
+
+
+def _fast_nms(boxes, probabilities, score_threshold, iou_threshold, limit):
+    """TFLite's default (fast) post-processing: each box's best class, background dropped, greedy NMS."""
+    classes = probabilities[:, 1:].argmax(-1)
+    scores = probabilities[:, 1:].max(-1)
+    order = [i for i in np.argsort(-scores, kind="stable") if scores[i] >= score_threshold]
+    kept = []
+    while order and len(kept) < limit:
+        best, order = order[0], order[1:]
+        kept.append(best)
+        order = [i for i in order if _iou(boxes[best], boxes[[i]])[0] <= iou_threshold]
+    return boxes[kept], classes[kept], scores[kept]
+
+
+def test_float_detector_ends_in_tflites_postprocessing_and_decodes_like_ml_cvnets(small_detector):
+    from quantization.audit import make_interpreter
+    from quantization.detection_export import PostProcess
+    from quantization.detection_export import audit_detector
+    from quantization.detection_export import detection_flatbuffer
+
+    model, images = small_detector
+    anchors = model_anchors(model)
+    settings = PostProcess(max_detections=10, score_threshold=0.2)
+    flatbuffer = detection_flatbuffer(model, "float32", anchors, settings=settings)
+    report = audit_detector(flatbuffer, "float32")
+    assert report["errors"] == [] and report["postprocess_ops"] == 1
+    assert report["outputs"] == [[1, 10, 4], [1, 10], [1, 10], [1]]  # boxes, classes, scores, count: by position
+    interpreter = make_interpreter(flatbuffer)
+    (image_input,) = interpreter.get_input_details()
+    interpreter.set_tensor(image_input["index"], images[:1])
+    interpreter.invoke()
+    boxes, classes, scores, count = (interpreter.get_tensor(o["index"]) for o in interpreter.get_output_details())
+    outputs = model.predict_on_batch(images[:1])
+    logits = outputs["class_logits"][0]
+    probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+    probabilities /= probabilities.sum(-1, keepdims=True)
+    expected = _fast_nms(_decode(outputs["box_deltas"][0], anchors), probabilities, 0.2, 0.5, 10)
+    assert int(count[0]) == len(expected[0]) > 0
+    np.testing.assert_allclose(boxes[0, : len(expected[0])], expected[0], atol=1e-4)
+    np.testing.assert_array_equal(classes[0, : len(expected[0])], expected[1])
+    np.testing.assert_allclose(scores[0, : len(expected[0])], expected[2], atol=1e-5)
+
+
+def test_int8_detector_is_int8_up_to_the_postprocessing(small_detector):
+    from quantization.detection_export import audit_detector
+    from quantization.detection_export import detection_flatbuffer
+
+    model, images = small_detector
+    flatbuffer = detection_flatbuffer(model, "ptq_int8", model_anchors(model), representative_images=images[:8])
+    report = audit_detector(flatbuffer, "ptq_int8")
+    assert report["errors"] == [] and report["float_tensors_inside"] == []
+    assert report["input"]["dtype"] == "INT8" and "CUSTOM:TFLite_Detection_PostProcess" in report["ops"]
+    with pytest.raises(ValueError, match="model_anchors"):
+        detection_flatbuffer(model, "float32", model_anchors(model)[:-1])

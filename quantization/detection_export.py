@@ -1,0 +1,187 @@
+"""TFLite detectors ending in TFLite's own `TFLite_Detection_PostProcess`.
+
+That custom op (box decoding, score threshold, non-maximum suppression) is
+what Android's Task library, Coral's pycoral and TFLite Micro's
+DetectionPostprocess kernel expect: outputs boxes [1, D, 4] (ymin, xmin,
+ymax, xmax, normalised), classes [1, D] (0-based, background removed),
+scores [1, D] and the count [1]. The converter emits it for a function
+marked `experimental_implements="TFLite_Detection_PostProcess"` (the TF
+Object Detection API's route); everything before it stays as quantized as
+the model is.
+"""
+
+import dataclasses
+import tempfile
+
+import flatbuffers
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow.lite.python import schema_py_generated as schema
+
+from keras_mobilevitv2.layers.folding import fold_norm_affines
+from quantization.tflite_export import check_images
+from quantization.tflite_export import is_qat
+from quantization.tflite_export import static_input_shape
+from quantization.tflite_graph import read_graph
+
+__all__ = ["POSTPROCESS_OP", "PostProcess", "detection_flatbuffer"]
+
+POSTPROCESS_OP = "TFLite_Detection_PostProcess"
+DETECTION_MODES = ("float32", "ptq_int8", "qat_int8")
+OUTPUT_NAMES = ("detection_boxes", "detection_classes", "detection_scores", "num_detections")
+
+
+@dataclasses.dataclass(frozen=True)
+class PostProcess:
+    """The op's settings. ml-cvnets evaluates with score threshold 0.01, IoU
+    0.5 and 200 detections after class-wise NMS (`regular_nms=True`); the
+    fast default (one NMS over each box's best class) is what phones and
+    the Edge TPU examples use."""
+
+    max_detections: int = 100
+    score_threshold: float = 0.01
+    iou_threshold: float = 0.5
+    regular_nms: bool = False
+    # 1 / the box-coding variances (ml-cvnets: centre 0.1, size 0.2).
+    center_scale: float = 10.0
+    size_scale: float = 5.0
+
+    def implements(self, num_classes):
+        """The `experimental_implements` value: the op name and its attributes."""
+        ints = {"max_detections": self.max_detections, "max_classes_per_detection": 1, "num_classes": num_classes}
+        floats = {
+            "nms_score_threshold": self.score_threshold,
+            "nms_iou_threshold": self.iou_threshold,
+            "y_scale": self.center_scale,
+            "x_scale": self.center_scale,
+            "h_scale": self.size_scale,
+            "w_scale": self.size_scale,
+        }
+        attributes = [f'attr {{ key: "{k}" value {{ i: {v} }} }}' for k, v in ints.items()]
+        attributes += [f'attr {{ key: "{k}" value {{ f: {v} }} }}' for k, v in floats.items()]
+        attributes.append(f'attr {{ key: "use_regular_nms" value {{ b: {str(self.regular_nms).lower()} }} }}')
+        return f'name: "{POSTPROCESS_OP}" ' + " ".join(attributes)
+
+
+def _postprocess_function(settings, num_classes, max_detections):
+    @tf.function(experimental_implements=settings.implements(num_classes))
+    def postprocess(box_encodings, class_scores, anchors):
+        # A placeholder body: the converter replaces the whole function with
+        # the op. The shapes are the op's outputs.
+        del class_scores, anchors
+        zeros = tf.zeros([1, max_detections], tf.float32) + tf.reduce_sum(box_encodings) * 0.0
+        return tf.stack([zeros] * 4, -1), zeros, zeros, tf.reduce_sum(zeros, 1)
+
+    return postprocess
+
+
+def _serving_function(model, anchors, settings):
+    """images -> the op's four outputs: box encodings reordered to the op's
+    (y, x, h, w), class probabilities (softmax, background in column 0)."""
+    num_classes = int(model.output["class_logits"].shape[-1]) - 1
+    anchors_yxhw = tf.constant(np.asarray(anchors, np.float32)[:, [1, 0, 3, 2]])  # (cx, cy, w, h) -> (cy, cx, h, w)
+    postprocess = _postprocess_function(settings, num_classes, settings.max_detections)
+
+    def serve(images):
+        outputs = model(images, training=False)
+        deltas = outputs["box_deltas"]  # [1, N, 4]: (tx, ty, tw, th)
+        encodings = tf.concat([deltas[..., 1:2], deltas[..., 0:1], deltas[..., 3:4], deltas[..., 2:3]], -1)
+        scores = tf.nn.softmax(outputs["class_logits"], axis=-1)  # [1, N, C + 1]
+        return dict(zip(OUTPUT_NAMES, postprocess(encodings, scores, anchors_yxhw)))
+
+    return serve
+
+
+def _check(model, mode, anchors, representative_images):
+    if mode not in DETECTION_MODES:
+        raise ValueError(f"Unknown mode {mode!r} for a detector; choose one of {DETECTION_MODES}.")
+    if not isinstance(model.output, dict) or set(model.output) != {"box_deltas", "class_logits"}:
+        raise ValueError("detection_flatbuffer takes an SSDLite model (outputs box_deltas and class_logits).")
+    if len(anchors) != model.output["box_deltas"].shape[1]:
+        raise ValueError(
+            f"{len(anchors)} anchors for a model with {model.output['box_deltas'].shape[1]} boxes: use "
+            "keras_mobilevitv2.detection.model_anchors(model)."
+        )
+    if (mode == "qat_int8") != is_qat(model):
+        raise ValueError("mode 'qat_int8' takes a calibrated QAT model, the other modes the float model.")
+    if mode == "ptq_int8" and representative_images is None:
+        raise ValueError("mode='ptq_int8' needs representative_images (about 100 typical inputs).")
+
+
+def detection_flatbuffer(model, mode, anchors, representative_images=None, settings=PostProcess()):
+    """The TFLite model (bytes) of an SSDLite `model` (float, or a QAT model
+    from `quantize_model` for "qat_int8") with `TFLite_Detection_PostProcess`
+    at the end. int8 modes take int8 images; the op's outputs are float32."""
+    _check(model, mode, anchors, representative_images)
+    shape = static_input_shape(model, "The detection export")
+    serve = _serving_function(model, anchors, settings)
+    with tempfile.TemporaryDirectory() as saved_model:
+        with fold_norm_affines():
+            archive = keras.export.ExportArchive()
+            archive.track(model)
+            signature = [tf.TensorSpec((1,) + shape, tf.float32, name="image")]
+            archive.add_endpoint("serve", serve, input_signature=signature)
+            archive.write_out(saved_model, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
+        converter.allow_custom_ops = True
+        if mode != "float32":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = tf.int8
+            if representative_images is not None:
+                images = check_images(representative_images, shape, "representative_images")
+                converter.representative_dataset = lambda: ([image[None]] for image in images)
+        return _outputs_in_op_order(converter.convert())
+
+
+def _outputs_in_op_order(flatbuffer):
+    """The model's outputs in the op's order (boxes, classes, scores, count):
+    the Task library and pycoral read them by position, and the converter
+    orders a SavedModel's outputs its own way."""
+    graph = read_graph(flatbuffer)
+    (op,) = [op for op in graph.operators if op.name == f"CUSTOM:{POSTPROCESS_OP}"]
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flatbuffer, 0))
+    if sorted(model.subgraphs[0].outputs) != sorted(op.outputs):
+        raise ValueError(f"The converted detector's outputs are not the outputs of {POSTPROCESS_OP}.")
+    model.subgraphs[0].outputs = list(op.outputs)
+    for signature in model.signatureDefs or []:
+        signature.outputs.sort(key=lambda entry: list(op.outputs).index(entry.tensorIndex))
+    builder = flatbuffers.Builder(len(flatbuffer) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def audit_detector(flatbuffer, mode):
+    """The structure of a detector from `detection_flatbuffer`: its ops, the
+    post-processing op, and the float tensors other than that op's own
+    inputs and outputs (none in an int8 detector); `errors` lists what is
+    wrong for `mode`."""
+    graph = read_graph(flatbuffer)
+    postprocess = [op for op in graph.operators if op.name == f"CUSTOM:{POSTPROCESS_OP}"]
+    boundary = set(graph.inputs) | set(graph.outputs)
+    for op in postprocess:
+        boundary |= set(op.present_inputs) | set(op.outputs)
+    floats = [t.name for t in graph.tensors if t.dtype in ("FLOAT32", "FLOAT16") and t.index not in boundary]
+    report = {
+        "mode": mode,
+        "size_bytes": len(flatbuffer),
+        "ops": sorted({op.name for op in graph.operators}),
+        "op_count": len(graph.operators),
+        "postprocess_ops": len(postprocess),
+        "float_tensors_inside": floats,
+        "max_tensor_rank": max(t.rank for t in graph.tensors),
+        "input": {"dtype": graph.tensors[graph.inputs[0]].dtype, "shape": list(graph.tensors[graph.inputs[0]].shape)},
+        "outputs": [list(graph.tensors[i].shape) for i in graph.outputs],
+        "errors": [],
+    }
+    others = sorted({op.name for op in graph.operators if op.name.startswith("CUSTOM")} - {f"CUSTOM:{POSTPROCESS_OP}"})
+    if len(postprocess) != 1 or postprocess[0].outputs != tuple(graph.outputs):
+        report["errors"].append(f"the model does not end in one {POSTPROCESS_OP} whose outputs are the model's")
+    if others:
+        report["errors"].append(f"non-builtin ops besides the post-processing: {others}")
+    if report["max_tensor_rank"] > 4:
+        report["errors"].append(f"a tensor has rank {report['max_tensor_rank']} (> 4)")
+    if mode != "float32" and floats:
+        report["errors"].append(f"{len(floats)} float tensors before the post-processing, e.g. {floats[:3]}")
+    return report
