@@ -23,11 +23,13 @@ from keras_mobilevitv2.layers.folding import fold_norm_affines
 from quantization.tflite_export import check_images
 from quantization.tflite_export import is_qat
 from quantization.tflite_export import static_input_shape
+from quantization.tflite_graph import DETECTION_POSTPROCESS
+from quantization.tflite_graph import postprocessing_ops
 from quantization.tflite_graph import read_graph
 
 __all__ = ["POSTPROCESS_OP", "PostProcess", "detection_flatbuffer"]
 
-POSTPROCESS_OP = "TFLite_Detection_PostProcess"
+POSTPROCESS_OP = DETECTION_POSTPROCESS.split(":", 1)[1]
 DETECTION_MODES = ("float32", "ptq_int8", "qat_int8")
 OUTPUT_NAMES = ("detection_boxes", "detection_classes", "detection_scores", "num_detections")
 
@@ -76,17 +78,36 @@ def _postprocess_function(settings, num_classes, max_detections):
     return postprocess
 
 
+def _with_yx_box_order(model):
+    """A copy of the SSDLite (float or QAT) whose heads output the box
+    offsets as the op reads them, (ty, tx, th, tw) instead of ml-cvnets'
+    (tx, ty, tw, th): the heads' output channels are permuted, so the
+    graph needs no reordering op between the Edge TPU and the CPU."""
+    copy = keras.Model.from_config(model.get_config())
+    copy.set_weights(model.get_weights())
+    columns = int(model.output["class_logits"].shape[-1]) + 4
+    for layer in copy.layers:
+        if not (layer.name.startswith("head") and layer.name.endswith("_conv")):
+            continue
+        order = np.arange(layer.bias.shape[0]).reshape(-1, columns)  # [anchors, 4 + C]
+        order[:, :4] = order[:, [1, 0, 3, 2]]
+        order = order.reshape(-1)
+        layer.kernel.assign(np.asarray(layer.kernel)[..., order])
+        layer.bias.assign(np.asarray(layer.bias)[order])
+    return copy
+
+
 def _serving_function(model, anchors, settings):
-    """images -> the op's four outputs: box encodings reordered to the op's
-    (y, x, h, w), class probabilities (softmax, background in column 0)."""
+    """images -> the op's four outputs: box encodings (`model` from
+    `_with_yx_box_order`), class probabilities (softmax, background in
+    column 0)."""
     num_classes = int(model.output["class_logits"].shape[-1]) - 1
     anchors_yxhw = tf.constant(np.asarray(anchors, np.float32)[:, [1, 0, 3, 2]])  # (cx, cy, w, h) -> (cy, cx, h, w)
     postprocess = _postprocess_function(settings, num_classes, settings.max_detections)
 
     def serve(images):
         outputs = model(images, training=False)
-        deltas = outputs["box_deltas"]  # [1, N, 4]: (tx, ty, tw, th)
-        encodings = tf.concat([deltas[..., 1:2], deltas[..., 0:1], deltas[..., 3:4], deltas[..., 2:3]], -1)
+        encodings = outputs["box_deltas"]  # [1, N, 4]: (ty, tx, th, tw)
         scores = tf.nn.softmax(outputs["class_logits"], axis=-1)  # [1, N, C + 1]
         return dict(zip(OUTPUT_NAMES, postprocess(encodings, scores, anchors_yxhw)))
 
@@ -115,11 +136,12 @@ def detection_flatbuffer(model, mode, anchors, representative_images=None, setti
     at the end. int8 modes take int8 images; the op's outputs are float32."""
     _check(model, mode, anchors, representative_images)
     shape = static_input_shape(model, "The detection export")
-    serve = _serving_function(model, anchors, settings)
+    exported = _with_yx_box_order(model)
+    serve = _serving_function(exported, anchors, settings)
     with tempfile.TemporaryDirectory() as saved_model:
         with fold_norm_affines():
             archive = keras.export.ExportArchive()
-            archive.track(model)
+            archive.track(exported)
             signature = [tf.TensorSpec((1,) + shape, tf.float32, name="image")]
             archive.add_endpoint("serve", serve, input_signature=signature)
             archive.write_out(saved_model, verbose=False)
@@ -132,19 +154,30 @@ def detection_flatbuffer(model, mode, anchors, representative_images=None, setti
             if representative_images is not None:
                 images = check_images(representative_images, shape, "representative_images")
                 converter.representative_dataset = lambda: ([image[None]] for image in images)
-        return _outputs_in_op_order(converter.convert())
+        return _postprocessing_last(converter.convert())
 
 
-def _outputs_in_op_order(flatbuffer):
-    """The model's outputs in the op's order (boxes, classes, scores, count):
-    the Task library and pycoral read them by position, and the converter
-    orders a SavedModel's outputs its own way."""
+def _postprocessing_last(flatbuffer):
+    """The graph with the post-processing (the op, its DEQUANTIZE inputs, the
+    score softmax) as its last ops, and its outputs in the op's order
+    (boxes, classes, scores, count).
+
+    The converter may interleave the score softmax with the box branch; the
+    Edge TPU compiler ends its segment at the first op it cannot run, so the
+    CPU ops must come last. Moving ops that feed only later tail ops keeps a
+    valid execution order. The Task library and pycoral read the outputs by
+    position, and the converter orders a SavedModel's outputs its own way.
+    """
     graph = read_graph(flatbuffer)
-    (op,) = [op for op in graph.operators if op.name == f"CUSTOM:{POSTPROCESS_OP}"]
+    (op,) = [op for op in graph.operators if op.name == DETECTION_POSTPROCESS]
+    tail = postprocessing_ops(graph)
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flatbuffer, 0))
-    if sorted(model.subgraphs[0].outputs) != sorted(op.outputs):
+    subgraph = model.subgraphs[0]
+    if sorted(subgraph.outputs) != sorted(op.outputs):
         raise ValueError(f"The converted detector's outputs are not the outputs of {POSTPROCESS_OP}.")
-    model.subgraphs[0].outputs = list(op.outputs)
+    operators = list(subgraph.operators)
+    subgraph.operators = [o for i, o in enumerate(operators) if i not in tail] + [operators[i] for i in sorted(tail)]
+    subgraph.outputs = list(op.outputs)
     for signature in model.signatureDefs or []:
         signature.outputs.sort(key=lambda entry: list(op.outputs).index(entry.tensorIndex))
     builder = flatbuffers.Builder(len(flatbuffer) + 1024)
@@ -158,7 +191,7 @@ def audit_detector(flatbuffer, mode):
     inputs and outputs (none in an int8 detector); `errors` lists what is
     wrong for `mode`."""
     graph = read_graph(flatbuffer)
-    postprocess = [op for op in graph.operators if op.name == f"CUSTOM:{POSTPROCESS_OP}"]
+    postprocess = [op for op in graph.operators if op.name == DETECTION_POSTPROCESS]
     boundary = set(graph.inputs) | set(graph.outputs)
     for op in postprocess:
         boundary |= set(op.present_inputs) | set(op.outputs)
@@ -175,7 +208,7 @@ def audit_detector(flatbuffer, mode):
         "outputs": [list(graph.tensors[i].shape) for i in graph.outputs],
         "errors": [],
     }
-    others = sorted({op.name for op in graph.operators if op.name.startswith("CUSTOM")} - {f"CUSTOM:{POSTPROCESS_OP}"})
+    others = sorted({op.name for op in graph.operators if op.name.startswith("CUSTOM")} - {DETECTION_POSTPROCESS})
     if len(postprocess) != 1 or postprocess[0].outputs != tuple(graph.outputs):
         report["errors"].append(f"the model does not end in one {POSTPROCESS_OP} whose outputs are the model's")
     if others:

@@ -287,3 +287,34 @@ def read_graph(flatbuffer, subgraph=0):
     Raises ValueError when `flatbuffer` is not a TFLite model.
     """
     return _read(bytes(flatbuffer), int(subgraph))
+
+
+# TFLite's detection post-processing (decoding + NMS), a custom op every
+# runtime registers (TFLite, TFLite Micro, the Task library, pycoral).
+DETECTION_POSTPROCESS = "CUSTOM:TFLite_Detection_PostProcess"
+
+
+def postprocessing_ops(graph):
+    """Indices of the detection post-processing at the end of a graph: the
+    op, the DEQUANTIZE ops that only feed it, and the score conversion
+    (SOFTMAX or LOGISTIC) that only feeds those. Runtimes run these on the
+    CPU by design; empty for a model without the op."""
+    readers = graph.consumers()
+    producers = {index: op for op in graph.operators for index in op.outputs}
+    tail = set()
+
+    def only_feeds_tail(operator):
+        return all(set(readers.get(index, ())) <= tail for index in operator.outputs)
+
+    for operator in graph.operators:
+        if operator.name != DETECTION_POSTPROCESS:
+            continue
+        tail.add(operator.index)
+        frontier = [producers[i] for i in operator.present_inputs if i in producers]
+        while frontier:
+            producer = frontier.pop()
+            if producer.name in ("DEQUANTIZE", "SOFTMAX", "LOGISTIC") and only_feeds_tail(producer):
+                tail.add(producer.index)
+                if producer.name == "DEQUANTIZE":
+                    frontier += [producers[i] for i in producer.present_inputs if i in producers]
+    return tail

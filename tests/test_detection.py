@@ -192,14 +192,25 @@ def test_float_detector_ends_in_tflites_postprocessing_and_decodes_like_ml_cvnet
     np.testing.assert_allclose(scores[0, : len(expected[0])], expected[2], atol=1e-5)
 
 
-def test_int8_detector_is_int8_up_to_the_postprocessing(small_detector):
+def test_qat_detector_maps_to_the_edge_tpu_up_to_the_postprocessing(small_detector, tmp_path):
+    from quantization import calibrate
+    from quantization import quantize_model
     from quantization.detection_export import audit_detector
     from quantization.detection_export import detection_flatbuffer
+    from quantization.targets import edgetpu
 
     model, images = small_detector
-    flatbuffer = detection_flatbuffer(model, "ptq_int8", model_anchors(model), representative_images=images[:8])
-    report = audit_detector(flatbuffer, "ptq_int8")
-    assert report["errors"] == [] and report["float_tensors_inside"] == []
-    assert report["input"]["dtype"] == "INT8" and "CUSTOM:TFLite_Detection_PostProcess" in report["ops"]
+    qat = calibrate(quantize_model(model, graph="edgetpu"), images[:8])
+    flatbuffer = detection_flatbuffer(qat, "qat_int8", model_anchors(model), representative_images=images[:4])
+    audit = audit_detector(flatbuffer, "qat_int8")
+    assert audit["errors"] == [] and audit["float_tensors_inside"] == []
+    assert audit["input"]["dtype"] == "INT8" and "CUSTOM:TFLite_Detection_PostProcess" in audit["ops"]
+    report = edgetpu.export_flatbuffer(flatbuffer, str(tmp_path), "ssd")  # refuses any CPU op before the tail
+    assert report["first_cpu_op"] is None and report["mac_share_on_tpu"] == 1.0
+    # the score softmax, the two DEQUANTIZE and the op: the last ops, on the CPU
+    assert report["postprocessing_ops"] == 4
+    assert [op["op"] for op in report["ops"][-4:]][-1] == "CUSTOM:TFLite_Detection_PostProcess"
     with pytest.raises(ValueError, match="model_anchors"):
         detection_flatbuffer(model, "float32", model_anchors(model)[:-1])
+    with pytest.raises(ValueError, match="calibrated QAT model"):
+        detection_flatbuffer(model, "qat_int8", model_anchors(model))

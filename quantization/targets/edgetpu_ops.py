@@ -18,10 +18,13 @@ import re
 import shutil
 import subprocess
 
+from quantization.tflite_graph import DETECTION_POSTPROCESS
+from quantization.tflite_graph import postprocessing_ops
 from quantization.tflite_graph import read_graph
 
 MAPPED = "Mapped to Edge TPU"
 AFTER_FALLBACK = "More than one subgraph is not supported"
+POSTPROCESSING = "Detection post-processing: on the CPU, after the Edge TPU segment"
 
 # Highest op version the compiler can parse. Compiler 16 (the last release,
 # 2021) rejected CONV_2D v6, TRANSPOSE v6, QUANTIZE v3, EXP v2 and
@@ -212,8 +215,17 @@ def edgetpu_report(flatbuffer):
     """
     graph = read_graph(flatbuffer)
     ops, first_cpu_op, unsupported = [], None, {}
+    tail = postprocessing_ops(graph)
     for operator in graph.operators:
+        if operator.index in tail:  # a detector's decoding + NMS: on the CPU after the TPU segment
+            ops.append(
+                {"index": operator.index, "op": operator.name, "version": operator.version, "status": POSTPROCESSING}
+            )
+            ops[-1]["macs"] = 0
+            continue
         reason = _check_op(graph, operator)
+        if reason is None and tail and operator.index > min(tail):
+            reason = f"after the detection post-processing op #{min(tail)} (the CPU), which ends the Edge TPU segment"
         if reason is not None:
             unsupported.setdefault(f"{operator.name} v{operator.version}", reason)
         if first_cpu_op is None and reason is not None:
@@ -238,6 +250,7 @@ def edgetpu_report(flatbuffer):
         "ops": ops,
         "ops_total": len(ops),
         "ops_mapped": sum(op["status"] == MAPPED for op in ops),
+        "postprocessing_ops": len(tail),
         "first_cpu_op": first_cpu_op,
         "unsupported": unsupported,
         "macs_total": macs_total,
@@ -261,8 +274,9 @@ def format_edgetpu_report(report):
         f"{100 * report['mac_share_on_tpu']:.1f}% of {report['macs_total'] / 1e6:.1f} M MACs on the TPU",
     ]
     first = report["first_cpu_op"]
+    tail = report.get("postprocessing_ops", 0)
     lines.append(
-        "  all ops map: one Edge TPU segment"
+        ("  all ops map: one Edge TPU segment" + (f", then {tail} post-processing ops on the CPU" if tail else ""))
         if first is None
         else f"  first op on the CPU: #{first['index']} {first['op']} - {first['reason']}"
     )
@@ -375,6 +389,8 @@ def check_edgetpu_io(flatbuffer):
     messages, empty when the interface fits."""
     graph = read_graph(flatbuffer)
     problems = []
+    # A detector's outputs come from its post-processing on the CPU (float, by design).
+    detections = {index for op in graph.operators if op.name == DETECTION_POSTPROCESS for index in op.outputs}
     for kind, indices in (("inputs", graph.inputs), ("outputs", graph.outputs)):
         for index in indices:
             tensor = graph.tensors[index]
@@ -382,7 +398,7 @@ def check_edgetpu_io(flatbuffer):
             shape = list(tensor.shape)
             if not shape or shape[0] != 1:
                 problems.append(f"{where} has shape {shape}: the Edge TPU needs batch 1 (shape [1, ...])")
-            if tensor.dtype not in _IO_TYPES:
+            if tensor.dtype not in _IO_TYPES and index not in detections:
                 problems.append(
                     f"{where} is {tensor.dtype.lower()}: the Edge TPU takes int8 or uint8 input and output only"
                 )
