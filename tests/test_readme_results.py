@@ -62,3 +62,13 @@ def test_readme_segmentation_int8_table_is_the_committed_one():
         table = "\n".join(line for line in f.read().splitlines() if line.startswith("|"))
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         assert table in f.read()
+
+
+def test_readme_segmentation_latency_table_is_the_committed_one():
+    path = os.path.join(ROOT, "benchmarks", "results", "segmentation_latency.md")
+    if not os.path.exists(path):
+        pytest.skip("benchmarks/results is not in this checkout")
+    with open(path, encoding="utf-8") as f:
+        table = "\n".join(line for line in f.read().splitlines() if line.startswith("|"))
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        assert table in f.read()
