@@ -8,7 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.append(ROOT)  # benchmarks/ (not installed), after the installed packages
 from benchmarks.random_weights import randomize_keras_weights  # noqa: E402
 from keras_mobilevitv2.detection import AnchorConfig
 from keras_mobilevitv2.detection import SSDLite

@@ -4,6 +4,7 @@ per-pixel loss, mean IoU, and a real training run of DeepLabV3."""
 import dataclasses
 import json
 import os
+import sys
 
 import keras
 import numpy as np
@@ -21,6 +22,11 @@ from training.segmentation_data import resolve_segmentation_source
 from training.segmentation_data import segmentation_eval_dataset
 from training.segmentation_data import segmentation_train_dataset
 from training.segmentation_data import voc_source
+
+# benchmarks/ (not installed; its random weights) is found in the checkout, after the installed packages.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.append(ROOT)
 
 SIZE = 64
 
@@ -244,7 +250,6 @@ def test_two_mirrored_replicas_take_the_one_device_steps(tmp_path, dataset_dir):
     at start-up) with the global batch of one device: the same per-step loss
     (the mean over the global batch's labelled pixels)."""
     import subprocess
-    import sys
 
     harness = os.path.join(os.path.dirname(__file__), "run_trainer.py")
     settings = dict(steps=2, max_eval_images=8, seed=3)
