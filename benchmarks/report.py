@@ -29,6 +29,17 @@ UNSTABLE_SPREAD = 0.25  # interquartile range / median above which a cell is fla
 MIB = 2**20
 
 
+def print_and_write(result, text, output):
+    """Prints a benchmark's markdown `text`; with `output`, writes
+    `<output>.json` (the result) and `<output>.md` (the text)."""
+    print(text)
+    if output:
+        with open(output + ".json", "w") as f:
+            json.dump(result, f, indent=2)
+        with open(output + ".md", "w") as f:
+            f.write(text)
+
+
 def table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

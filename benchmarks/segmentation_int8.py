@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+from benchmarks.report import print_and_write
+
 
 def train(args, model_dir):
     from training import SegmentationTrainer
@@ -296,13 +298,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as work_dir:
         args.work_dir = work_dir
         result = run(args)
-    text = markdown(result)
-    print(text)
-    if args.output:
-        with open(args.output + ".json", "w") as f:
-            json.dump(result, f, indent=2)
-        with open(args.output + ".md", "w") as f:
-            f.write(text)
+    print_and_write(result, markdown(result), args.output)
     return 0
 
 

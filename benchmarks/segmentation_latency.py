@@ -29,6 +29,8 @@ import os
 import subprocess
 import sys
 
+from benchmarks.report import print_and_write
+
 KERAS_HUB = "keras-hub==0.32.0"
 NUM_CLASSES = 21
 IMPLEMENTATIONS = ("ours", "transformers", "keras_hub")
@@ -247,13 +249,7 @@ def main(argv=None):
     if args.worker:
         return worker(args)
     result = run(args)
-    text = markdown(result)
-    print(text)
-    if args.output:
-        with open(args.output + ".json", "w") as f:
-            json.dump(result, f, indent=2)
-        with open(args.output + ".md", "w") as f:
-            f.write(text)
+    print_and_write(result, markdown(result), args.output)
     return 0
 
 

@@ -54,18 +54,9 @@ def test_readme_segmentation_parity_table_is_the_committed_one():
     assert len(differences) >= 6 and max(differences) <= 1e-4
 
 
-def test_readme_segmentation_int8_table_is_the_committed_one():
-    path = os.path.join(ROOT, "benchmarks", "results", "segmentation_int8.md")
-    if not os.path.exists(path):
-        pytest.skip("benchmarks/results is not in this checkout")
-    with open(path, encoding="utf-8") as f:
-        table = "\n".join(line for line in f.read().splitlines() if line.startswith("|"))
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        assert table in f.read()
-
-
-def test_readme_segmentation_latency_table_is_the_committed_one():
-    path = os.path.join(ROOT, "benchmarks", "results", "segmentation_latency.md")
+@pytest.mark.parametrize("name", ["segmentation_int8", "segmentation_latency"])
+def test_readme_benchmark_table_is_the_committed_one(name):
+    path = os.path.join(ROOT, "benchmarks", "results", f"{name}.md")
     if not os.path.exists(path):
         pytest.skip("benchmarks/results is not in this checkout")
     with open(path, encoding="utf-8") as f:
