@@ -11,7 +11,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 SOURCES := setup.py pyproject.toml MANIFEST.in $(shell find keras_mobilevitv2 training quantization -name '*.py' -o -name '*.json')
 
-.PHONY: demo test lint wheel venv venv-test clean
+.PHONY: demo test test-slow lint wheel venv venv-test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ demo: $(VENV)/.demo
 test: $(VENV)/.test
 	cd / && $(abspath $(PY)) -c "import keras_mobilevitv2, training, quantization; print('installed:', keras_mobilevitv2.__file__)"
 	KERAS_MOBILEVITV2_TEST_INSTALLED=1 $(VENV)/bin/pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The tests marked slow (left out of `make test` to keep it under ~30 min on
+# 2 cores); CI runs them too, as they fit its time limit.
+test-slow: $(VENV)/.test
+	KERAS_MOBILEVITV2_TEST_INSTALLED=1 $(VENV)/bin/pytest tests -q -p no:cacheprovider -m slow $(PYTEST_ARGS)
 
 # The formatter and linter settings are in pyproject.toml; `ruff format .`
 # and `ruff check --fix .` apply them.

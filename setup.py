@@ -36,6 +36,8 @@ TEST = CONVERT + [
     "tf_keras",
     # bundles a small real image dataset (handwritten digits)
     "scikit-learn",
+    # the official COCO evaluator (detection mAP)
+    "pycocotools",
     # formatter and linter (`make lint`); pinned: a new release may add rules
     "ruff==0.17.6",
 ]
@@ -62,7 +64,9 @@ setup(
         "test": TEST,
         "deploy": DEPLOY,
         "demo": DEPLOY + ["matplotlib"],  # `make demo`: every target and report.png
-        "train": ["tensorboard"],  # to view the logs; writing them needs only TensorFlow
+        # TensorBoard to view the logs (writing them needs only TensorFlow);
+        # pycocotools, the official COCO evaluator, for --task detection.
+        "train": ["tensorboard", "pycocotools"],
         "benchmarks": BENCHMARKS + ["ai-edge-litert"],
     },
     entry_points={

@@ -600,5 +600,16 @@ def main(argv=None):
     return 0
 
 
+def target_report(name, model, output_dir, label, **options):
+    """`quantization.targets.export`'s report; a refusal is a result of a
+    benchmark (its report says why), not a failure."""
+    from quantization import targets
+
+    try:
+        return targets.export(name, model, output_dir, name=label, **options)
+    except targets.TargetError as error:
+        return dict(error.report, refused=str(error))
+
+
 if __name__ == "__main__":
     sys.exit(main())

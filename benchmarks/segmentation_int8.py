@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from benchmarks.report import print_and_write
+from benchmarks.report import target_report
 
 
 def train(args, model_dir):
@@ -132,17 +133,6 @@ def qat_at_size(qat_model, model, size, num_classes, config):
     return resized
 
 
-def _target(name, model, output_dir, label, **options):
-    """The target's report on the QAT model; a refusal is a result here (its
-    report says why)."""
-    from quantization import targets
-
-    try:
-        return targets.export(name, model, output_dir, name=label, **options)
-    except targets.TargetError as error:
-        return dict(error.report, refused=str(error))
-
-
 def deploy(model, qat_model, resized_qat, images, work_dir):
     """Edge TPU, Micro (at the training size and at `resized_qat`'s) and
     Android (QAT int8, and float16 from the float `model`) reports."""
@@ -152,12 +142,12 @@ def deploy(model, qat_model, resized_qat, images, work_dir):
     size = resized_qat.inputs[0].shape[1]
     resized_samples = np.asarray(keras.ops.image.resize(samples[:8], (size, size)))
     folder = os.path.join(work_dir, "deploy")
-    edgetpu = _target("edgetpu", qat_model, folder, "deeplabv3", sample_images=samples, allow_cpu_fallback=True)
+    edgetpu = target_report("edgetpu", qat_model, folder, "deeplabv3", sample_images=samples, allow_cpu_fallback=True)
     micro = [
-        _target("micro", qat_model, folder, "deeplabv3", sample_images=samples),
-        _target("micro", resized_qat, folder, f"deeplabv3_{size}", sample_images=resized_samples),
+        target_report("micro", qat_model, folder, "deeplabv3", sample_images=samples),
+        target_report("micro", resized_qat, folder, f"deeplabv3_{size}", sample_images=resized_samples),
     ]
-    android = _target("android", model, folder, "deeplabv3", qat_model=qat_model, sample_images=samples)
+    android = target_report("android", model, folder, "deeplabv3", qat_model=qat_model, sample_images=samples)
     return {
         "edgetpu": {
             k: edgetpu.get(k)

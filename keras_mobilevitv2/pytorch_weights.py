@@ -2,11 +2,13 @@
 
 ml-cvnets, timm and Hugging Face name the same 269 tensors differently. Each
 Keras layer below is listed once with its name in all three conventions;
-the convention of a checkpoint is detected from its stem tensor. The command
-line is `keras_mobilevitv2.convert`.
+the convention of a checkpoint is detected from its stem tensor. The task
+heads (DeepLabV3 segmentation, SSDLite detection) follow the backbone. The
+command line is `keras_mobilevitv2.convert`.
 """
 
 import os
+import re
 
 import numpy as np
 
@@ -181,6 +183,8 @@ def _model_entries(model):
         yield model.get_layer("logits"), "linear", _classifier_names()
     if "aspp_in_conv" in layer_names:
         yield from _deeplabv3_entries(model, layer_names)
+    if "head0_conv" in layer_names:
+        yield from _ssdlite_entries(model, layer_names)
 
 
 def _conv_bn_entries(model, name, cvnets, hf):
@@ -214,6 +218,60 @@ def _deeplabv3_entries(model, layer_names):
         # Hugging Face's model has no auxiliary head: an HF checkpoint cannot fill it.
         yield from _conv_bn_entries(model, "aux", "seg_head.aux_head.0", None)
         yield model.get_layer("aux_classifier"), "conv", _names("seg_head.aux_head.2.block.conv", None, None)
+
+
+def _cvnets_only(name):
+    # Only ml-cvnets publishes SSDLite: timm and Hugging Face have no such model.
+    return _names(name, None, None)
+
+
+# Keras SSDLite layer names that number the levels (keras_mobilevitv2.detection).
+_EXTRA_LAYER = re.compile(r"^extra_os(\d+)_dw$")
+_HEAD_LAYER = re.compile(r"^head(\d+)_conv$")
+
+
+def _numbers(pattern, layer_names):
+    return sorted(int(m.group(1)) for m in map(pattern.match, layer_names) if m)
+
+
+def _separable_entries(model, depthwise, pointwise, cvnets, pointwise_bn=None):
+    """ml-cvnets SeparableConv2d: `dw_conv` (depthwise + BN, always), then
+    `pw_conv` (1x1, with BN only where the layer was built with use_norm)."""
+    yield model.get_layer(depthwise), "depthwise", _cvnets_only(f"{cvnets}.dw_conv.block.conv")
+    yield model.get_layer(f"{depthwise}_bn"), "batchnorm", _cvnets_only(f"{cvnets}.dw_conv.block.norm")
+    yield model.get_layer(pointwise), "conv", _cvnets_only(f"{cvnets}.pw_conv.block.conv")
+    if pointwise_bn is not None:
+        yield model.get_layer(pointwise_bn), "batchnorm", _cvnets_only(f"{cvnets}.pw_conv.block.norm")
+
+
+def _ssd_head_entries(model, level, layer_names):
+    """ml-cvnets SSDHead `ssd_heads.{level}`: an optional 1x1 `proj_layer`,
+    then `loc_cls_layer`, separable 3x3 or (global level) a plain 1x1."""
+    name, cvnets = f"head{level}", f"ssd_heads.{level}"
+    if f"{name}_proj" in layer_names:
+        yield model.get_layer(f"{name}_proj"), "conv", _cvnets_only(f"{cvnets}.proj_layer.block.conv")
+        yield model.get_layer(f"{name}_proj_bn"), "batchnorm", _cvnets_only(f"{cvnets}.proj_layer.block.norm")
+    if f"{name}_dw" in layer_names:
+        yield from _separable_entries(model, f"{name}_dw", f"{name}_conv", f"{cvnets}.loc_cls_layer")
+    else:
+        yield model.get_layer(f"{name}_conv"), "conv", _cvnets_only(f"{cvnets}.loc_cls_layer.block.conv")
+
+
+def _ssdlite_entries(model, layer_names):
+    """ml-cvnets SingleShotMaskDetector `extra_layers.*` and `ssd_heads.*`.
+
+    The heads' output channels are anchor-major with 4 box offsets then the
+    classes in both frameworks, so the tensors need no reordering."""
+    for stride in _numbers(_EXTRA_LAYER, layer_names):
+        name = f"extra_os{stride}"
+        yield from _separable_entries(
+            model, f"{name}_dw", f"{name}_pw", f"extra_layers.os_{stride}", pointwise_bn=f"{name}_pw_bn"
+        )
+    if "global_conv" in layer_names:
+        # nn.Sequential(AdaptiveAvgPool2d, ConvLayer2d): the conv is item 1.
+        yield model.get_layer("global_conv"), "conv", _cvnets_only("extra_layers.os_-1.1.block.conv")
+    for level in _numbers(_HEAD_LAYER, layer_names):
+        yield from _ssd_head_entries(model, level, layer_names)
 
 
 def _classifier_names():
@@ -250,11 +308,16 @@ def load_pytorch_weights(model, state_dict_or_path):
     """Assigns an official PyTorch MobileViTv2 checkpoint to a Keras model.
 
     Args:
-        model: A model built by `keras_mobilevitv2` (any width; with or without
-            the top).
+        model: A model built by `keras_mobilevitv2` (any width): a
+            `MobileViTv2` with or without the top, a `DeepLabV3` or an
+            `SSDLite` on a MobileViTv2 backbone.
         state_dict_or_path: A path to a `.safetensors`, `.pt`, `.pth` or
             `.bin` checkpoint, or a mapping of tensor name -> array (numpy or
-            torch), named as ml-cvnets, timm or Hugging Face name them.
+            torch), named as ml-cvnets, timm or Hugging Face name them. The
+            task is read from the names: a classifier, a DeepLabV3
+            segmenter (ml-cvnets or Hugging Face) or an SSDLite detector
+            (ml-cvnets `SingleShotMaskDetector`) takes only its own task's
+            checkpoints.
 
     Both sides are checked before anything is assigned: every Keras weight
     must get a tensor of its shape and every checkpoint tensor must be used.
@@ -269,6 +332,7 @@ def load_pytorch_weights(model, state_dict_or_path):
     state_dict = _as_state_dict(state_dict_or_path)
     naming = detect_naming(state_dict)
     match = _match_weights(model, state_dict, naming)
+    match["task"] = _task_mismatch(model, state_dict)
     _raise_if_incomplete(model, naming, match)
     # Assign only after every tensor was checked, so a checkpoint that does
     # not fit leaves the model untouched.
@@ -377,9 +441,13 @@ def _raise_if_incomplete(model, naming, match):
         ("uncovered", "Keras weights belong to layers no MobileViTv2 checkpoint has"),
     )
     found = [(match[key], what) for key, what in problems if match[key]]
-    if not found:
+    if not found and not match["task"]:
         return
     report = "\n".join(f"  {len(items)} {what}:\n{_listing(items)}" for items, what in found)
+    header = f"The checkpoint ({naming} naming) does not fit model {model.name!r}; nothing was loaded."
+    if match["task"]:
+        # The task difference is the cause; the lists only follow from it.
+        raise ValueError(f"{header} {match['task']}\n{report}")
     hint = ""
     if any(stat in item for item in match["missing"] for stat in _ATTENTION_NORM_STATS):
         hint = (
@@ -388,11 +456,61 @@ def _raise_if_incomplete(model, naming, match):
             "do not have."
         )
     raise ValueError(
-        f"The checkpoint ({naming} naming) does not fit model {model.name!r}; "
-        f"nothing was loaded.\n{report}\nIs it a MobileViTv2 checkpoint of the same task (classification or "
-        f"DeepLabV3 segmentation), "
-        f"width, `classes` / `num_classes` and `attention_norm`?{hint}"
+        f"{header}\n{report}\nIs it a MobileViTv2 checkpoint of the same task (classification, DeepLabV3 "
+        f"segmentation or SSDLite detection), width, `classes` / `num_classes` and `attention_norm`?{hint}"
     )
+
+
+# Names that only a task head's tensors start with, in every naming.
+_TASK_PREFIXES = {
+    "detection": ("ssd_heads.", "extra_layers."),
+    "segmentation": ("seg_head.", "segmentation_head."),
+}
+# task -> (what a checkpoint of it is, the model it fits, what a model of it is)
+_TASKS = {
+    "classification": (
+        "a MobileViTv2 classification checkpoint (it has no segmentation or detection head)",
+        "keras_mobilevitv2.MobileViTv2, or the backbone alone as the `backbone_weights` of "
+        "keras_mobilevitv2.detection.SSDLite / keras_mobilevitv2.segmentation.DeepLabV3",
+        "a MobileViTv2 classifier or backbone",
+    ),
+    "segmentation": (
+        "a DeepLabV3 segmentation checkpoint (it has `seg_head.*` / `segmentation_head.*` tensors)",
+        "keras_mobilevitv2.segmentation.DeepLabV3",
+        "a DeepLabV3 segmenter",
+    ),
+    "detection": (
+        "an ml-cvnets SSDLite detection checkpoint (it has `ssd_heads.*` / `extra_layers.*` tensors)",
+        "keras_mobilevitv2.detection.SSDLite",
+        "an SSDLite detector",
+    ),
+}
+
+
+def _checkpoint_task(state_dict):
+    for task, prefixes in _TASK_PREFIXES.items():
+        if any(name.startswith(prefixes) for name in state_dict):
+            return task
+    return "classification"
+
+
+def _model_task(model):
+    layer_names = {layer.name for layer in model.layers}
+    if "head0_conv" in layer_names:
+        return "detection"
+    if "aspp_in_conv" in layer_names:
+        return "segmentation"
+    return "classification"
+
+
+def _task_mismatch(model, state_dict):
+    """A sentence on which model the checkpoint fits when `model` is of
+    another task; "" when the tasks agree."""
+    checkpoint_task, model_task = _checkpoint_task(state_dict), _model_task(model)
+    if checkpoint_task == model_task:
+        return ""
+    what, fits, _ = _TASKS[checkpoint_task]
+    return f"The checkpoint is {what} and fits {fits}, but model {model.name!r} is {_TASKS[model_task][2]}."
 
 
 def infer_architecture(state_dict):

@@ -30,7 +30,8 @@ from quantization.tflite_graph import read_graph
 __all__ = ["POSTPROCESS_OP", "PostProcess", "detection_flatbuffer"]
 
 POSTPROCESS_OP = DETECTION_POSTPROCESS.split(":", 1)[1]
-DETECTION_MODES = ("float32", "ptq_int8", "qat_int8")
+DETECTION_MODES = ("float32", "float16", "ptq_int8", "qat_int8")
+INPUT_TYPES = {"int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}
 OUTPUT_NAMES = ("detection_boxes", "detection_classes", "detection_scores", "num_detections")
 
 
@@ -114,9 +115,13 @@ def _serving_function(model, anchors, settings):
     return serve
 
 
-def _check(model, mode, anchors, representative_images):
+def _check(model, mode, anchors, representative_images, input_type):
     if mode not in DETECTION_MODES:
         raise ValueError(f"Unknown mode {mode!r} for a detector; choose one of {DETECTION_MODES}.")
+    if input_type not in INPUT_TYPES:
+        raise ValueError(f"Unknown input_type {input_type!r}; choose one of {tuple(INPUT_TYPES)}.")
+    if mode in ("float32", "float16") and input_type != "float32":
+        raise ValueError(f"mode={mode!r} has a float32 input; input_type={input_type!r} needs an int8 mode.")
     if not isinstance(model.output, dict) or set(model.output) != {"box_deltas", "class_logits"}:
         raise ValueError("detection_flatbuffer takes an SSDLite model (outputs box_deltas and class_logits).")
     if len(anchors) != model.output["box_deltas"].shape[1]:
@@ -130,11 +135,18 @@ def _check(model, mode, anchors, representative_images):
         raise ValueError("mode='ptq_int8' needs representative_images (about 100 typical inputs).")
 
 
-def detection_flatbuffer(model, mode, anchors, representative_images=None, settings=PostProcess()):
+def detection_flatbuffer(model, mode, anchors, representative_images=None, settings=PostProcess(), input_type=None):
     """The TFLite model (bytes) of an SSDLite `model` (float, or a QAT model
     from `quantize_model` for "qat_int8") with `TFLite_Detection_PostProcess`
-    at the end. int8 modes take int8 images; the op's outputs are float32."""
-    _check(model, mode, anchors, representative_images)
+    at the end. The op's outputs are float32 in every mode.
+
+    `input_type`: the image input of an int8 mode, "int8" (default),
+    "uint8" or "float32" (quantized by a first QUANTIZE op); float32 in the
+    float modes ("float16" stores the weights as float16 and computes in
+    float32 on the CPU, as the Android GPU delegate's native format)."""
+    if input_type is None:
+        input_type = "float32" if mode in ("float32", "float16") else "int8"
+    _check(model, mode, anchors, representative_images, input_type)
     shape = static_input_shape(model, "The detection export")
     exported = _with_yx_box_order(model)
     serve = _serving_function(exported, anchors, settings)
@@ -149,8 +161,11 @@ def detection_flatbuffer(model, mode, anchors, representative_images=None, setti
         converter.allow_custom_ops = True
         if mode != "float32":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if mode == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        elif mode != "float32":
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            converter.inference_input_type = tf.int8
+            converter.inference_input_type = INPUT_TYPES[input_type]
             if representative_images is not None:
                 images = check_images(representative_images, shape, "representative_images")
                 converter.representative_dataset = lambda: ([image[None]] for image in images)
@@ -215,6 +230,6 @@ def audit_detector(flatbuffer, mode):
         report["errors"].append(f"non-builtin ops besides the post-processing: {others}")
     if report["max_tensor_rank"] > 4:
         report["errors"].append(f"a tensor has rank {report['max_tensor_rank']} (> 4)")
-    if mode != "float32" and floats:
+    if mode not in ("float32", "float16") and floats:
         report["errors"].append(f"{len(floats)} float tensors before the post-processing, e.g. {floats[:3]}")
     return report

@@ -42,10 +42,12 @@ def sample_images(source, config, count, split="train", seed=1234, with_labels=F
 
     chosen = source.train if split == "train" else source.eval
     view = dataclasses.replace(config, max_eval_images=count)
+    if config.task != "classification" and with_labels:
+        raise ValueError("sample_images(with_labels=True) takes a classification source.")
     if config.task == "segmentation":
-        if with_labels:
-            raise ValueError("sample_images(with_labels=True) takes a classification source.")
         return _segmentation_images(dataclasses.replace(source, eval=chosen), view, count)
+    if config.task == "detection":
+        return _detection_images(chosen, view, count)
     images, labels = [], []
     for batch, batch_labels in eval_dataset(
         DataSource(source.name, source.class_names, chosen, chosen), view, 64, shuffle_seed=(seed,)
@@ -65,6 +67,19 @@ def _segmentation_images(source, config, count):
     return np.concatenate(images)[:count]
 
 
+def _detection_images(split, config, count):
+    """The first `count` images of a detection split, as the evaluation sees them."""
+    from training.detection_pipeline import detection_eval_dataset
+
+    return np.concatenate([batch.numpy() for batch, _ in detection_eval_dataset(split, config, 64)])[:count]
+
+
+_TRAINED_MODEL = {
+    "segmentation": "segmenter (exported, without the auxiliary head) ",
+    "detection": "SSDLite detector ",
+}
+
+
 def load_float_weights(model, config, path):
     """Float weights from any form the models accept, or a trainer's .keras file."""
     import keras
@@ -72,14 +87,14 @@ def load_float_weights(model, config, path):
     if str(path).endswith(".keras"):
         trained = keras.models.load_model(path, compile=False)
         if len(trained.weights) != len(model.weights):
-            kind = "segmenter (exported, without the auxiliary head)" if config.task == "segmentation" else ""
+            kind = _TRAINED_MODEL.get(config.task, "")
             raise ValueError(f"{path} is not a {config.model} {kind}with this number of classes.")
         model.set_weights(trained.get_weights())
-    elif config.task == "segmentation":
+    elif config.task != "classification":
         if not str(path).endswith(".weights.h5"):
             raise ValueError(
-                "QAT of a segmenter starts from the trained segmenter: give --init_weights=<the segmentation run's "
-                f"model.keras, or a .weights.h5 of the same DeepLabV3>; got {path!r}."
+                f"QAT of a {config.task} model starts from the trained model: give --init_weights=<the "
+                f"{config.task} run's model.keras, or a .weights.h5 of the same model>; got {path!r}."
             )
         model.load_weights(path)
     else:
@@ -119,6 +134,10 @@ def _float_model(config, num_classes, classifier_activation):
         # The exported segmenter (no auxiliary head) is what --init_weights
         # holds; a short fine-tune needs no deep supervision.
         return build_segmenter(config, num_classes, aux_head=False)
+    if config.task == "detection":
+        from training.detection import build_detector
+
+        return build_detector(config, num_classes)
     from training.trainer import build_model
 
     return build_model(config, num_classes, classifier_activation=classifier_activation)
@@ -140,6 +159,10 @@ def _evaluation(config):
         from training.segmentation import evaluate_segmentation
 
         return "miou", evaluate_segmentation
+    if config.task == "detection":
+        from training.detection import evaluate_detection
+
+        return "map", evaluate_detection
     from training.trainer import evaluate
 
     return "top1", evaluate
@@ -149,7 +172,7 @@ def keep_better_than_start(config, source, start_weights, verbose=True):
     """The safeguard: the run's `model.keras` stays the fine-tuned QAT model
     only where it beats its calibrated starting point (`start_weights`:
     post-training ranges, no fine-tuning) on the whole validation split
-    (top-1; mean IoU for a segmenter); otherwise the starting point becomes
+    (top-1; mean IoU for a segmenter, COCO mAP for a detector); otherwise the starting point becomes
     `model.keras` (the fine-tuned one is kept as `model.finetuned.keras`) and
     this is said. Returns the comparison, also written to
     `qat_selection.json`."""
@@ -172,8 +195,8 @@ def keep_better_than_start(config, source, start_weights, verbose=True):
     selection = {
         "chosen": chosen,
         "metric": metric,
-        "start": {k: start[k] for k in (metric, "loss")},
-        "fine_tuned": {k: fine_tuned[k] for k in (metric, "loss")},
+        "start": {k: start[k] for k in (metric, "loss") if k in start},
+        "fine_tuned": {k: fine_tuned[k] for k in (metric, "loss") if k in fine_tuned},
         "evaluation_images": source.eval.num_examples - start.get("skipped_images", 0),
     }
     if chosen == "start":
@@ -191,7 +214,7 @@ def keep_better_than_start(config, source, start_weights, verbose=True):
 def _print_selection(selection):
     metric = selection["metric"]
     start, fine_tuned = selection["start"][metric], selection["fine_tuned"][metric]
-    name = {"top1": "top-1", "miou": "mean IoU"}[metric]
+    name = {"top1": "top-1", "miou": "mean IoU", "map": "mAP@[.5:.95]"}[metric]
     print(
         f"QAT selection on {selection['evaluation_images']} validation images: calibrated start {name} "
         f"{start:.4f}, fine-tuned {fine_tuned:.4f}; "
@@ -204,32 +227,60 @@ def _print_selection(selection):
     )
 
 
+def _trainer_and_source(config):
+    """The task's Trainer class and its data source."""
+    if config.task == "segmentation":
+        from training.segmentation import SegmentationTrainer
+        from training.segmentation_data import resolve_segmentation_source
+
+        return SegmentationTrainer, resolve_segmentation_source(config.data, config.dataset_dir)
+    if config.task == "detection":
+        from training.detection import DetectionTrainer
+        from training.detection_data import resolve_detection_source
+
+        return DetectionTrainer, resolve_detection_source(config.data, config.dataset_dir)
+    from training.data import resolve_source
+    from training.trainer import Trainer
+
+    return Trainer, resolve_source(config.data, config.num_classes, config.tfrecord_label_offset, config.dataset_dir)
+
+
+def _export_detector(model, config, representative, verbose):
+    """The QAT detector's int8 TFLite, ending in TFLite_Detection_PostProcess,
+    and its audit (`audit_detector`)."""
+    from keras_mobilevitv2.detection.anchors import input_anchors
+    from quantization.detection_export import audit_detector
+    from quantization.detection_export import detection_flatbuffer
+
+    flatbuffer = detection_flatbuffer(model, "qat_int8", input_anchors(config.image_size), representative)
+    path = os.path.join(config.model_dir, f"ssdlite_{config.model}_qat_int8.tflite")
+    with open(path, "wb") as f:
+        f.write(flatbuffer)
+    report = dict(audit_detector(flatbuffer, "qat_int8"), path=path)
+    if verbose:
+        print(f"{path}: {report['op_count']} ops, {len(report['float_tensors_inside'])} float tensors before the "
+              f"post-processing, errors: {report['errors'] or 'none'}")  # fmt: skip
+    return report
+
+
 def run_qat(config, calibration_images=256, io_type="int8", verbose=True, tpu_address=""):
     """QAT fine-tuning + int8 export. Returns (summary, audit report)."""
     import keras
 
     import quantization  # noqa: F401  (registers the QAT layers)
     from quantization.tflite_export import export_tflite
-    from training.data import resolve_source
-    from training.segmentation import SegmentationTrainer
-    from training.segmentation_data import resolve_segmentation_source
-    from training.trainer import Trainer
 
     if config.mixed_precision != "float32":
         raise ValueError("QAT runs in float32 (fake quantization); drop --mixed_precision.")
     if not config.init_weights:
         raise ValueError("QAT starts from trained float weights: give --init_weights.")
+    if config.task == "detection" and io_type != "int8":
+        raise ValueError(f"A detector's int8 TFLite takes int8 images (--io_type int8); got {io_type!r}.")
     model_fn = qat_model_fn(calibration_images)
-    segmentation = config.task == "segmentation"
-    trainer_class = SegmentationTrainer if segmentation else Trainer
-    trainer = trainer_class(config, verbose=verbose, model_fn=model_fn, tpu_address=tpu_address)
-    summary = trainer.run()
+    trainer_class, source = _trainer_and_source(config)
+    summary = trainer_class(config, verbose=verbose, model_fn=model_fn, tpu_address=tpu_address).run()
     if summary is None:  # not the chief
         return None, None
-    if segmentation:
-        source = resolve_segmentation_source(config.data, config.dataset_dir)
-    else:
-        source = resolve_source(config.data, config.num_classes, config.tfrecord_label_offset, config.dataset_dir)
     summary["selection"] = keep_better_than_start(config, source, model_fn.start_weights, verbose)
     exported = keras.models.load_model(os.path.join(config.model_dir, "model.keras"), compile=False)
     # A QAT model carries its own ranges: the converter only checks on a few
@@ -237,6 +288,8 @@ def run_qat(config, calibration_images=256, io_type="int8", verbose=True, tpu_ad
     # `python -m quantization.export`'s 64), so that the same process's Micro
     # target reuses this conversion (see tflite_export.convert).
     representative = sample_images(source, config, 64)[:4]
+    if config.task == "detection":
+        return summary, _export_detector(exported, config, representative, verbose)
     samples = sample_images(source, config, 64, split="eval" if source.eval else "train")
     report = export_tflite(
         exported,

@@ -54,7 +54,7 @@ def test_readme_segmentation_parity_table_is_the_committed_one():
     assert len(differences) >= 6 and max(differences) <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["segmentation_int8", "segmentation_latency"])
+@pytest.mark.parametrize("name", ["segmentation_int8", "segmentation_latency", "detection_int8", "detection_latency"])
 def test_readme_benchmark_table_is_the_committed_one(name):
     path = os.path.join(ROOT, "benchmarks", "results", f"{name}.md")
     if not os.path.exists(path):

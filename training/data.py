@@ -404,6 +404,23 @@ def count_skipped(dataset):
     return dataset.scan((tf.constant(-1, tf.int64), tf.constant(0, tf.int64)), step)
 
 
+def augmented_batches(decoded, augment, per_replica_batch, skip_batches=0, num_batches=None):
+    """The tail of the dense-prediction training pipelines: `decoded`
+    (index, ...) records with the undecodable ones skipped and counted
+    (`count_skipped`), `augment(index, ..., skipped)` -> (images, targets,
+    skipped) per example, batches carrying the count so far, and the epoch's
+    window of `num_batches` after `skip_batches`."""
+    decoded = count_skipped(decoded.ignore_errors(log_warning=True))
+    batches = decoded.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    batches = batches.batch(per_replica_batch, drop_remainder=True)
+    batches = batches.map(lambda images, targets, skipped: (images, targets, tf.reduce_max(skipped)))
+    if skip_batches:
+        batches = batches.skip(skip_batches)
+    if num_batches is not None:
+        batches = batches.take(num_batches)
+    return batches.prefetch(tf.data.AUTOTUNE)
+
+
 def train_dataset(source, config, input_context, epoch, skip_batches=0, num_batches=None):
     """The training stream of one input pipeline for one epoch: `num_batches`
     batches after the first `skip_batches` (without end when None).

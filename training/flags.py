@@ -23,11 +23,13 @@ HELP = {
     "and the published weights) or batch_norm_2d (folds into the convolutions at inference: "
     "the Edge TPU / microcontroller friendly option).",
     "model": "Model to train: " + ", ".join(sorted(RECIPES)) + ".",
-    "task": "classification (the MobileViTv2 classifier) or segmentation (DeepLabV3 on the model's "
+    "task": "classification (the MobileViTv2 classifier), segmentation (DeepLabV3 on the model's "
     "backbone, output stride 16, with the auxiliary head: per-pixel cross-entropy ignoring label 255 "
     "plus 0.4 x the auxiliary loss, mean IoU; --data a PASCAL VOC-layout folder or 'embedded'; "
     "--lr/--min_lr/--weight_decay default to ml-cvnets' VOC recipe; --init_weights loads the backbone "
-    "from a classifier).",
+    "from a classifier); detection (SSDLite on the model's backbone: anchors matched at IoU 0.5, "
+    "smooth L1 + cross-entropy with 3:1 hard negatives, COCO mAP from pycocotools; --data a COCO-format "
+    "folder or 'embedded'; ml-cvnets' COCO recipe; use --image_size=320 for the published model).",
     "data": "ImageNet-style folder (train/<class>/..., val/<class>/...), a folder of "
     "ImageNet TFRecords (train-*, validation-*), tfds:NAME, or 'embedded' (a generated "
     "10-class dataset; no download).",
@@ -43,7 +45,9 @@ HELP = {
     "mixed_precision": "Keras dtype policy.",
     "init_weights": "Start from these weights: 'imagenet', a .weights.h5, a .keras model, or a "
     "PyTorch checkpoint (.pt/.pth/.safetensors). A classifier of another size is dropped (with a "
-    "warning) and trained anew; weights of another model or attention norm are refused.",
+    "warning) and trained anew; weights of another model or attention norm are refused. With --task "
+    "detection, an SSDLite .keras or an ml-cvnets SSD checkpoint loads the whole detector, any other "
+    "form the backbone.",
     "lr": "Peak learning rate; default: the model's ml-cvnets recipe.",
     "min_lr": "Final learning rate of the cosine; default: recipe.",
     "weight_decay": "AdamW weight decay (not on 1-D parameters); default: recipe.",

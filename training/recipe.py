@@ -28,8 +28,14 @@ RECIPE_BATCH_SIZE = 1024
 # over 50 epochs of batch 128 (32 x 4 GPUs) at 512x512, 500 warm-up
 # iterations from 5e-5, auxiliary loss weight 0.4, EMA momentum 0.0005.
 SEGMENTATION_RECIPE = dict(lr=0.0005, min_lr=1e-6, weight_decay=0.05)
+# ml-cvnets' SSDLite MobileViTv2 recipe on COCO
+# (config/detection/ssd_coco/mobilevit_v2.yaml): AdamW, cosine over 200
+# epochs of batch 128 (32 x 4 GPUs) at 320x320, 500 warm-up iterations,
+# EMA momentum 0.0005.
+DETECTION_RECIPE = dict(lr=0.0009, min_lr=1e-6, weight_decay=0.05)
+TASK_RECIPES = {"segmentation": SEGMENTATION_RECIPE, "detection": DETECTION_RECIPE}
 
-TASKS = ("classification", "segmentation")
+TASKS = ("classification", "segmentation", "detection")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
@@ -45,7 +51,7 @@ class TrainConfig:
     """
 
     model: str = "mobilevitv2_050"
-    task: str = "classification"  # or segmentation (DeepLabV3 on the model)
+    task: str = "classification"  # or segmentation (DeepLabV3), detection (SSDLite)
     attention_norm: str = "layer_norm_2d"  # or batch_norm_2d (Edge TPU / MCU friendly)
     data: str = "embedded"
     model_dir: str = "runs/mobilevitv2"
@@ -101,7 +107,7 @@ class TrainConfig:
             raise ValueError(f"--image_size must be >= 32; got {self.image_size}.")
         if self.epochs < 1 and self.steps < 1:
             raise ValueError("Give --epochs >= 1 or --steps >= 1.")
-        recipe = SEGMENTATION_RECIPE if self.task == "segmentation" else RECIPES[self.model]
+        recipe = TASK_RECIPES.get(self.task, RECIPES[self.model])
         for name in ("lr", "min_lr", "weight_decay"):
             if getattr(self, name) is None:
                 setattr(self, name, recipe[name])

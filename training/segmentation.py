@@ -13,7 +13,6 @@ import weakref
 
 import keras
 import tensorflow as tf
-from absl import logging
 
 from keras_mobilevitv2.mobilevitv2 import MobileViTv2
 from keras_mobilevitv2.segmentation import DeepLabV3
@@ -22,7 +21,7 @@ from training.segmentation_data import resolve_segmentation_source
 from training.segmentation_data import segmentation_eval_dataset
 from training.segmentation_data import segmentation_train_dataset
 from training.trainer import Trainer
-from training.trainer import build_model
+from training.trainer import load_backbone_weights
 
 __all__ = ["AUX_WEIGHT", "SegmentationTrainer", "build_segmenter", "evaluate_segmentation", "segmentation_model_fn"]
 
@@ -44,22 +43,8 @@ def build_segmenter(config, num_classes, aux_head=True, init_weights=None):
         name=config.model,
     )
     if init_weights:
-        _load_backbone(backbone, config, init_weights)
+        load_backbone_weights(backbone, config, init_weights)
     return DeepLabV3(backbone, num_classes=num_classes, aux_head=aux_head, name=f"deeplabv3_{config.model}")
-
-
-def _load_backbone(backbone, config, weights):
-    """The backbone layers of a classifier loaded from `weights` (any form
-    `--init_weights` takes); its classifier, whatever its size, is unused."""
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity(logging.ERROR)  # the "classifier dropped" warning is about classification
-    try:
-        classifier = build_model(config, 1000, weights=weights)
-    finally:
-        logging.set_verbosity(verbosity)
-    for layer in backbone.layers:
-        if layer.weights:
-            layer.set_weights(classifier.get_layer(layer.name).get_weights())
 
 
 def segmentation_model_fn(config, num_classes, source, classifier_activation, initialize):

@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from training.data import EMBEDDED_CLASSES
 from training.data import EMBEDDED_NAME
-from training.data import count_skipped
+from training.data import augmented_batches
 from training.data import generated_folder
 from training.data import paint_shape
 
@@ -239,15 +239,7 @@ def segmentation_train_dataset(source, config, input_context, epoch, skip_batche
         return image, mask, skipped
 
     decoded = records.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    decoded = count_skipped(decoded.ignore_errors(log_warning=True))
-    batches = decoded.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    batches = batches.batch(per_replica_batch, drop_remainder=True)
-    batches = batches.map(lambda images, masks, skipped: (images, masks, tf.reduce_max(skipped)))
-    if skip_batches:
-        batches = batches.skip(skip_batches)
-    if num_batches is not None:
-        batches = batches.take(num_batches)
-    return batches.prefetch(tf.data.AUTOTUNE)
+    return augmented_batches(decoded, augment, per_replica_batch, skip_batches, num_batches)
 
 
 def segmentation_eval_dataset(source, config, batch_size):

@@ -4,6 +4,8 @@
         --model_dir=runs/v2_100 --strategy=mirrored --batch_size=1024 --epochs=300
     python -m training.train --task=segmentation --model=mobilevitv2_100 --data=/data/VOCdevkit/VOC2012 \
         --init_weights=imagenet --image_size=512 --batch_size=128 --epochs=50 --model_dir=runs/deeplabv3
+    python -m training.train --task=detection --model=mobilevitv2_100 --data=/data/coco \
+        --init_weights=imagenet --image_size=320 --batch_size=128 --epochs=200 --model_dir=runs/ssdlite
 """
 
 from absl import app
@@ -18,11 +20,12 @@ from training.flags import run_job
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from training.detection import DetectionTrainer
     from training.segmentation import SegmentationTrainer
     from training.trainer import Trainer
 
     def job(config):
-        trainer = SegmentationTrainer if config.task == "segmentation" else Trainer
+        trainer = {"segmentation": SegmentationTrainer, "detection": DetectionTrainer}.get(config.task, Trainer)
         return trainer(config, tpu_address=flags.FLAGS.tpu).run()
 
     return run_job(job)

@@ -82,6 +82,20 @@ def build_model(config, num_classes, weights=None, classifier_activation=None):
     return model
 
 
+def load_backbone_weights(backbone, config, weights):
+    """The backbone layers of a classifier loaded from `weights` (any form
+    `--init_weights` takes); its classifier, whatever its size, is unused."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # the "classifier dropped" warning is about classification
+    try:
+        classifier = build_model(config, 1000, weights=weights)
+    finally:
+        logging.set_verbosity(verbosity)
+    for layer in backbone.layers:
+        if layer.weights:
+            layer.set_weights(classifier.get_layer(layer.name).get_weights())
+
+
 def load_init_weights(model, config, weights):
     """Fine-tuning start from any weights the models accept. A classifier of
     another size is dropped, with a warning: the backbone is loaded and the

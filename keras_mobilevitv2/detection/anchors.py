@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-__all__ = ["ML_CVNETS_COCO", "AnchorConfig", "ssd_anchors"]
+__all__ = ["ML_CVNETS_COCO", "AnchorConfig", "input_anchors", "ssd_anchors"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,3 +73,21 @@ def ssd_anchors(feature_sizes, config=ML_CVNETS_COCO):
         centres = np.broadcast_to(centres, sizes.shape)
         levels.append(np.concatenate([centres, sizes], -1).reshape(-1, 4))  # [H*W*A, 4]
     return np.clip(np.concatenate(levels), 0.0, 1.0).astype(np.float32)
+
+
+def input_anchors(image_size, config=ML_CVNETS_COCO):
+    """The anchors of an SSDLite on MobileViTv2 taking `image_size` (an int,
+    or (height, width)) inputs, without building it (`model_anchors` reads
+    them from a model): every stride-2 layer (3x3, 1-pixel padding) maps n to
+    ceil(n / 2); the MobileViT blocks at strides 8, 16 and 32 round an odd
+    size up to even (their 2x2 patches); the global level is 1x1."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    sizes = []
+    for stride in config.output_strides:
+        h, w = height, width
+        for level in range(1, int(math.log2(stride)) + 1 if stride > 0 else 0):
+            h, w = -(-h // 2), -(-w // 2)
+            if level in (3, 4, 5):  # strides 8, 16, 32
+                h, w = h + h % 2, w + w % 2
+        sizes.append((h, w) if stride > 0 else (1, 1))
+    return ssd_anchors(sizes, config)

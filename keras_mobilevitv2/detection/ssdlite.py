@@ -5,7 +5,13 @@ Reference: ml-cvnets `cvnets/models/detection/ssd.py` (the extra layers),
 mobilevit_v2.yaml` (320x320, strides 16-256 and global, projections
 [512, 256, 256, 128, 128, 64]). The backbone keeps its SiLU; the extra
 layers and heads use ReLU, as ml-cvnets' general activation.
+
+Another backbone (e.g. `keras.applications.MobileNetV2`, with
+`backbone_levels=MOBILENET_V2_LEVELS`) gets the same extra layers and heads,
+so the backbones can be compared in one detector.
 """
+
+import math
 
 import keras
 
@@ -18,10 +24,17 @@ from keras_mobilevitv2.layers.channel_slice import ChannelSlice
 from keras_mobilevitv2.layers.inverted_residual import batch_norm
 from keras_mobilevitv2.mobilevitv2 import MobileViTv2
 
-__all__ = ["SSDLite", "model_anchors"]
+__all__ = ["MOBILENET_V2_LEVELS", "MOBILEVITV2_LEVELS", "SSDLite", "model_anchors"]
 
-# Output stride -> the backbone layer whose output is that level.
-BACKBONE_LEVELS = {8: "stage3_mvit", 16: "stage4_mvit", 32: "stage5_mvit"}
+# The output strides a backbone provides; the detector adds the coarser ones.
+BACKBONE_STRIDES = (8, 16, 32)
+# Output stride -> the layer of this package's MobileViTv2 whose output is that level.
+MOBILEVITV2_LEVELS = {8: "stage3_mvit", 16: "stage4_mvit", 32: "stage5_mvit"}
+# The same for keras.applications.MobileNetV2, as the SSDLite paper (and the
+# TF Object Detection API's ssd_mobilenet_v2) takes them: stride 16 is block
+# 13's expansion (576 channels at width 1.0), the input of the depthwise
+# convolution that goes to stride 32; stride 32 the last 1x1 convolution (1280).
+MOBILENET_V2_LEVELS = {16: "block_13_expand_relu", 32: "out_relu"}
 EXTRA_STRIDES = (64, 128, 256)
 PROJ_CHANNELS = (512, 256, 256, 128, 128, 64)
 # The global level's 1x1 convolution: ml-cvnets' fixed width for output stride -1.
@@ -39,13 +52,14 @@ def _separable_down(x, filters, name):
     return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 
-def _levels(backbone, config, proj_channels):
+def _levels(backbone, config, proj_channels, backbone_levels):
     """Each level's feature map, highest resolution first."""
+    levels = MOBILEVITV2_LEVELS if backbone_levels is None else backbone_levels
     features = []
     for index, stride in enumerate(config.output_strides):
         name = f"os{stride}" if stride != -1 else "global"
-        if stride in BACKBONE_LEVELS:
-            features.append(backbone.get_layer(BACKBONE_LEVELS[stride]).output)
+        if stride in BACKBONE_STRIDES:
+            features.append(_backbone_level(backbone, stride, levels, backbone_levels is not None))
         elif stride == -1:
             x = keras.layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_pool")(features[-1])  # [B,1,1,C]
             x = keras.layers.Conv2D(GLOBAL_CHANNELS, 1, use_bias=False, name=f"{name}_conv")(x)
@@ -53,6 +67,55 @@ def _levels(backbone, config, proj_channels):
         else:
             features.append(_separable_down(features[-1], proj_channels[index], f"extra_{name}"))
     return features
+
+
+def _backbone_level(backbone, stride, levels, named_by_user):
+    """The backbone layer output that is the level at `stride`; a layer
+    named by the user is checked to have that stride."""
+    if stride not in levels:
+        raise ValueError(
+            f"`anchors.output_strides` takes output stride {stride} from the backbone, but `backbone_levels` "
+            f"names no layer for it. Received: backbone_levels={levels!r}"
+        )
+    try:
+        layer = backbone.get_layer(levels[stride])
+    except ValueError:
+        if named_by_user:
+            reason = f"which `backbone_levels` names for output stride {stride}"
+        else:
+            reason = (
+                f"this package's MobileViTv2 level at output stride {stride}. Another backbone needs "
+                "`backbone_levels`, its layers at output strides 16 and 32 (for ml-cvnets' anchors), e.g. "
+                "backbone_levels=MOBILENET_V2_LEVELS for keras.applications.MobileNetV2"
+            )
+        raise ValueError(f"The backbone {backbone.name!r} has no layer {levels[stride]!r}, {reason}.") from None
+    if named_by_user:
+        _check_level_shape(backbone, stride, layer)
+    return layer.output
+
+
+def _check_level_shape(backbone, stride, layer):
+    # Only a static size can be checked. A backbone rounds odd sizes down or
+    # up, and padding to even sizes (MobileViTv2's 2x2 patches) adds up to one
+    # more: a level of the wrong stride is still twice or half the size.
+    shape = tuple(layer.output.shape) if not isinstance(layer.output, (list, tuple, dict)) else None
+    if shape is None or len(shape) != 4:
+        raise ValueError(
+            f"Layer {layer.name!r} of the backbone, named for output stride {stride} in `backbone_levels`, must "
+            f"output one [batch, height, width, channels] feature map. Its output: {layer.output!r}"
+        )
+    height, width = backbone.inputs[0].shape[1:3]
+    if None in (height, width, shape[1], shape[2]):
+        return
+    fits = all(
+        size // stride <= level <= math.ceil(size / stride) + 1 for size, level in zip((height, width), shape[1:3])
+    )
+    if not fits:
+        raise ValueError(
+            f"Layer {layer.name!r} of the backbone outputs {shape[1]}x{shape[2]} at input {height}x{width}, not "
+            f"output stride {stride} ({math.ceil(height / stride)}x{math.ceil(width / stride)}): name the "
+            f"backbone's stride-{stride} layer in `backbone_levels`."
+        )
 
 
 def _head(x, level, config, proj_channels, num_classes):
@@ -75,8 +138,8 @@ def _head(x, level, config, proj_channels, num_classes):
 
 
 def _check_strides(strides):
-    expected = [s for s in strides if s in BACKBONE_LEVELS]
-    extra = [s for s in strides if s not in BACKBONE_LEVELS and s != -1]
+    expected = [s for s in strides if s in BACKBONE_STRIDES]
+    extra = [s for s in strides if s not in BACKBONE_STRIDES and s != -1]
     valid = (
         expected
         and list(strides[: len(expected)]) == sorted(expected)
@@ -94,12 +157,36 @@ def _check_strides(strides):
         )
 
 
-def _check_arguments(backbone, num_classes, anchors, proj_channels):
+def _check_backbone_levels(backbone, backbone_levels):
+    if backbone_levels is None:
+        return
+    if not isinstance(backbone, keras.Model):
+        raise ValueError(
+            "`backbone_levels` names layers of a backbone model; a width builds this package's MobileViTv2, "
+            f"whose levels are known. Received: backbone={backbone!r}, backbone_levels={backbone_levels!r}"
+        )
+    valid = (
+        isinstance(backbone_levels, dict)
+        and backbone_levels
+        and all(stride in BACKBONE_STRIDES for stride in backbone_levels)
+        and all(isinstance(name, str) for name in backbone_levels.values())
+    )
+    if not valid:
+        raise ValueError(
+            f"`backbone_levels` must map output strides from {BACKBONE_STRIDES} to layer names of the backbone, "
+            f"e.g. MOBILENET_V2_LEVELS = {MOBILENET_V2_LEVELS!r} for keras.applications.MobileNetV2. "
+            f"Received: backbone_levels={backbone_levels!r}"
+        )
+
+
+def _check_arguments(backbone, num_classes, anchors, proj_channels, backbone_levels):
     if not (isinstance(backbone, keras.Model) or is_width(backbone)):
         raise ValueError(
             "`backbone` must be a width multiplier (a positive number, e.g. 0.5 ... 2.0) or a keras_mobilevitv2 "
-            f"model built with `include_top=False`. Received: backbone={backbone!r}"
+            "model built with `include_top=False` (another Keras backbone model with `backbone_levels`). "
+            f"Received: backbone={backbone!r}"
         )
+    _check_backbone_levels(backbone, backbone_levels)
     if not is_positive_integer(num_classes) or num_classes < 2:
         raise ValueError(
             "`num_classes` must be an integer >= 2 that counts the background (class 0): 81 for COCO's 80 "
@@ -124,6 +211,7 @@ def SSDLite(
     anchors=ML_CVNETS_COCO,
     proj_channels=PROJ_CHANNELS,
     name=None,
+    backbone_levels=None,
 ):
     """SSDLite object detection on a MobileViTv2 backbone (ml-cvnets' model).
 
@@ -133,8 +221,11 @@ def SSDLite(
     | mAP | 21.24 | 24.57 | 26.47 | 27.85 | 28.83 | 29.52 | 30.21 |
 
     Args:
-        backbone: A width multiplier (a new MobileViTv2 is built) or a
-            keras_mobilevitv2 `MobileViTv2(..., include_top=False)` model.
+        backbone: A width multiplier (a new MobileViTv2 is built), a
+            keras_mobilevitv2 `MobileViTv2(..., include_top=False)` model,
+            or another Keras backbone model with `backbone_levels`. A model
+            brings its own input (range and size; build it with a static
+            size, which the anchors depend on).
         num_classes: Classes including the background, which is class 0
             (81 for COCO).
         input_shape: `(height, width, 3)`, static: the anchors depend on it.
@@ -145,7 +236,13 @@ def SSDLite(
         anchors: The levels and anchor shapes (`AnchorConfig`; ml-cvnets'
             COCO configuration by default).
         proj_channels: Each level's channels (ml-cvnets' defaults).
-        name: The model name; defaults to `"ssdlite_mobilevitv2_<width>"`.
+        name: The model name; defaults to `"ssdlite_<backbone name>"`.
+        backbone_levels: For a backbone model other than this package's
+            MobileViTv2: `{output stride: layer name}` for the strides of
+            `anchors` taken from the backbone (16 and 32 by default), e.g.
+            `MOBILENET_V2_LEVELS` for `keras.applications.MobileNetV2(
+            include_top=False, input_shape=(320, 320, 3))`. Each layer's
+            output is checked to be at its stride.
 
     Returns:
         A Keras `Model` from [B, H, W, 3] images to `{"box_deltas": [B, N, 4],
@@ -154,7 +251,7 @@ def SSDLite(
         against the anchor with variances 0.1 / 0.2, and class logits
         (softmax over the classes, background included).
     """
-    _check_arguments(backbone, num_classes, anchors, proj_channels)
+    _check_arguments(backbone, num_classes, anchors, proj_channels, backbone_levels)
     if input_shape is None or len(input_shape) != 3 or None in input_shape[:2]:
         raise ValueError(
             f"`input_shape` must be a static (height, width, 3): the anchors depend on it. Received: {input_shape!r}"
@@ -168,7 +265,7 @@ def SSDLite(
             include_preprocessing=include_preprocessing,
             name=f"mobilevitv2_{int(round(backbone * 100)):03d}",
         )
-    features = _levels(backbone, anchors, proj_channels)
+    features = _levels(backbone, anchors, proj_channels, backbone_levels)
     deltas, logits = [], []
     for level, feature in enumerate(features):
         rows = _head(feature, level, anchors, proj_channels, num_classes)

@@ -13,6 +13,10 @@ import time
 
 import numpy as np
 
+from quantization.targets.android_detection import agreement_line
+from quantization.targets.android_detection import int8_against_float16
+from quantization.targets.android_detection import postprocess_line
+from quantization.targets.android_detection import write_detector
 from quantization.targets.android_gpu import PARTITION_NOTE
 from quantization.targets.android_gpu import analyzer_checks_gpu
 from quantization.targets.android_gpu import compare_with_analyzer
@@ -22,9 +26,12 @@ from quantization.targets.common import TargetError
 from quantization.targets.common import check_io_type
 from quantization.targets.common import check_name
 from quantization.targets.common import staged
+from quantization.targets.detections import is_ssdlite
+from quantization.tflite_export import check_images
 from quantization.tflite_export import export_tflite
 from quantization.tflite_export import is_qat
 from quantization.tflite_export import static_input_shape
+from quantization.tflite_graph import DETECTION_POSTPROCESS
 
 TARGET = "android"
 
@@ -114,8 +121,15 @@ def export(
     threads=2,
     warmup=5,
     repeats=30,
+    anchors=None,
+    postprocess=None,
 ):
     """Writes the two Android models of the float `model` and their report.
+
+    An SSDLite detector (outputs box_deltas and class_logits) is written
+    with TFLite's `TFLite_Detection_PostProcess` at the end of both models
+    (`android_detection`): float32 outputs boxes, classes, scores and count,
+    the op on the CPU after the GPU partition by design.
 
     Files in `output_dir`:
         <name>.android.float16.tflite  float16 weights, float compute and I/O
@@ -144,11 +158,14 @@ def export(
             ops the GPU delegate cannot run (by `gpu_delegate_compatibility`
             or TensorFlow's Analyzer); they then run on the CPU.
         threads, warmup, repeats: For `xnnpack_latency`.
+        anchors: A detector's anchors [N, 4] (default: `model_anchors(model)`).
+        postprocess: A detector's `detection_export.PostProcess` settings.
 
     Returns:
         The report: {target, name, output_dir, models: [{variant, mode, path,
         size_bytes, io_type, agreement, gpu, analyzer, xnnpack}], files,
-        notes}. `analyzer` sets TensorFlow's own check
+        notes}; a detector's int8 entry has `agreement` against the float16
+        model's detections on `sample_images`. `analyzer` sets TensorFlow's own check
         (`tf.lite.experimental.Analyzer`, gpu_compatibility=True) beside
         ours: see `android_gpu.compare_with_analyzer`.
 
@@ -161,7 +178,7 @@ def export(
     """
     io_type = check_io_type(TARGET, io_type)
     name = check_name(name, model)
-    static_input_shape(model, "The Android export")
+    shape = static_input_shape(model, "The Android export")
     if is_qat(model):
         raise ValueError(
             "The Android export needs the float model (it writes float16 and int8); pass the QAT "
@@ -169,6 +186,11 @@ def export(
         )
     if qat_model is not None and not is_qat(qat_model):
         raise ValueError("qat_model must come from quantization.quantize_model (and be calibrated).")
+    detector = is_ssdlite(model)
+    if not detector and (anchors is not None or postprocess is not None):
+        raise ValueError("anchors and postprocess are for an SSDLite detector (outputs box_deltas, class_logits).")
+    if detector and sample_images is not None:
+        sample_images = check_images(sample_images, shape, "sample_images")
     variants = [
         ("float16", "float16", model, "float32"),
         ("int8", "ptq_int8" if qat_model is None else "qat_int8", qat_model or model, io_type),
@@ -184,21 +206,26 @@ def export(
     with staged(output_dir, TARGET) as staging:
         for variant, mode, source, variant_io in variants:
             path = staging.path(f"{name}.{TARGET}.{variant}.tflite")
-            audit = export_tflite(
-                source,
-                path,
-                mode,
-                io_type=variant_io,
-                representative_images=calibration_images,
-                sample_images=sample_images,
-                verbose=False,
-            )
+            if detector:
+                audit = write_detector(source, path, mode, variant_io, anchors, postprocess, calibration_images)
+            else:
+                audit = export_tflite(
+                    source,
+                    path,
+                    mode,
+                    io_type=variant_io,
+                    representative_images=calibration_images,
+                    sample_images=sample_images,
+                    verbose=False,
+                )
             entry = _model_entry(path, variant, mode, variant_io, audit, (threads, warmup, repeats))
             report["models"].append(entry)
             report["files"][variant] = path
             report["files"][f"{variant}_audit"] = path[: -len(".tflite")] + ".audit.json"
             if variant == "float16" and not allow_cpu_fallback:
                 _refuse_cpu_fallback(entry, report)
+        if detector:
+            report["models"][1]["agreement"] = int8_against_float16(report["models"], sample_images)
         return staging.commit(report, name, TARGET)
 
 
@@ -230,9 +257,13 @@ def _model_entry(path, variant, mode, io_type, audit, timing):
 def _refuse_cpu_fallback(entry, report):
     """TargetError when our rules or the Analyzer find an op of the
     float16 model the GPU delegate cannot run: that model exists for the GPU,
-    and a silent CPU fallback would cost the latency it is meant to save."""
-    ours = entry["gpu"]["unsupported"]
-    theirs = entry["analyzer"]["analyzer_flagged"]
+    and a silent CPU fallback would cost the latency it is meant to save.
+    A detector's post-processing op on the CPU tail is no fallback: no GPU
+    delegate runs it, and the app reads its outputs on the CPU."""
+    placement = entry["gpu"].get("detection_postprocess")
+    by_design = {placement["index"]} if placement and placement["cpu_tail"] else set()
+    ours = [op for op in entry["gpu"]["unsupported"] if op["index"] not in by_design]
+    theirs = [op for op in entry["analyzer"]["analyzer_flagged"] if op["index"] not in by_design]
     if not ours and not theirs:
         return
     found = [f"op #{op['index']} {op['op']}: {op['reason']}" for op in ours[:5]]
@@ -265,8 +296,11 @@ def format_report(report):
     lines.append("")
     lines.append(f"XNNPACK: {threads} threads on this machine (relative figures, not a phone measurement).")
     for model in report["models"]:
+        line = postprocess_line(model)
+        lines.extend(extra for extra in (line, agreement_line(model)) if extra)
         for reason, count in model["gpu"]["unsupported_summary"].items():
-            lines.append(f"- {os.path.basename(model['path'])}: {count} x {reason}")
+            if not (line and reason.startswith(DETECTION_POSTPROCESS)):  # that op is on the line above
+                lines.append(f"- {os.path.basename(model['path'])}: {count} x {reason}")
     for model in report["models"]:
         if "analyzer" in model:
             lines.extend(_analyzer_lines(os.path.basename(model["path"]), model["analyzer"]))

@@ -24,6 +24,7 @@ import re
 
 from tensorflow.lite.python import schema_py_generated as schema
 
+from quantization.tflite_graph import DETECTION_POSTPROCESS
 from quantization.tflite_graph import read_graph
 
 _FLOAT_TYPES = ("FLOAT32", "FLOAT16")
@@ -74,6 +75,10 @@ INT8_NOTE = (
     "int8 model: the GPU delegate runs it as a float view (weights dequantized, quantization "
     "simulated in float); int8 inputs/outputs are (de)quantized on the CPU, so float I/O is "
     "recommended for the GPU."
+)
+POSTPROCESS_NOTE = (
+    "TFLite_Detection_PostProcess (box decoding and NMS) has no GPU kernel: it runs on the CPU after "
+    "the GPU partition, a single GPU-to-CPU hand-over at the end of the graph."
 )
 PARTITION_NOTE = (
     "The GPU delegate's default max_delegated_partitions is 1: with several GPU partitions only the "
@@ -476,6 +481,19 @@ def _partitions(graph, supported):
     return partitions
 
 
+def _postprocess_placement(graph, partitions):
+    """Where a detector's TFLite_Detection_PostProcess runs: the GPU
+    delegate has no kernel for it, so it is on the CPU; `cpu_tail` says
+    whether it and the CPU ops around it form one partition after a single
+    GPU partition (one GPU-to-CPU boundary, at the end)."""
+    ops = [op for op in graph.operators if op.name == DETECTION_POSTPROCESS]
+    if len(ops) != 1:
+        return None
+    on_gpu = next(gpu for gpu, members in partitions if ops[0].index in members)
+    kinds = [gpu for gpu, _ in partitions]
+    return {"index": ops[0].index, "on_gpu": on_gpu, "cpu_tail": kinds == [True, False] and not on_gpu}
+
+
 def _summary(entries):
     """(unsupported: [{index, op, reason}], {"OP: reason": count})."""
     unsupported = [{k: e[k] for k in ("index", "op", "reason")} for e in entries if not e["supported"]]
@@ -501,8 +519,13 @@ def gpu_delegate_compatibility(flatbuffer, enhanced_broadcast=False):
         total_ops, weight_dequantize_ops (DEQUANTIZE of float16 weights,
         counted in total_ops), supported_ops, unsupported: [{index, op, reason}],
         unsupported_summary: {"OP: reason": count}, gpu_partitions,
-        cpu_partitions, largest_gpu_partition (ops), fully_supported,
-        int8 (the model holds int8/uint8 activations), notes}.
+        cpu_partitions, largest_gpu_partition (ops), partitions: [{on_gpu,
+        ops, first, last}] in execution order, detection_postprocess (None,
+        or for a detector ending in TFLite_Detection_PostProcess: {index,
+        on_gpu, cpu_tail: the CPU runs exactly the ops after the one GPU
+        partition, the op among them, so the graph crosses from GPU to CPU
+        once}), fully_supported, int8 (the model holds int8/uint8
+        activations), notes}.
     """
     graph = read_graph(flatbuffer)
     nodes = _nodes(graph)
@@ -521,12 +544,15 @@ def gpu_delegate_compatibility(flatbuffer, enhanced_broadcast=False):
     unsupported, summary = _summary(entries)
     partitions = _partitions(graph, supported)
     gpu_partitions = [members for on_gpu, members in partitions if on_gpu]
+    postprocess = _postprocess_placement(graph, partitions)
     int8 = any(
         tensor.dtype in _QUANTIZED_TYPES and not node.is_constant(tensor)
         for node in nodes
         for tensor in _present(node) + node.outputs
     )
     notes = ([INT8_NOTE] if int8 else []) + ([PARTITION_NOTE] if len(gpu_partitions) > 1 else [])
+    if postprocess is not None and postprocess["cpu_tail"]:
+        notes.append(POSTPROCESS_NOTE)
     return {
         "ops": entries,
         "total_ops": len(nodes),
@@ -537,6 +563,11 @@ def gpu_delegate_compatibility(flatbuffer, enhanced_broadcast=False):
         "gpu_partitions": len(gpu_partitions),
         "cpu_partitions": len(partitions) - len(gpu_partitions),
         "largest_gpu_partition": max((len(members) for members in gpu_partitions), default=0),
+        "partitions": [
+            {"on_gpu": on_gpu, "ops": len(members), "first": min(members), "last": max(members)}
+            for on_gpu, members in partitions
+        ],
+        "detection_postprocess": postprocess,
         "fully_supported": len(nodes) > 0 and all(supported),
         "enhanced_broadcast": bool(enhanced_broadcast),
         "int8": int8,

@@ -7,6 +7,14 @@ flatbuffer to `export_flatbuffer`, which checks it against what TFLM accepts
 interpreter on sample images (`micro_runtime`), checks the arena and flash
 budgets, and writes the model, its C++ source (`micro_source`) and the report
 only when everything fits.
+
+Detectors take the same route. An SSDLite (`keras_mobilevitv2.detection`)
+given to `export` becomes an int8 model ending in TFLite's
+`TFLite_Detection_PostProcess` (`quantization.detection_export`), and
+`export_flatbuffer` recognises such a flatbuffer, whoever built it: its
+float32 outputs (boxes, classes, scores, count) are expected, everything
+before the op must be int8, and the TFLM run is compared detection by
+detection (`micro_detection`) instead of by top-1 class.
 """
 
 import re
@@ -21,12 +29,19 @@ from quantization.targets.common import check_io_type
 from quantization.targets.common import check_name
 from quantization.targets.common import quantized_for
 from quantization.targets.common import staged
+from quantization.targets.detections import BOX_TOLERANCE
+from quantization.targets.detections import SCORE_TOLERANCE
+from quantization.targets.detections import is_ssdlite
 from quantization.targets.micro_checks import check_micro_compatibility
+from quantization.targets.micro_detection import detector_summary
+from quantization.targets.micro_detection import format_detection_lines
+from quantization.targets.micro_detection import run_and_compare_detections
 from quantization.targets.micro_runtime import MicroRuntimeError
 from quantization.targets.micro_runtime import run_micro
 from quantization.targets.micro_source import write_c_source
 from quantization.tflite_export import check_images
 from quantization.tflite_export import convert
+from quantization.tflite_export import is_qat
 from quantization.tflite_export import static_input_shape
 from quantization.tflite_export import write_model
 
@@ -52,13 +67,22 @@ def export(
     min_top1_agreement=0.95,
     array_name="g_model",
     timeout=600,
+    anchors=None,
+    postprocess=None,
+    min_detection_agreement=0.9,
+    box_tolerance=BOX_TOLERANCE,
+    score_tolerance=SCORE_TOLERANCE,
 ):
     """int8 TFLite (int8 I/O) for TensorFlow Lite Micro, run in the real TFLM
     interpreter, with a C++ source of the model array and its op resolver.
 
     Args:
         model: A float Keras model (quantized here after training, on
-            `calibration_images`) or a QAT model from `quantize_model`.
+            `calibration_images`) or a QAT model from `quantize_model`. An
+            SSDLite detector (outputs `box_deltas` and `class_logits`) is
+            exported with TFLite's `TFLite_Detection_PostProcess` at the end:
+            a float one quantized by the converter on `calibration_images`
+            (ptq_int8), a QAT one as trained (qat_int8).
         output_dir: Folder for `<name>.micro.int8.tflite`, `<name>.micro.h`,
             `<name>.micro.cc` and `<name>.micro.report.json`.
         name: File name stem (default: the model's name).
@@ -66,9 +90,18 @@ def export(
             float model, unused for a QAT model (its ranges are trained).
         sample_images: Images run in TFLM and in the TFLite interpreter, which
             must agree (default: `calibration_images`).
-        io_type: "int8" only (a float or uint8 interface adds ops TFLM refuses).
+        io_type: "int8" only (a float or uint8 interface adds ops TFLM refuses;
+            a detector's outputs are the post-processing op's float32).
         arena_budget_bytes, flash_budget_bytes, min_top1_agreement,
         array_name, timeout: see `export_flatbuffer`.
+        anchors: A detector's anchors [N, 4] (cx, cy, w, h); default
+            `keras_mobilevitv2.detection.model_anchors(model)` (ml-cvnets'
+            COCO anchor shapes: pass `model_anchors(model, config)` for a
+            model built with another `AnchorConfig`).
+        postprocess: A detector's `quantization.detection_export.PostProcess`
+            (max detections, score and IoU thresholds; its defaults when None).
+        min_detection_agreement, box_tolerance, score_tolerance: a
+            detector's agreement check; see `export_flatbuffer`.
 
     Returns:
         The report (also written as `<name>.micro.report.json`).
@@ -76,7 +109,8 @@ def export(
     Raises:
         TargetError: the model does not fit TFLM or the budgets; nothing is
             written.
-        ValueError: bad arguments (images of the wrong shape, ...).
+        ValueError: bad arguments (images of the wrong shape, detector
+            options for a classifier, ...).
     """
     check_io_type(TARGET, io_type)
     name = check_name(name, model)
@@ -88,8 +122,13 @@ def export(
         )
     which = "sample_images" if sample_images is not None else "calibration_images"
     samples = check_images(sample_images if sample_images is not None else calibration_images, shape, which)
-    quantized = quantized_for(model, "reference", calibration_images)
-    flatbuffer = convert(quantized, "qat_int8", "int8", representative_images=samples[:4])
+    if is_ssdlite(model):
+        flatbuffer = _detector_flatbuffer(model, shape, calibration_images, samples, anchors, postprocess)
+    elif anchors is not None or postprocess is not None:
+        raise ValueError("anchors and postprocess are for an SSDLite detector (outputs box_deltas, class_logits).")
+    else:
+        quantized = quantized_for(model, "reference", calibration_images)
+        flatbuffer = convert(quantized, "qat_int8", "int8", representative_images=samples[:4])
     return export_flatbuffer(
         flatbuffer,
         output_dir,
@@ -100,7 +139,31 @@ def export(
         min_top1_agreement=min_top1_agreement,
         array_name=array_name,
         timeout=timeout,
+        min_detection_agreement=min_detection_agreement,
+        box_tolerance=box_tolerance,
+        score_tolerance=score_tolerance,
     )
+
+
+def _detector_flatbuffer(model, shape, calibration_images, samples, anchors, postprocess):
+    """The int8 detector ending in TFLite_Detection_PostProcess: ptq_int8 for
+    a float SSDLite (the converter calibrates on `calibration_images`), qat_int8
+    for a QAT one."""
+    # Imported here: a classifier's export needs neither the detection models nor their converter.
+    from keras_mobilevitv2.detection import model_anchors
+    from quantization.detection_export import PostProcess
+    from quantization.detection_export import detection_flatbuffer
+
+    if anchors is None:
+        anchors = model_anchors(model)
+    if is_qat(model):
+        mode, representative = "qat_int8", samples[:4]
+    elif calibration_images is None:
+        raise ValueError("A float detector needs calibration_images (about 100 typical inputs) to be quantized.")
+    else:
+        mode, representative = "ptq_int8", check_images(calibration_images, shape, "calibration_images")
+    settings = postprocess if postprocess is not None else PostProcess()
+    return detection_flatbuffer(model, mode, anchors, representative, settings=settings, input_type="int8")
 
 
 def export_flatbuffer(
@@ -113,6 +176,9 @@ def export_flatbuffer(
     min_top1_agreement=0.95,
     array_name="g_model",
     timeout=600,
+    min_detection_agreement=0.9,
+    box_tolerance=BOX_TOLERANCE,
+    score_tolerance=SCORE_TOLERANCE,
 ):
     """Checks, runs and writes an int8 TFLite flatbuffer for TensorFlow Lite Micro.
 
@@ -121,6 +187,14 @@ def export_flatbuffer(
     arena and checks the budgets. When everything fits it writes, in
     `output_dir`: `<name>.micro.int8.tflite`, `<name>.micro.h` /
     `<name>.micro.cc` (see `write_c_source`) and `<name>.micro.report.json`.
+
+    A detector (a flatbuffer ending in `TFLite_Detection_PostProcess`, e.g.
+    from `quantization.detection_export.detection_flatbuffer(..., "ptq_int8"
+    or "qat_int8")`) is compared detection by detection instead of by top-1
+    class: the report's `detections` (see `detections.detection_agreement`),
+    `anchor_agreement` (the op's inputs, in int8 steps), `postprocess_kernel`
+    (TFLM's op alone on TFLite's inputs: must be identical) and `detector`
+    (anchors, the op's settings, its scratch and arena).
 
     Args:
         flatbuffer: The `.tflite` model (bytes), e.g. from
@@ -135,6 +209,12 @@ def export_flatbuffer(
             image for a classifier, one per pixel for a segmenter.
         array_name: C identifier of the model array in the .h/.cc.
         timeout: Seconds for each TFLM interpreter process.
+        min_detection_agreement: Least share of a detector's detections that
+            must match between TFLM and the TFLite interpreter (matched /
+            the larger count, summed over the images).
+        box_tolerance: Largest difference of a matched box's corners
+            (normalised coordinates).
+        score_tolerance: Largest difference of a matched detection's score.
 
     Returns:
         The report dict.
@@ -152,7 +232,16 @@ def export_flatbuffer(
     check = check_micro_compatibility(flatbuffer)
     images = _check_samples(sample_images, check["inputs"][0]["shape"])
     report = _new_report(name, flatbuffer, check, arena_budget_bytes, flash_budget_bytes)
-    _run_and_compare(flatbuffer, images, report, min_top1_agreement, timeout)
+    if check["detector"]:
+        report["detector"] = detector_summary(flatbuffer)
+        limits = {
+            "min_detection_agreement": min_detection_agreement,
+            "box_tolerance": box_tolerance,
+            "score_tolerance": score_tolerance,
+        }
+        run_and_compare_detections(flatbuffer, images, report, limits, timeout)
+    else:
+        _run_and_compare(flatbuffer, images, report, min_top1_agreement, timeout)
     _check_budgets(report)
     if report["problems"]:
         raise TargetError(f"{name} does not fit the TFLite Micro target: " + "; ".join(report["problems"]), report)
@@ -196,6 +285,7 @@ def _new_report(name, flatbuffer, check, arena_budget_bytes, flash_budget_bytes)
         "operator_count": check["operator_count"],
         "input": check["inputs"][0],
         "output": check["outputs"][0],
+        "outputs": check["outputs"],
         "agreement": None,
         "compatibility": check,
         "notes": list(check["notes"]) + _NOTES,
@@ -268,15 +358,18 @@ def format_report(report):
 
     lines.append(f"  flash (model): {against(report['flash_bytes'], report['flash_budget_bytes'])}")
     lines.append(f"  tensor arena (measured): {against(report['arena_bytes'], report['arena_budget_bytes'])}")
-    io = report["input"], report["output"]
+    given = report["input"]
+    outputs = ", ".join(f"{o['dtype']} {o['shape']}" for o in report.get("outputs") or [report["output"]])
     lines.append(
-        f"  input {io[0]['dtype']} {io[0]['shape']}, output {io[1]['dtype']} {io[1]['shape']}; "
+        f"  input {given['dtype']} {given['shape']}, output{'s' if ', ' in outputs else ''} {outputs}; "
         f"{report['operator_count']} operators"
     )
     lines.append(
         f"  ops to register ({report['num_resolver_ops']}): "
         + ", ".join(f"{op['op']} ({op['method']})" for op in report["ops_to_register"])
     )
+    if report.get("detector"):
+        lines.extend(format_detection_lines(report))
     agreement = report.get("agreement")
     if agreement:
         steps = agreement["max_difference_in_steps"]

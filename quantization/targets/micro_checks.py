@@ -2,6 +2,7 @@
 int8 kernels accept, checked op by op on a flatbuffer
 (`check_micro_compatibility`)."""
 
+from quantization.targets.detections import detection_postprocess
 from quantization.tflite_graph import FLOAT_TYPES
 from quantization.tflite_graph import read_graph
 
@@ -226,9 +227,13 @@ def _op_support(graph):
     return ops_to_register, unsupported, nodes_per_op
 
 
-def _tensor_findings(graph):
-    """(tensors above rank 5, tensors of rank 5, float tensors inside)."""
+def _tensor_findings(graph, postprocess):
+    """(tensors above rank 5, tensors of rank 5, float tensors inside). The
+    detection post-processing op that ends a detector (`postprocess`) reads
+    and writes float32 by definition: its tensors are not "inside"."""
     boundary = set(graph.inputs) | set(graph.outputs)
+    if postprocess is not None:
+        boundary |= set(postprocess.present_inputs) | set(postprocess.outputs)
     above_rank_5 = [{"name": t.name, "shape": list(t.shape)} for t in graph.tensors if t.rank > MAX_TENSOR_RANK]
     rank_5 = [{"name": t.name, "shape": list(t.shape)} for t in graph.tensors if t.rank == MAX_TENSOR_RANK]
     float_inside = [t.name for t in graph.tensors if t.index not in boundary and t.dtype in FLOAT_TYPES]
@@ -284,9 +289,38 @@ def _softmax_problems(graph, op):
     return problems
 
 
-def _io_problems(inputs, outputs):
+def _postprocess_problems(graph, op):
+    """What TFLM's DetectionPostprocess kernel refuses: inputs other than
+    float32 (its Eval returns an error for any other type), a batch other
+    than 1, and ranks other than 3-D box encodings and class scores and 2-D
+    anchors (checked in Prepare). The float inputs must come from a
+    DEQUANTIZE: anything else computed them in float."""
     problems = []
-    for role, described in (("input", inputs), ("output", outputs)):
+    producers = {index: producer for producer in graph.operators for index in producer.outputs}
+    roles = ("box encodings", "class scores", "anchors")
+    for role, index, rank in zip(roles, op.inputs, (3, 3, 2)):
+        tensor = graph.tensors[index]
+        where = f"TFLite_Detection_PostProcess's {role} {tensor.name!r}"
+        if tensor.dtype != "FLOAT32":
+            problems.append(f"{where} is {tensor.dtype}; TFLM's DetectionPostprocess kernel takes float32 only")
+        if tensor.rank != rank:
+            problems.append(f"{where} has shape {list(tensor.shape)}; TFLM's kernel needs {rank}-D")
+        elif rank == 3 and tensor.shape[0] != 1:
+            problems.append(f"{where} has batch {tensor.shape[0]}; TFLM's kernel runs batch 1 only")
+        producer = producers.get(index)
+        if role != "anchors" and producer is not None and producer.name != "DEQUANTIZE":
+            problems.append(
+                f"{where} is computed in float by {producer.name} (op #{producer.index}); the model must be "
+                "int8 up to a DEQUANTIZE in front of the post-processing"
+            )
+    return problems
+
+
+def _io_problems(inputs, outputs, postprocess):
+    problems = []
+    # A detector's outputs are the post-processing op's float32 detections.
+    checked_outputs = [] if postprocess is not None else outputs
+    for role, described in (("input", inputs), ("output", checked_outputs)):
         for tensor in described:
             if tensor["dtype"] != "INT8":
                 problems.append(
@@ -296,13 +330,13 @@ def _io_problems(inputs, outputs):
     return problems
 
 
-def _problems(unsupported, nodes_per_op, inputs, outputs, above_rank_5, float_inside, kernel_problems):
+def _problems(postprocess, unsupported, nodes_per_op, inputs, outputs, above_rank_5, float_inside):
     """Every reason the model is not an int8 micro target, one sentence each."""
     problems = []
     for name in unsupported:
         hint = _UNSUPPORTED_HINTS.get(name, "TFLM's MicroMutableOpResolver has no kernel for it")
         problems.append(f"op {name} ({nodes_per_op[name]} node(s)) cannot run on TFLite Micro: {hint}")
-    problems.extend(_io_problems(inputs, outputs))
+    problems.extend(_io_problems(inputs, outputs, postprocess))
     if above_rank_5:
         problems.append(
             f"{len(above_rank_5)} tensor(s) have rank > {MAX_TENSOR_RANK}, which TFLM does not support "
@@ -311,13 +345,19 @@ def _problems(unsupported, nodes_per_op, inputs, outputs, above_rank_5, float_in
     if float_inside:
         problems.append(
             f"{len(float_inside)} float tensor(s) inside the model ({_examples(float_inside)}): the micro target "
-            "must be int8 throughout"
+            "must be int8 throughout" + (" up to the detection post-processing" if postprocess is not None else "")
         )
-    return problems + kernel_problems
+    return problems
 
 
-def _notes(graph, rank_5):
+def _notes(graph, rank_5, postprocess):
     notes = []
+    if postprocess is not None:
+        notes.append(
+            "a detector: int8 up to TFLite_Detection_PostProcess, whose float32 decoding and NMS TFLM runs "
+            "with its DetectionPostprocess kernel (register it with AddDetectionPostprocess); its outputs, boxes, "
+            "classes, scores and count, are float32"
+        )
     if rank_5:
         notes.append(
             f"{len(rank_5)} tensor(s) are 5-D (e.g. {rank_5[0]['name']!r}); several TFLM kernels take at most 4-D"
@@ -339,22 +379,30 @@ def check_micro_compatibility(flatbuffer):
         unsupported_ops: ops with no TFLM kernel;
         tensors_above_rank_5: [{name, shape}] (refused by TFLM);
         tensors_of_rank_5: [{name, shape}] (only some kernels take 5-D; a note);
-        float_tensors_inside: float tensors that are neither input nor output;
+        float_tensors_inside: float tensors that are neither input nor output
+            (nor, in a detector, the post-processing op's own);
         inputs / outputs: [{name, dtype, shape, scale, zero_point}];
         kernel_problems: op/dtype/rank/quantization combinations a TFLM
             kernel refuses or aborts on;
+        detector: whether the model ends in TFLite_Detection_PostProcess
+            (then its float32 outputs, and the float inputs it decodes, are
+            expected; everything before it must still be int8);
         problems: every reason the model is not an int8 micro target, one
             sentence each; compatible: `problems == []`;
         notes: things to know that do not block.
     Raises ValueError when `flatbuffer` is not a TFLite model.
     """
     graph = read_graph(flatbuffer)
+    postprocess = detection_postprocess(graph)
     ops_to_register, unsupported, nodes_per_op = _op_support(graph)
-    above_rank_5, rank_5, float_inside = _tensor_findings(graph)
+    above_rank_5, rank_5, float_inside = _tensor_findings(graph, postprocess)
     inputs = [_io_entry(graph.tensors[i]) for i in graph.inputs]
     outputs = [_io_entry(graph.tensors[i]) for i in graph.outputs]
     kernel_problems = _kernel_problems(graph)
-    problems = _problems(unsupported, nodes_per_op, inputs, outputs, above_rank_5, float_inside, kernel_problems)
+    if postprocess is not None:
+        kernel_problems += _postprocess_problems(graph, postprocess)
+    problems = _problems(postprocess, unsupported, nodes_per_op, inputs, outputs, above_rank_5, float_inside)
+    problems += kernel_problems
     return {
         "ops_to_register": ops_to_register,
         "resolver_methods": [op["method"] for op in ops_to_register],
@@ -367,7 +415,8 @@ def check_micro_compatibility(flatbuffer):
         "inputs": inputs,
         "outputs": outputs,
         "kernel_problems": kernel_problems,
+        "detector": postprocess is not None,
         "problems": problems,
         "compatible": not problems,
-        "notes": _notes(graph, rank_5),
+        "notes": _notes(graph, rank_5, postprocess),
     }

@@ -51,11 +51,11 @@ def _signal_name(returncode):
         return f"signal {-returncode}"
 
 
-def _run_worker(model_path, arena_bytes, images_path, outputs_path, timeout):
+def _run_worker(model_path, arena_bytes, inputs_path, outputs_path, timeout):
     """One worker run; returns the arena total or raises MicroRuntimeError."""
     command = [sys.executable, _WORKER, model_path, str(int(arena_bytes))]
-    if images_path is not None:
-        command += [images_path, outputs_path]
+    if inputs_path is not None:
+        command += [inputs_path, outputs_path]
     # TFLM reports (allocations, kernel errors) are printed by C code on fd 2:
     # only a separate process's captured stderr sees them, crash or not.
     try:
@@ -113,41 +113,65 @@ def run_micro(flatbuffer, images=None, arena_size=None, timeout=600):
         timeout: Seconds for each interpreter process.
 
     Returns:
-        (outputs, arena_bytes): the dequantized float32 outputs [N, ...] (None
-        without images) and the arena bytes TFLM allocated (head + tail, from
-        `print_allocations()`; an arena of exactly this size works).
+        (outputs, arena_bytes): the first output, dequantized to float32
+        [N, ...] (None without images), and the arena bytes TFLM allocated
+        (head + tail, from `print_allocations()`; an arena of exactly this
+        size works). `run_micro_outputs` returns every output.
 
     Raises:
         MicroRuntimeError: the interpreter refused the model, crashed (the
         signal and the end of its stderr are in the message) or timed out.
     """
+    if images is not None:
+        images = np.asarray(images, np.float32)
+        if images.ndim < 2 or len(images) == 0:
+            raise ValueError(f"images must be a non-empty batch [N, H, W, C]; got shape {images.shape}")
+    outputs, arena_bytes = run_micro_outputs(flatbuffer, None if images is None else [images], arena_size, timeout)
+    return (None if outputs is None else outputs[0]), arena_bytes
+
+
+def run_micro_outputs(flatbuffer, inputs=None, arena_size=None, timeout=600):
+    """`run_micro` for a model with several inputs or outputs.
+
+    `inputs`: one float32 array [N, ...] per model input, in order (integer
+    inputs are quantized with their tensor's scale and zero point, float ones
+    passed as they are), or None to only allocate. Returns (outputs,
+    arena_bytes): one float32 array [N, ...] per model output, in order
+    (None without inputs)."""
     flatbuffer = bytes(flatbuffer)
     with tempfile.TemporaryDirectory(prefix="micro_run_") as folder:
         model_path = os.path.join(folder, "model.tflite")
         with open(model_path, "wb") as f:
             f.write(flatbuffer)
-        images_path = outputs_path = None
-        if images is not None:
-            images = np.asarray(images, np.float32)
-            if images.ndim < 2 or len(images) == 0:
-                raise ValueError(f"images must be a non-empty batch [N, H, W, C]; got shape {images.shape}")
-            images_path = os.path.join(folder, "images.npy")
-            outputs_path = os.path.join(folder, "outputs.npy")
-            np.save(images_path, images)
-        if arena_size is not None:
-            arena_bytes = _run_worker(model_path, arena_size, images_path, outputs_path, timeout)
-        else:
-            arena_size = max(_FIRST_ARENA_BYTES, 4 * len(flatbuffer))
-            while True:
-                try:
-                    arena_bytes = _run_worker(model_path, arena_size, images_path, outputs_path, timeout)
-                    break
-                except MicroRuntimeError as error:
-                    if not error.arena_shortfall or arena_size * 4 > _MAX_ARENA_BYTES:
-                        raise
-                    arena_size *= 4
-        outputs = np.load(outputs_path) if images is not None else None
+        inputs_path = outputs_path = None
+        if inputs is not None:
+            arrays = [np.asarray(array, np.float32) for array in inputs]
+            if not arrays or any(array.ndim < 1 or len(array) != len(arrays[0]) for array in arrays):
+                raise ValueError("inputs must be one non-empty [N, ...] array per model input, all of the same N")
+            inputs_path = os.path.join(folder, "inputs.npz")
+            outputs_path = os.path.join(folder, "outputs.npz")
+            np.savez(inputs_path, **{f"input_{i}": array for i, array in enumerate(arrays)})
+        arena_bytes = _run_growing(model_path, arena_size, len(flatbuffer), inputs_path, outputs_path, timeout)
+        outputs = None
+        if inputs is not None:
+            with np.load(outputs_path) as archive:
+                outputs = [archive[f"output_{i}"] for i in range(len(archive.files))]
     return outputs, arena_bytes
+
+
+def _run_growing(model_path, arena_size, model_bytes, inputs_path, outputs_path, timeout):
+    """The worker under `arena_size`, or under a generous arena grown 4x
+    while TFLM reports running out of it; returns the arena total."""
+    if arena_size is not None:
+        return _run_worker(model_path, arena_size, inputs_path, outputs_path, timeout)
+    arena_size = max(_FIRST_ARENA_BYTES, 4 * model_bytes)
+    while True:
+        try:
+            return _run_worker(model_path, arena_size, inputs_path, outputs_path, timeout)
+        except MicroRuntimeError as error:
+            if not error.arena_shortfall or arena_size * 4 > _MAX_ARENA_BYTES:
+                raise
+            arena_size *= 4
 
 
 def measure_arena(flatbuffer, timeout=600):

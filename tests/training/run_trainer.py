@@ -54,12 +54,13 @@ def main():
     if args.logical_cpus:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * args.logical_cpus)
+    from training import DetectionTrainer
     from training import SegmentationTrainer
     from training import TrainConfig
     from training import Trainer
 
     config = TrainConfig(**json.loads(args.config))
-    trainer_class = SegmentationTrainer if config.task == "segmentation" else Trainer
+    trainer_class = {"segmentation": SegmentationTrainer, "detection": DetectionTrainer}.get(config.task, Trainer)
     trainer = trainer_class(config, model_fn=tiny_model_fn if args.tiny_model else None)
     try:
         trainer.run()

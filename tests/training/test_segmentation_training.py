@@ -211,7 +211,7 @@ def test_a_classification_config_is_refused():
     with pytest.raises(ValueError, match="--task segmentation"):
         SegmentationTrainer(TrainConfig())
     with pytest.raises(ValueError, match="Unknown --task"):
-        TrainConfig(task="detection")
+        TrainConfig(task="tracking")
 
 
 def test_qat_fine_tunes_the_trained_segmenter_to_a_fully_int8_model(tmp_path, dataset_dir):
