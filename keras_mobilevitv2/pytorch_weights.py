@@ -487,7 +487,9 @@ _TASKS = {
 }
 
 
-def _checkpoint_task(state_dict):
+def checkpoint_task(state_dict):
+    """'detection', 'segmentation' or 'classification': what the head
+    tensors of a (prefix-stripped, see `strip_wrapper_prefix`) state dict are."""
     for task, prefixes in _TASK_PREFIXES.items():
         if any(name.startswith(prefixes) for name in state_dict):
             return task
@@ -506,10 +508,10 @@ def _model_task(model):
 def _task_mismatch(model, state_dict):
     """A sentence on which model the checkpoint fits when `model` is of
     another task; "" when the tasks agree."""
-    checkpoint_task, model_task = _checkpoint_task(state_dict), _model_task(model)
-    if checkpoint_task == model_task:
+    found, model_task = checkpoint_task(state_dict), _model_task(model)
+    if found == model_task:
         return ""
-    what, fits, _ = _TASKS[checkpoint_task]
+    what, fits, _ = _TASKS[found]
     return f"The checkpoint is {what} and fits {fits}, but model {model.name!r} is {_TASKS[model_task][2]}."
 
 

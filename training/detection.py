@@ -20,12 +20,15 @@ from keras_mobilevitv2.detection import SSDLite
 from keras_mobilevitv2.detection.anchors import input_anchors
 from keras_mobilevitv2.detection.box_coding import detect
 from keras_mobilevitv2.mobilevitv2 import MobileViTv2
+from keras_mobilevitv2.pytorch_weights import checkpoint_task
 from keras_mobilevitv2.pytorch_weights import load_pytorch_weights
+from keras_mobilevitv2.pytorch_weights import strip_wrapper_prefix
 from training.detection_data import resolve_detection_source
 from training.detection_pipeline import detection_eval_dataset
 from training.detection_pipeline import detection_train_dataset
 from training.trainer import Trainer
 from training.trainer import load_backbone_weights
+from training.trainer import model_function
 
 __all__ = ["NEG_POS_RATIO", "DetectionTrainer", "build_detector", "coco_map", "evaluate_detection", "multibox_loss"]
 
@@ -60,8 +63,8 @@ def _load_detector(detector, path):
         detector.set_weights(trained.get_weights())
         return True
     if path.lower().endswith((".pt", ".pth", ".bin", ".safetensors")):
-        state_dict = read_checkpoint(path)
-        if any(name.startswith("ssd_heads.") or ".ssd_heads." in name for name in state_dict):
+        state_dict = strip_wrapper_prefix(read_checkpoint(path))
+        if checkpoint_task(state_dict) == "detection":
             load_pytorch_weights(detector, state_dict)
             return True
     return False
@@ -142,27 +145,20 @@ def coco_results(split, category_ids, image_ids, boxes, classes, scores, counts)
     return results
 
 
-def _detect_function(model, image_size, image_spec):
-    anchors = tf.constant(input_anchors(image_size))
-
-    @tf.function(input_signature=[image_spec])
-    def run(images):
-        detections = detect(model(images, training=False), anchors)
-        return detections.boxes, detections.classes, detections.scores, detections.count
-
-    return run
+def _detections(model, images):
+    """The padded detections of a batch; the anchors are those of its size."""
+    detections = detect(model(images, training=False), input_anchors(tuple(images.shape[1:3])))
+    return detections.boxes, detections.classes, detections.scores, detections.count
 
 
 def evaluate_detection(model, source, config, batch_size=16):
     """COCO mAP@[.5:.95] ("map") and mAP@.5 ("map50") of an SSDLite on the
     evaluation split, with ml-cvnets' evaluation settings (score 0.01, NMS
     IoU 0.5, 200 detections), and the undecodable images left out."""
-    results, evaluated, run = [], [], None
+    results, evaluated = [], []
     for images, image_ids in detection_eval_dataset(source.eval, config, batch_size):
-        if run is None:
-            spec = tf.TensorSpec((None,) + tuple(images.shape[1:]), images.dtype)
-            run = _detect_function(model, config.image_size, spec)
-        boxes, classes, scores, counts = (t.numpy() for t in run(images))
+        spec = tf.TensorSpec((None,) + tuple(images.shape[1:]), images.dtype)
+        boxes, classes, scores, counts = (t.numpy() for t in model_function(model, _detections, spec)(images))
         ids = image_ids.numpy()
         results += coco_results(source.eval, source.category_ids, ids, boxes, classes, scores, counts)
         evaluated += [int(i) for i in ids]

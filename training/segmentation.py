@@ -9,8 +9,6 @@ over the global batch's labelled pixels), and mean IoU
 inference model, without the auxiliary head.
 """
 
-import weakref
-
 import keras
 import tensorflow as tf
 
@@ -22,6 +20,7 @@ from training.segmentation_data import segmentation_eval_dataset
 from training.segmentation_data import segmentation_train_dataset
 from training.trainer import Trainer
 from training.trainer import load_backbone_weights
+from training.trainer import model_function
 
 __all__ = ["AUX_WEIGHT", "SegmentationTrainer", "build_segmenter", "evaluate_segmentation", "segmentation_model_fn"]
 
@@ -67,19 +66,8 @@ def _pixel_cross_entropy_sum(masks, logits):
     return tf.reduce_sum(per_pixel * tf.cast(valid, tf.float32))
 
 
-_LOGITS_FUNCTIONS = weakref.WeakKeyDictionary()
-
-
-def _logits_function(model, image_spec):
-    """`model`'s float32 logits as one traced function, kept for the model's life."""
-    functions = _LOGITS_FUNCTIONS.setdefault(model, {})
-    if image_spec not in functions:
-        model_ref = weakref.ref(model)
-        functions[image_spec] = tf.function(
-            lambda images: tf.cast(_logits(model_ref()(images, training=False)), tf.float32),
-            input_signature=[image_spec],
-        )
-    return functions[image_spec]
+def _float_logits(model, images):
+    return tf.cast(_logits(model(images, training=False)), tf.float32)
 
 
 def evaluate_segmentation(model, source, config, batch_size=16):
@@ -89,7 +77,7 @@ def evaluate_segmentation(model, source, config, batch_size=16):
     correct = labelled = loss = 0.0
     for images, masks in segmentation_eval_dataset(source, config, batch_size):
         spec = tf.TensorSpec((None,) + tuple(images.shape[1:]), images.dtype)
-        logits = _logits_function(model, spec)(images)
+        logits = model_function(model, _float_logits, spec)(images)
         predictions = tf.argmax(logits, -1, output_type=tf.int32)
         iou.update_state(masks, predictions)
         valid = masks != IGNORE_LABEL

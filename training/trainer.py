@@ -791,21 +791,25 @@ class Trainer:
         return exported
 
 
-_PREDICT_FUNCTIONS = weakref.WeakKeyDictionary()
+_MODEL_FUNCTIONS = weakref.WeakKeyDictionary()
 
 
-def _predict_function(model, image_spec):
-    """`model`'s inference as one traced function, kept for the model's life:
-    evaluating every epoch (and the EMA model) then traces once per model,
-    for every batch size, instead of twice per call."""
-    functions = _PREDICT_FUNCTIONS.setdefault(model, {})
-    if image_spec not in functions:
-        # A weak reference: the cached function must not keep its model alive.
+def model_function(model, body, image_spec):
+    """`body(model, images)` as one traced function per model, `body` and
+    image spec, kept for the model's life: evaluating every epoch (and the
+    EMA model, and the QAT safeguard's two weight sets) then traces once per
+    model, for every batch size, instead of at every call. The function holds
+    its model weakly, so the cache never keeps a model alive."""
+    functions = _MODEL_FUNCTIONS.setdefault(model, {})
+    key = (body, image_spec)
+    if key not in functions:
         model_ref = weakref.ref(model)
-        functions[image_spec] = tf.function(
-            lambda images: tf.cast(model_ref()(images, training=False), tf.float32), input_signature=[image_spec]
-        )
-    return functions[image_spec]
+        functions[key] = tf.function(lambda images: body(model_ref(), images), input_signature=[image_spec])
+    return functions[key]
+
+
+def _float_outputs(model, images):
+    return tf.cast(model(images, training=False), tf.float32)
 
 
 def evaluate(model, source, config, batch_size=64):
@@ -816,7 +820,7 @@ def evaluate(model, source, config, batch_size=64):
     for images, labels in eval_dataset(source, config, batch_size):
         # Any batch size, the concrete image size (a QAT model needs it static).
         spec = tf.TensorSpec((None,) + tuple(images.shape[1:]), images.dtype)
-        logits = _predict_function(model, spec)(images)
+        logits = model_function(model, _float_outputs, spec)(images)
         top1 += float(tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, 1), tf.float32)))
         top5 += float(tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, min(5, logits.shape[-1])), tf.float32)))
         loss += float(tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)))
