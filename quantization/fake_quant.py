@@ -38,6 +38,23 @@ def quantize_weights_per_tensor(kernel):
     return tf.quantization.fake_quant_with_min_max_vars(kernel, -bound, bound, num_bits=8, narrow_range=True)
 
 
+def _global_batch_range(batch_min, batch_max):
+    """The min and max over every replica's share of the batch.
+
+    Under tf.distribute each replica sees its share; the range variables'
+    MEAN aggregation alone would average the replicas' minima, not take the
+    minimum of the global batch that one device sees. Gathering both across
+    replicas makes the range update, and so the trained model, that of one
+    device (tests/training/test_equivalence.py).
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return batch_min, batch_max
+    gathered = context.all_gather(tf.stack([-batch_min, batch_max])[None], axis=0)  # [replicas, 2]
+    largest = tf.reduce_max(gathered, axis=0)
+    return -largest[0], largest[1]
+
+
 @keras.saving.register_keras_serializable(package="keras_mobilevitv2_quantization")
 class ActivationQuantizer(keras.layers.Layer):
     """Per-tensor asymmetric int8 fake quantization with a tracked range.
@@ -88,6 +105,7 @@ class ActivationQuantizer(keras.layers.Layer):
             self.initialized.assign(1.0)
             return x
         if training:
+            batch_min, batch_max = _global_batch_range(batch_min, batch_max)
             decay = self.ema_decay
             self.range_min.assign(decay * self.range_min + (1 - decay) * batch_min)
             self.range_max.assign(decay * self.range_max + (1 - decay) * batch_max)

@@ -15,6 +15,7 @@ import tensorflow as tf
 from keras_mobilevitv2.layers import fold_patches
 from keras_mobilevitv2.layers import resize_bilinear_align_corners
 from keras_mobilevitv2.layers import unfold_patches
+from keras_mobilevitv2.layers.folding import folding_norm_affines
 from quantization.fake_quant import UNIT_INTERVAL_RANGE
 from quantization.fake_quant import ActivationQuantizer
 from quantization.fake_quant import quantize_weights_per_channel
@@ -208,10 +209,15 @@ class QuantizedNormalize(keras.layers.Layer):
         squared = q["squared"](centered * centered)
         variance = q["variance"](tf.reduce_mean(squared, axis=axes, keepdims=True))
         # A variance that rounds to int8 zero makes rsqrt infinite: TFLite then
-        # saturates at the top of the rsqrt range, which the clamp reproduces
-        # without an infinite (NaN) gradient.
+        # saturates at the top of the rsqrt range, which the clamp below
+        # reproduces without an infinite (NaN) gradient.
         variance_eps = q["variance_eps"](variance + self.epsilon)
-        scale = q["rsqrt"](tf.math.rsqrt(tf.maximum(variance_eps, self.epsilon)))
+        if not folding_norm_affines(training):
+            # While training, the clamp keeps the rsqrt range finite and the
+            # gradient defined. The exported graph (traced inside
+            # fold_norm_affines) leaves it out: a MAXIMUM op on every norm.
+            variance_eps = tf.maximum(variance_eps, self.epsilon)
+        scale = q["rsqrt"](tf.math.rsqrt(variance_eps))
         return q["output"](centered * scale)
 
     def get_config(self):
@@ -235,14 +241,21 @@ class QuantizedAdd(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class QuantizedInvertedResidual(keras.layers.Layer):
-    def __init__(self, filters, hidden_channels, strides, expand, use_residual, dilation=1, **kwargs):
+    """`project=False` leaves out the linear 1x1 projection: the layer then
+    outputs its depthwise result, and the projection is merged into the
+    next layer's expansion (see `quantize_model`)."""
+
+    def __init__(self, filters, hidden_channels, strides, expand, use_residual, dilation=1, project=True, **kwargs):
         super().__init__(**kwargs)
+        if use_residual and not project:
+            raise ValueError("A residual block needs its projection: project=False takes use_residual=False.")
         self.filters = filters
         self.hidden_channels = hidden_channels
         self.strides = strides
         self.expand = expand
         self.use_residual = use_residual
         self.dilation = dilation
+        self.project = project
         self.expand_conv = QuantizedConv(hidden_channels, 1, activation="silu", name="expand_conv") if expand else None
         self.depthwise_conv = QuantizedConv(
             hidden_channels,
@@ -254,7 +267,7 @@ class QuantizedInvertedResidual(keras.layers.Layer):
             dilation=dilation,
             name="depthwise_conv",
         )
-        self.project_conv = QuantizedConv(filters, 1, name="project_conv")
+        self.project_conv = QuantizedConv(filters, 1, name="project_conv") if project else None
         self.residual_add = QuantizedAdd(name="residual_add") if use_residual else None
 
     def build(self, input_shape):
@@ -266,7 +279,9 @@ class QuantizedInvertedResidual(keras.layers.Layer):
             x = self.expand_conv(x, training=training)
         if self.strides == 2:
             x = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
-        x = self.project_conv(self.depthwise_conv(x, training=training), training=training)
+        x = self.depthwise_conv(x, training=training)
+        if self.project_conv is not None:
+            x = self.project_conv(x, training=training)
         if self.residual_add is not None:
             x = self.residual_add([inputs, x], training=training)
         return x
@@ -281,6 +296,7 @@ class QuantizedInvertedResidual(keras.layers.Layer):
                 "expand": self.expand,
                 "use_residual": self.use_residual,
                 "dilation": self.dilation,
+                "project": self.project,
             }
         )
         return config
@@ -302,11 +318,16 @@ class QuantizedTransformerBlock(keras.layers.Layer):
         self.graph = _check_choice("graph", graph, GRAPHS)
         d = embed_dim
         self.attn_norm = self._norm("attn_norm")
-        self.qkv_proj = QuantizedConv(1 + 2 * d, 1, name="qkv_proj")
+        # The fused query | key | value projection runs as three convolutions,
+        # as the float export runs it (layers.folding): slicing one output
+        # would copy every part out with STRIDED_SLICE, give the three one
+        # shared range, and keep the ReLU on the values a separate op.
+        self.query_proj = QuantizedConv(1, 1, name="query_proj")
+        self.key_proj = QuantizedConv(d, 1, name="key_proj")
+        self.value_proj = QuantizedConv(d, 1, activation="relu", name="value_proj")
         self.scores_quantizer = ActivationQuantizer(UNIT_INTERVAL_RANGE, name="scores_quantizer")
         self.weighted_keys_quantizer = ActivationQuantizer(name="weighted_keys_quantizer")
         self.context_quantizer = ActivationQuantizer(name="context_quantizer")
-        self.relu_quantizer = ActivationQuantizer(name="relu_quantizer")
         self.attended_quantizer = ActivationQuantizer(name="attended_quantizer")
         self.out_proj = QuantizedConv(d, 1, name="out_proj")
         self.attn_add = QuantizedAdd(name="attn_add")
@@ -344,14 +365,13 @@ class QuantizedTransformerBlock(keras.layers.Layer):
         return tf.concat(per_position, axis=2)  # [B, N, P, 1]
 
     def call(self, inputs, training=None):
-        d = self.embed_dim
         normalized = self.attn_norm(inputs, training=training)
-        qkv = self.qkv_proj(normalized, training=training)
-        query, key, value = qkv[..., :1], qkv[..., 1 : 1 + d], qkv[..., 1 + d :]
+        query = self.query_proj(normalized, training=training)  # [B, N, P, 1]
+        key = self.key_proj(normalized, training=training)  # [B, N, P, d]
+        gated = self.value_proj(normalized, training=training)  # relu(value) [B, N, P, d]
         scores = self.scores_quantizer(self._softmax_over_patches(query), training=training)
         weighted = self.weighted_keys_quantizer(key * scores, training=training)
         context = self.context_quantizer(tf.reduce_sum(weighted, axis=1, keepdims=True), training=training)
-        gated = self.relu_quantizer(tf.nn.relu(value), training=training)
         attended = self.attended_quantizer(gated * context, training=training)
         x = self.attn_add([inputs, self.out_proj(attended, training=training)], training=training)
         normalized = self.ffn_norm(x, training=training)
@@ -373,6 +393,10 @@ class QuantizedTransformerBlock(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class QuantizedMobileViTv2Block(keras.layers.Layer):
+    """`project=False`: the block outputs its folded, normalized patches
+    [B, H, W, attn_dim] and its 1x1 projection is merged into the next
+    layer's expansion (see `quantize_model`)."""
+
     def __init__(
         self,
         channels,
@@ -383,9 +407,11 @@ class QuantizedMobileViTv2Block(keras.layers.Layer):
         dilation=1,
         attention_norm="layer_norm_2d",
         graph="reference",
+        project=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.project = project
         self.attention_norm = _check_choice("attention_norm", attention_norm, ("layer_norm_2d", "batch_norm_2d"))
         self.graph = _check_choice("graph", graph, GRAPHS)
         self.channels = channels
@@ -403,7 +429,7 @@ class QuantizedMobileViTv2Block(keras.layers.Layer):
             for i in range(num_blocks)
         ]
         self.final_norm = QuantizedNormalize(name="final_norm")  # GroupNorm(1) with either attention_norm
-        self.project_conv = QuantizedConv(channels, 1, name="project_conv")
+        self.project_conv = QuantizedConv(channels, 1, name="project_conv") if project else None
 
     def build(self, input_shape):
         _build_by_calling(self, input_shape)
@@ -421,7 +447,8 @@ class QuantizedMobileViTv2Block(keras.layers.Layer):
             patches = block(patches, training=training)
         patches = self.final_norm(patches, training=training)
         fold = fold_patches if self.graph == "reference" else fold_by_concatenation
-        return self.project_conv(fold(patches, height, width, p), training=training)
+        x = fold(patches, height, width, p)  # [B, H, W, attn_dim]
+        return x if self.project_conv is None else self.project_conv(x, training=training)
 
     def get_config(self):
         config = super().get_config()
@@ -435,6 +462,7 @@ class QuantizedMobileViTv2Block(keras.layers.Layer):
                 "dilation": self.dilation,
                 "attention_norm": self.attention_norm,
                 "graph": self.graph,
+                "project": self.project,
             }
         )
         return config

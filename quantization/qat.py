@@ -151,6 +151,8 @@ def qat_model_fn(calibration_images):
 
 FINE_TUNED_NAME = "model.finetuned.keras"
 SELECTION_NAME = "qat_selection.json"
+EPOCHS_NAME = "qat_epochs.json"
+BEST_WEIGHTS_NAME = "qat_best.weights.h5"
 
 
 def _evaluation(config):
@@ -168,14 +170,18 @@ def _evaluation(config):
     return "top1", evaluate
 
 
-def keep_better_than_start(config, source, start_weights, verbose=True):
-    """The safeguard: the run's `model.keras` stays the fine-tuned QAT model
-    only where it beats its calibrated starting point (`start_weights`:
-    post-training ranges, no fine-tuning) on the whole validation split
-    (top-1; mean IoU for a segmenter, COCO mAP for a detector); otherwise the starting point becomes
-    `model.keras` (the fine-tuned one is kept as `model.finetuned.keras`) and
-    this is said. Returns the comparison, also written to
-    `qat_selection.json`."""
+def keep_best(config, source, start_weights, verbose=True):
+    """The safeguard: the run's `model.keras` becomes the best of the
+    calibrated starting point (`start_weights`: post-training ranges, no
+    fine-tuning) and the fine-tuned weights, on the whole validation split
+    (top-1; mean IoU for a segmenter, COCO mAP for a detector).
+
+    The fine-tuned candidate is the best weights of any epoch (raw or EMA,
+    recorded by the trainer in `qat_epochs.json` / `qat_best.weights.h5`),
+    or the trainer's final `model.keras` where no epoch was recorded. Unless
+    it beats the start, the start becomes `model.keras` and this is said; a
+    replaced `model.keras` is kept as `model.finetuned.keras`. Returns the
+    comparison, also written to `qat_selection.json`."""
     import dataclasses
     import json
 
@@ -187,7 +193,14 @@ def keep_better_than_start(config, source, start_weights, verbose=True):
     whole_split = dataclasses.replace(config, max_eval_images=0)
     path = os.path.join(config.model_dir, "model.keras")
     model = keras.models.load_model(path, compile=False)
-    fine_tuned = evaluate(model, source, whole_split)
+    records = read_epoch_records(config.model_dir)
+    best = records["best"]
+    if best is not None:
+        model.load_weights(os.path.join(config.model_dir, BEST_WEIGHTS_NAME))
+        origin = f"epoch {best['epoch']} ({best['weights']} weights)"
+    else:
+        origin = "the final weights"
+    fine_tuned, fine_tuned_weights = evaluate(model, source, whole_split), model.get_weights()
     # The same model with the start's weights: evaluated by the same traced function.
     model.set_weights(start_weights)
     start = evaluate(model, source, whole_split)
@@ -197,9 +210,13 @@ def keep_better_than_start(config, source, start_weights, verbose=True):
         "metric": metric,
         "start": {k: start[k] for k in (metric, "loss") if k in start},
         "fine_tuned": {k: fine_tuned[k] for k in (metric, "loss") if k in fine_tuned},
+        "fine_tuned_from": origin,
+        "epochs": records["epochs"],
         "evaluation_images": source.eval.num_examples - start.get("skipped_images", 0),
     }
-    if chosen == "start":
+    if chosen == "fine-tuned":
+        model.set_weights(fine_tuned_weights)
+    if chosen == "start" or best is not None:
         os.replace(path, os.path.join(config.model_dir, FINE_TUNED_NAME))
         temporary = os.path.join(config.model_dir, f".tmp-{os.getpid()}-model.keras")
         model.save(temporary)
@@ -211,13 +228,70 @@ def keep_better_than_start(config, source, start_weights, verbose=True):
     return selection
 
 
+def read_epoch_records(model_dir):
+    """What `_KeepsBestEpoch` recorded: {"metric", "epochs": [{epoch, step,
+    raw, ema}], "best": {epoch, step, weights, value} or None}."""
+    import json
+
+    path = os.path.join(model_dir, EPOCHS_NAME)
+    if not os.path.exists(path):
+        return {"metric": None, "epochs": [], "best": None}
+    with open(path) as f:
+        return json.load(f)
+
+
+class _KeepsBestEpoch:
+    """Mixed into the task's Trainer by `run_qat`: at every evaluation (each
+    epoch end) it records the raw and EMA weights' metric and keeps the
+    best weights so far for the safeguard. Both are written at once, so a
+    resumed run keeps the earlier epochs' best."""
+
+    qat_metric = "top1"
+
+    def _evaluate(self, run):
+        results = super()._evaluate(run)
+        metric, model_dir = self.qat_metric, self.config.model_dir
+        records = read_epoch_records(model_dir)
+        entry = {"epoch": run.epoch, "step": run.step, "raw": results[metric], "ema": results["ema_" + metric]}
+        # A resume re-evaluates the steps after its checkpoint: one entry per step.
+        records["epochs"] = [e for e in records["epochs"] if e["step"] != run.step] + [entry]
+        records["metric"] = metric
+        label = "ema" if entry["ema"] >= entry["raw"] else "raw"
+        best = records["best"]
+        if best is None or entry[label] > best["value"]:  # NaN never wins
+            weights = [v.numpy() for v in run.ema] if label == "ema" else [w.numpy() for w in run.model.weights]
+            run.eval_model.set_weights(weights)
+            temporary = os.path.join(model_dir, f".tmp-{os.getpid()}-{BEST_WEIGHTS_NAME}")
+            run.eval_model.save_weights(temporary)
+            os.replace(temporary, os.path.join(model_dir, BEST_WEIGHTS_NAME))
+            records["best"] = {"epoch": run.epoch, "step": run.step, "weights": label, "value": entry[label]}
+        _write_json(os.path.join(model_dir, EPOCHS_NAME), records)
+        return results
+
+
+def _write_json(path, payload):
+    import json
+
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(temporary, path)
+
+
+def _keeping_best_epoch(trainer_class, metric):
+    """`trainer_class` with `_KeepsBestEpoch` mixed in, for `metric`."""
+    return type(f"QAT{trainer_class.__name__}", (_KeepsBestEpoch, trainer_class), {"qat_metric": metric})
+
+
 def _print_selection(selection):
     metric = selection["metric"]
     start, fine_tuned = selection["start"][metric], selection["fine_tuned"][metric]
     name = {"top1": "top-1", "miou": "mean IoU", "map": "mAP@[.5:.95]"}[metric]
+    for entry in selection["epochs"]:
+        print(f"QAT epoch {entry['epoch']} (step {entry['step']}): {name} {entry['raw']:.4f}, EMA {entry['ema']:.4f}")
     print(
         f"QAT selection on {selection['evaluation_images']} validation images: calibrated start {name} "
-        f"{start:.4f}, fine-tuned {fine_tuned:.4f}; "
+        f"{start:.4f}, fine-tuned {fine_tuned:.4f} ({selection['fine_tuned_from']}); "
         + (
             "keeping the fine-tuned model."
             if selection["chosen"] == "fine-tuned"
@@ -265,6 +339,8 @@ def _export_detector(model, config, representative, verbose):
 
 def run_qat(config, calibration_images=256, io_type="int8", verbose=True, tpu_address=""):
     """QAT fine-tuning + int8 export. Returns (summary, audit report)."""
+    import dataclasses
+
     import keras
 
     import quantization  # noqa: F401  (registers the QAT layers)
@@ -276,12 +352,16 @@ def run_qat(config, calibration_images=256, io_type="int8", verbose=True, tpu_ad
         raise ValueError("QAT starts from trained float weights: give --init_weights.")
     if config.task == "detection" and io_type != "int8":
         raise ValueError(f"A detector's int8 TFLite takes int8 images (--io_type int8); got {io_type!r}.")
+    # Every epoch is evaluated on the whole validation split: the safeguard
+    # compares the epochs and the start on it.
+    config = dataclasses.replace(config, max_eval_images=0)
     model_fn = qat_model_fn(calibration_images)
     trainer_class, source = _trainer_and_source(config)
+    trainer_class = _keeping_best_epoch(trainer_class, _evaluation(config)[0])
     summary = trainer_class(config, verbose=verbose, model_fn=model_fn, tpu_address=tpu_address).run()
     if summary is None:  # not the chief
         return None, None
-    summary["selection"] = keep_better_than_start(config, source, model_fn.start_weights, verbose)
+    summary["selection"] = keep_best(config, source, model_fn.start_weights, verbose)
     exported = keras.models.load_model(os.path.join(config.model_dir, "model.keras"), compile=False)
     # A QAT model carries its own ranges: the converter only checks on a few
     # images that everything is int8. The 4 the targets take (the first of

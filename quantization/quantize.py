@@ -94,11 +94,38 @@ def _unsupported(layer):
     )
 
 
-def _copy_inverted_residual(source, target):
+def _chain_pointwise(first, second):
+    """Kernel and bias of 1x1 convolution `second` applied to the output of
+    linear 1x1 convolution `first` (each a (kernel [1, 1, Cin, Cout], bias)
+    pair): x K1 K2 + (b1 K2 + b2), computed in float64."""
+    (k1, b1), (k2, b2) = ((np.asarray(k, np.float64)[0, 0], np.asarray(b, np.float64)) for k, b in (first, second))
+    return (k1 @ k2)[None, None], b1 @ k2 + b2
+
+
+def _inverted_residual_projection(source):
+    """The folded linear projection ending a float InvertedResidual."""
+    return _fold_conv_bn(source.project_conv, source.project_bn)
+
+
+def _mobilevit_projection(source):
+    """The folded projection ending a float MobileViTv2Block: final norm's
+    affine, 1x1 convolution, BatchNorm."""
+    kernel, bias = _fold_norm_affine(source.final_norm, np.asarray(source.project_conv.kernel), 0.0)
+    scale, shift = _bn_scale_shift(source.project_bn)
+    return kernel * scale, bias * scale + shift
+
+
+def _copy_inverted_residual(source, target, input_projection=None):
+    """`input_projection`: the previous layer's projection, merged into this
+    layer's expansion (`target` then reads the previous layer's unprojected output)."""
     if source.expand_conv is not None:
-        _set(target.expand_conv, *_fold_conv_bn(source.expand_conv, source.expand_bn))
+        expand = _fold_conv_bn(source.expand_conv, source.expand_bn)
+        if input_projection is not None:
+            expand = _chain_pointwise(input_projection, expand)
+        _set(target.expand_conv, *expand)
     _set(target.depthwise_conv, *_fold_conv_bn(source.depthwise_conv, source.depthwise_bn, depthwise=True))
-    _set(target.project_conv, *_fold_conv_bn(source.project_conv, source.project_bn))
+    if target.project_conv is not None:
+        _set(target.project_conv, *_inverted_residual_projection(source))
 
 
 def _copy_mobilevit_block(source, target):
@@ -114,7 +141,12 @@ def _copy_mobilevit_block(source, target):
         else:
             qkv = _fold_norm_affine(float_block.attn_norm, *qkv)
             expand = _fold_norm_affine(float_block.ffn_norm, *expand)
-        _set(quant_block.qkv_proj, *qkv)
+        d = quant_block.embed_dim
+        for conv, part in zip(
+            (quant_block.query_proj, quant_block.key_proj, quant_block.value_proj),
+            (slice(0, 1), slice(1, 1 + d), slice(1 + d, 1 + 2 * d)),
+        ):
+            _set(conv, qkv[0][..., part], qkv[1][part])
         _set(quant_block.out_proj, np.asarray(attention.out_proj.kernel), np.asarray(attention.out_proj.bias))
         _set(quant_block.ffn_expand, *expand)
         _set(
@@ -122,9 +154,8 @@ def _copy_mobilevit_block(source, target):
             np.asarray(float_block.ffn_project.kernel),
             np.asarray(float_block.ffn_project.bias),
         )
-    kernel, bias = _fold_norm_affine(source.final_norm, np.asarray(source.project_conv.kernel), 0.0)
-    scale, shift = _bn_scale_shift(source.project_bn)
-    _set(target.project_conv, kernel * scale, bias * scale + shift)
+    if target.project_conv is not None:
+        _set(target.project_conv, *_mobilevit_projection(source))
 
 
 def _check_conv(conv):
@@ -161,9 +192,11 @@ class _GraphRebuild:
     that its output alone flows into, as the TFLite converter fuses them, so
     branches and merges (ASPP, auxiliary heads) rebuild as they are."""
 
-    def __init__(self, model, graph):
+    def __init__(self, model, graph, merge_pointwise=True):
         self.model = model
         self.graph = graph
+        self.merge_pointwise = merge_pointwise
+        self.input_projections = {}  # id(InvertedResidual) -> the projection merged into its expansion
         self.consumers = {}  # id(float tensor) -> the layers reading it
         for layer in model.layers:
             if not isinstance(layer, keras.layers.InputLayer):
@@ -229,7 +262,50 @@ class _GraphRebuild:
                     f"folded; found {layer.name!r} ({type(layer).__name__})."
                 )
             self.input_scales[id(layer.output)] = self.input_scales[id(layer.input)]
-        return layer.output, _rebuild_layer(layer, inputs, self.graph, self.copies)
+        if isinstance(layer, (InvertedResidual, MobileViTv2Block)):
+            return layer.output, self._rebuild_block(layer, inputs[0])
+        return layer.output, _rebuild_layer(layer, inputs, self.copies)
+
+    def _rebuild_block(self, layer, x):
+        """An InvertedResidual or MobileViTv2Block; its projection merges into
+        the next block's expansion where `_merge_target` allows."""
+        merged_into = self._merge_target(layer)
+        if merged_into is not None:
+            project = _inverted_residual_projection if isinstance(layer, InvertedResidual) else _mobilevit_projection
+            self.input_projections[id(merged_into)] = project(layer)
+        input_projection = self.input_projections.get(id(layer))
+        if isinstance(layer, InvertedResidual):
+            quantized = _quantized_inverted_residual(layer, project=merged_into is None)
+            self.copies.append(lambda: _copy_inverted_residual(layer, quantized, input_projection))
+        else:
+            quantized = _quantized_mobilevit_block(layer, self.graph, project=merged_into is None)
+            self.copies.append(lambda: _copy_mobilevit_block(layer, quantized))
+        return quantized(x)
+
+    def _merge_target(self, layer):
+        """The InvertedResidual whose 1x1 expansion takes `layer`'s linear 1x1
+        projection (C0 -> C1) as one convolution, or None.
+
+        As the float export merges such pairs (quantization.merge_pointwise),
+        QAT trains the merged convolution, so the int8 model has one
+        convolution and one large int8 tensor fewer: the next block must be
+        `layer`'s sole reader, expand (C1 -> C2) and add no residual (which
+        would read the projected tensor), and the merged C0 -> C2 convolution
+        must cost no more MACs than the pair.
+        """
+        if not self.merge_pointwise:
+            return None
+        if isinstance(layer, InvertedResidual) and not layer.use_residual:
+            unprojected = layer.hidden_channels
+        elif isinstance(layer, MobileViTv2Block):
+            unprojected = layer.attn_dim
+        else:
+            return None
+        following = self._sole_consumer(layer)
+        if not isinstance(following, InvertedResidual) or following.expand_conv is None or following.use_residual:
+            return None
+        c0, c1, c2 = unprojected, layer.project_conv.filters, following.hidden_channels
+        return following if c0 * c2 <= c1 * (c0 + c2) else None
 
     def _conv(self, conv, x):
         """Conv2D/DepthwiseConv2D [+ BatchNormalization] [+ activation] -> one QuantizedConv."""
@@ -263,34 +339,36 @@ class _GraphRebuild:
         return tail.output, quantized(x)
 
 
-def _rebuild_layer(layer, inputs, graph, copies):
-    """The QAT form of a layer other than a convolution, called on `inputs`."""
-    if isinstance(layer, InvertedResidual):
-        quantized = QuantizedInvertedResidual(
-            layer.filters,
-            layer.hidden_channels,
-            layer.strides,
-            layer.expand_conv is not None,
-            layer.use_residual,
-            dilation=layer.dilation_rate,
-            name=layer.name,
-        )
-        copies.append(lambda: _copy_inverted_residual(layer, quantized))
-        return quantized(inputs[0])
-    if isinstance(layer, MobileViTv2Block):
-        quantized = QuantizedMobileViTv2Block(
-            layer.project_conv.filters,
-            layer.attn_dim,
-            layer.transformer_blocks[0].ffn_dim,
-            layer.num_blocks,
-            layer.patch_size,
-            layer.dilation,
-            attention_norm=layer.attention_norm,
-            graph=graph,
-            name=layer.name,
-        )
-        copies.append(lambda: _copy_mobilevit_block(layer, quantized))
-        return quantized(inputs[0])
+def _quantized_inverted_residual(layer, project):
+    return QuantizedInvertedResidual(
+        layer.filters,
+        layer.hidden_channels,
+        layer.strides,
+        layer.expand_conv is not None,
+        layer.use_residual,
+        dilation=layer.dilation_rate,
+        project=project,
+        name=layer.name,
+    )
+
+
+def _quantized_mobilevit_block(layer, graph, project):
+    return QuantizedMobileViTv2Block(
+        layer.project_conv.filters,
+        layer.attn_dim,
+        layer.transformer_blocks[0].ffn_dim,
+        layer.num_blocks,
+        layer.patch_size,
+        layer.dilation,
+        attention_norm=layer.attention_norm,
+        graph=graph,
+        project=project,
+        name=layer.name,
+    )
+
+
+def _rebuild_layer(layer, inputs, copies):
+    """The QAT form of a layer other than a convolution or a block, called on `inputs`."""
     if isinstance(layer, keras.layers.Dense):
         if layer.activation not in (keras.activations.linear, None):
             raise _unsupported(layer)
@@ -331,7 +409,7 @@ def _rebuild_weightless(layer, inputs):
     raise _unsupported(layer)
 
 
-def quantize_model(model, graph="reference"):
+def quantize_model(model, graph="reference", merge_pointwise=True):
     """Returns the quantization-aware (QAT) version of a keras_mobilevitv2 model.
 
     Takes the classifiers, the backbones (`include_top=False`), the
@@ -342,6 +420,12 @@ def quantize_model(model, graph="reference"):
     `graph="edgetpu"` writes the MobileViTv2 blocks in ops the Edge TPU maps
     (same function and same int8 values; see `quantization.layers.GRAPHS`).
     A trained QAT model can be switched later with `rewrite_graph`.
+
+    `merge_pointwise=True` trains each linear 1x1 projection that feeds only
+    the next block's 1x1 expansion as one merged convolution (three per
+    classifier; see `_GraphRebuild._merge_target`), as the float export runs
+    them: the int8 model is then the fast one. Before QAT the merged model
+    computes the same function up to float rounding.
 
     Weights: per-channel symmetric int8 (per-tensor for the classifier);
     activations: per-tensor asymmetric int8 with moving-average ranges. The
@@ -355,7 +439,7 @@ def quantize_model(model, graph="reference"):
     """
     if graph not in GRAPHS:
         raise ValueError(f"graph must be one of {GRAPHS}; got {graph!r}.")
-    return _GraphRebuild(model, graph).run(_check_input(model))
+    return _GraphRebuild(model, graph, merge_pointwise).run(_check_input(model))
 
 
 def rewrite_graph(qat_model, graph):

@@ -11,7 +11,11 @@ from keras_mobilevitv2 import MobileViTv2_050
 from quantization import calibrate
 from quantization import export_tflite
 from quantization import quantize_model
+from quantization.audit import make_interpreter
+from quantization.audit import run_tflite
 from quantization.quantize import quantizers
+from quantization.tflite_export import convert
+from quantization.tflite_graph import read_graph
 
 SIZE = 64
 
@@ -44,6 +48,38 @@ def test_folded_qat_model_computes_the_float_function(output_stride):
     for quantizer in quantizers(qat):
         quantizer.calibrating = True  # quantization off: the folded float function
     np.testing.assert_allclose(qat(x, training=False).numpy(), model.predict_on_batch(x), atol=1e-4)
+
+
+def _op_counts(flatbuffer):
+    counts = {}
+    for operator in read_graph(flatbuffer).operators:
+        counts[operator.name] = counts.get(operator.name, 0) + 1
+    return counts
+
+
+def test_qat_graph_has_the_fast_export_form(float_model, qat_model, images):
+    # The int8 graph users ship is the merged one: q/k/v as three convolutions
+    # (ReLU fused into the values), no MAXIMUM on the norms, and the three
+    # linear 1x1 projections that feed only the next expansion merged into it.
+    unmerged = calibrate(quantize_model(float_model, merge_pointwise=False), images[:32])
+    merged_ops, unmerged_ops = _op_counts(convert(qat_model, "qat_int8")), _op_counts(convert(unmerged, "qat_int8"))
+    assert not {"STRIDED_SLICE", "MAXIMUM", "RELU"} & set(merged_ops), merged_ops
+    assert unmerged_ops["CONV_2D"] - merged_ops["CONV_2D"] == 3
+    names = {layer.name: layer.get_config().get("project") for layer in qat_model.layers}
+    assert [name for name, project in names.items() if project is False] == ["stage1_ir1", "stage3_mvit", "stage4_mvit"]
+
+    # Merging removes one int8 rounding of each merged intermediate; the two
+    # int8 models then differ by int8 noise only: same top-1, and a mean
+    # difference within two output steps (measured: 1.2 steps; each differs
+    # from the float model by about as much).
+    merged_interpreter = make_interpreter(convert(qat_model, "qat_int8"))
+    merged = run_tflite(merged_interpreter, images[32:])
+    reference = run_tflite(make_interpreter(convert(unmerged, "qat_int8")), images[32:])
+    step = merged_interpreter.get_output_details()[0]["quantization"][0]
+    np.testing.assert_array_equal(merged.argmax(-1), reference.argmax(-1))
+    assert np.abs(merged - reference).mean() <= 2 * step
+    expected = float_model.predict_on_batch(images[32:])
+    assert np.abs(merged - expected).mean() <= np.abs(reference - expected).mean() + step
 
 
 @pytest.mark.parametrize("io_type", ["int8", "uint8"])
@@ -242,7 +278,7 @@ def test_trainer_evaluation_takes_a_qat_model(qat_model, tmp_path):
 def test_fine_tuning_that_does_worse_than_its_start_is_not_kept(float_model, tmp_path, capsys):
     import keras
 
-    from quantization.qat import keep_better_than_start
+    from quantization.qat import keep_best
     from quantization.qat import qat_model_fn
     from training import TrainConfig
     from training.data import embedded_source
@@ -264,7 +300,7 @@ def test_fine_tuning_that_does_worse_than_its_start_is_not_kept(float_model, tmp
     kernel.assign(np.full(kernel.shape, np.nan, "float32"))
     ruined.save(str(model_dir / "model.keras"))
 
-    selection = keep_better_than_start(config, source, start.get_weights())
+    selection = keep_best(config, source, start.get_weights())
     assert selection["chosen"] == "start", selection
     assert selection["fine_tuned"]["top1"] == 0.0 < selection["start"]["top1"]
     assert selection["evaluation_images"] == 400  # the whole validation split
@@ -274,3 +310,63 @@ def test_fine_tuning_that_does_worse_than_its_start_is_not_kept(float_model, tmp
     for a, b in zip(kept.weights, start.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
     assert evaluate(kept, source, TrainConfig(image_size=SIZE))["top1"] == selection["start"]["top1"]
+
+
+def test_qat_keeps_the_best_epoch_on_the_whole_split(float_model, tmp_path, capsys):
+    import tensorflow as tf
+
+    from quantization.qat import BEST_WEIGHTS_NAME
+    from quantization.qat import read_epoch_records
+    from quantization.qat import run_qat
+    from training import TrainConfig
+    from training.trainer import evaluate
+
+    rng = np.random.RandomState(7)
+    for split, count in (("train", 2), ("val", 2)):
+        for label in range(10):
+            folder = tmp_path / "data" / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                image = rng.randint(0, 256, (SIZE, SIZE, 3)).astype(np.uint8)
+                image[..., label % 3] //= 2
+                tf.io.write_file(str(folder / f"{i}.png"), tf.io.encode_png(image))
+    weights = str(tmp_path / "float.weights.h5")
+    float_model.save_weights(weights)
+    model_dir = tmp_path / "qat"
+    config = TrainConfig(
+        model="mobilevitv2_050",
+        data=str(tmp_path / "data"),
+        model_dir=str(model_dir),
+        image_size=SIZE,
+        batch_size=10,
+        epochs=2,
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup_steps=0,
+        ema_decay=0.5,
+        randaugment=False,
+        mixup_alpha=0.0,
+        cutmix_alpha=0.0,
+        random_erasing=0.0,
+        max_eval_images=4,  # the safeguard evaluates the whole split anyway
+        init_weights=weights,
+    )
+    summary, _ = run_qat(config, calibration_images=8)
+    records, selection = read_epoch_records(str(model_dir)), summary["selection"]
+    assert [entry["epoch"] for entry in records["epochs"]] == [1, 2] == [e["epoch"] for e in selection["epochs"]]
+    assert selection["evaluation_images"] == 20
+    best = max(max(entry["raw"], entry["ema"]) for entry in records["epochs"])
+    assert records["best"]["value"] == best == pytest.approx(selection["fine_tuned"]["top1"])
+    out = capsys.readouterr().out
+    assert "QAT epoch 2 (step 4)" in out and "QAT selection on 20 validation images" in out
+    kept = keras.models.load_model(str(model_dir / "model.keras"), compile=False)
+    if selection["chosen"] == "fine-tuned":  # the best epoch's weights, not the last ones
+        expected = keras.models.load_model(str(model_dir / "model.keras"), compile=False)
+        expected.load_weights(str(model_dir / BEST_WEIGHTS_NAME))
+        for a, b in zip(kept.weights, expected.weights):
+            np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    whole_split = TrainConfig(data=config.data, image_size=SIZE)
+    from training.data import folder_source
+
+    kept_top1 = evaluate(kept, folder_source(config.data), whole_split)["top1"]
+    assert kept_top1 == pytest.approx(selection[selection["chosen"].replace("-", "_")]["top1"])

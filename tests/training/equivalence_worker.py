@@ -90,10 +90,27 @@ def tiny_model(image_size, num_classes, classifier_activation=None, frozen_bn=Fa
     return model
 
 
+def tiny_qat_model(image_size, num_classes, classifier_activation=None):
+    """`tiny_model` through quantize_model, calibrated on fixed images; its
+    activation ranges move fast (EMA decay 0.5) so that a range update that
+    differs between runs shows in three steps."""
+    from quantization import calibrate
+    from quantization import quantize_model
+    from quantization.quantize import quantizers
+
+    qat = quantize_model(tiny_model(image_size, num_classes, classifier_activation))
+    for quantizer in quantizers(qat):
+        quantizer.ema_decay = 0.5
+    images = np.random.RandomState(5).rand(8, image_size, image_size, 3).astype("float32") * 255
+    return calibrate(qat, images)
+
+
 def model_fn(kind):
-    """A `Trainer(model_fn=...)` for `kind` in tiny | tiny_frozen_bn | tiny_blow_up."""
+    """A `Trainer(model_fn=...)` for `kind` in tiny | tiny_frozen_bn | tiny_blow_up | tiny_qat."""
 
     def build(config, num_classes, source, classifier_activation, initialize):
+        if kind == "tiny_qat":
+            return tiny_qat_model(config.image_size, num_classes, classifier_activation)
         return tiny_model(
             config.image_size,
             num_classes,

@@ -193,22 +193,38 @@ def test_two_workers_match_one_device_with_the_same_global_batch(tmp_path, image
     assert moving and all(not np.allclose(reference[f"w{i}"], initial[i]) for i in moving)
 
     config = deterministic_config(tmp_path / "two", image_folder, strategy="multi_worker")
+    for state in run_two_workers(config, "tiny", tmp_path):
+        compare_runs(reference, state, one.lr, one.steps)
+
+
+def test_two_workers_train_the_qat_model_of_one_device(tmp_path, image_folder):
+    """QAT, 2 workers x 4 vs one device x 8, 3 steps: the same losses,
+    weights and activation ranges. Each quantizer's range follows the min
+    and max of the global batch (gathered across replicas), not the mean of
+    the replicas' own, so the int8 model is that of one device."""
+    one = deterministic_config(tmp_path / "one", image_folder)
+    reference = state_of(run_in_process(one, "tiny_qat"))
+    names = list(reference["names"])
+    ranges = [i for i, name in enumerate(names) if name.endswith(("range_min", "range_max"))]
+    calibrated = equivalence_worker.tiny_qat_model(32, 4).get_weights()
+    assert ranges and any(not np.allclose(reference[f"w{i}"], calibrated[i], rtol=1e-3) for i in ranges)
+
+    config = deterministic_config(tmp_path / "two", image_folder, strategy="multi_worker")
+    for state in run_two_workers(config, "tiny_qat", tmp_path):
+        compare_runs(reference, state, one.lr, one.steps)
+
+
+def run_two_workers(config, kind, tmp_path):
+    """Runs `config` (strategy multi_worker) as two worker processes on
+    localhost; returns each worker's `run_state`."""
     workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     processes = []
     for index in range(2):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH", "")]))
         env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
-        command = [
-            sys.executable,
-            WORKER,
-            "--config",
-            json.dumps(config.__dict__),
-            "--model",
-            "tiny",
-            "--save",
-            str(tmp_path / f"worker{index}.npz"),
-        ]
+        save = str(tmp_path / f"{kind}_worker{index}.npz")
+        command = [sys.executable, WORKER, "--config", json.dumps(config.__dict__), "--model", kind, "--save", save]
         processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         outputs = [p.communicate(timeout=300) for p in processes]
@@ -219,8 +235,7 @@ def test_two_workers_match_one_device_with_the_same_global_batch(tmp_path, image
                 process.wait()
     for process, (_, err) in zip(processes, outputs):
         assert process.returncode == 0, err[-3000:]
-    for index in range(2):
-        compare_runs(reference, np.load(tmp_path / f"worker{index}.npz"), one.lr, one.steps)
+    return [np.load(tmp_path / f"{kind}_worker{index}.npz") for index in range(2)]
 
 
 # ------------------------------------------------------ gradient accumulation
