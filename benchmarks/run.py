@@ -13,7 +13,12 @@ Sections:
                  number of tokens grows: time, memory, growth exponent;
   3. size      - parameters, MACs, TFLite bytes and the share of the
                  machine's matmul peak reached, per width;
-  4. training  - training throughput against timm, on a GPU only.
+  4. training  - training throughput against timm, on a GPU only;
+  5. converters - timm converted to TFLite by litert-torch and by
+                 torch.onnx + onnx2tf (each in its own virtual environment,
+                 created on first use), checked against timm's logits and
+                 timed in turn with our TFLite models. Only when named in
+                 --sections.
 
 Prints the markdown tables and writes them to OUTPUT_DIR/results.md, the raw
 figures to OUTPUT_DIR/results.json and a summary plot to
@@ -23,7 +28,6 @@ downloaded); one that cannot be imported, built or converted shows as
 inputs: a smoke test, not a benchmark.
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -33,38 +37,9 @@ import time
 
 from benchmarks.console import log
 from benchmarks.console import short_reason
-from benchmarks.settings import SECTIONS
-from benchmarks.settings import TINY
-from benchmarks.settings import Settings
+from benchmarks.settings import parse_settings
 
 RESULT_NAME = "results"
-
-
-def parse_settings(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output_dir", default="benchmark_results")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, help="Default: all.")
-    parser.add_argument("--widths", type=float, nargs="+", help="Latency section widths (default 0.5 1.0).")
-    parser.add_argument("--batch_sizes", type=int, nargs="+", help="Default: 1 16.")
-    parser.add_argument("--image_size", type=int, help="MobileViTv2 input size (default 256).")
-    parser.add_argument("--repeats", type=int, help="Timed runs per measurement, at most (default 20).")
-    parser.add_argument("--warmup", type=int, help="Untimed calls, the first included (default 3).")
-    parser.add_argument("--threads", type=int, help="Threads for every framework (default: all CPUs).")
-    parser.add_argument("--implementations", nargs="+", help="Subset of the latency section's implementations.")
-    parser.add_argument("--tokens", type=int, nargs="+", help="Attention section token counts.")
-    parser.add_argument("--size_widths", type=float, nargs="+", help="Size section widths (default: all 7).")
-    parser.add_argument("--tiny", action="store_true", help="Tiny smoke configuration (not a benchmark).")
-    args = parser.parse_args(argv)
-
-    values = dict(TINY) if args.tiny else {}
-    for field in dataclasses.fields(Settings):
-        given = getattr(args, field.name, None)
-        if given is not None and field.name != "tiny":
-            values[field.name] = tuple(given) if isinstance(given, list) else given
-    settings = Settings(**values)
-    if settings.threads < 1 or settings.repeats < 1:
-        parser.error("--threads and --repeats must be at least 1")
-    return settings, args.output_dir
 
 
 def _cpu_name():
@@ -98,11 +73,21 @@ def _rows(section):
     return section if isinstance(section, list) else None
 
 
+def section_text(name, section, environment):
+    # The converters section renders its own table (report.py knows the others).
+    from benchmarks import converter_peers
+    from benchmarks import report
+
+    if name == "converters":
+        return converter_peers.section_text(section, environment)
+    return report.section_text(name, section, environment)
+
+
 def _run_sections(settings, results):
     from benchmarks import attention_scaling
+    from benchmarks import converter_peers
     from benchmarks import latency
     from benchmarks import model_size
-    from benchmarks import report
     from benchmarks import training_gpu
 
     plan = (
@@ -110,6 +95,7 @@ def _run_sections(settings, results):
         ("attention", lambda: attention_scaling.run_section(settings)),
         ("size", lambda: model_size.run_section(settings, _rows(results.get("latency")))),
         ("training", lambda: training_gpu.run_section(settings)),
+        ("converters", lambda: converter_peers.run_section(settings)),
     )
     for name, run in plan:
         if name not in settings.sections:
@@ -121,7 +107,7 @@ def _run_sections(settings, results):
         except Exception as error:  # a section's failure must not lose the others
             results[name] = {"error": short_reason(error)}
         results["seconds"][name] = time.perf_counter() - start
-        print("\n" + report.section_text(name, results[name], results["environment"]), flush=True)
+        print("\n" + section_text(name, results[name], results["environment"]), flush=True)
 
 
 def write_results(results, output_dir):
@@ -129,8 +115,11 @@ def write_results(results, output_dir):
 
     os.makedirs(output_dir, exist_ok=True)
     paths = {suffix: os.path.join(output_dir, f"{RESULT_NAME}.{suffix}") for suffix in ("md", "json", "png")}
+    text = report.markdown(results)
+    if "converters" in results:
+        text += "\n\n" + section_text("converters", results["converters"], results["environment"])
     with open(paths["md"], "w") as f:
-        f.write(report.markdown(results) + "\n")
+        f.write(text + "\n")
     try:
         problem = report.plot(results, paths["png"])
     except Exception as error:  # the tables and figures are written anyway
@@ -143,7 +132,7 @@ def write_results(results, output_dir):
 
 
 def main(argv=None):
-    settings, output_dir = parse_settings(argv)
+    settings, output_dir = parse_settings(argv, description=__doc__.split("\n")[0])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from benchmarks.runtimes import configure_tensorflow_threads
 

@@ -4,17 +4,21 @@ Worker processes (see `isolation.py`) receive the settings as JSON, so every
 field is a plain number, string, bool or tuple of those.
 """
 
+import argparse
 import dataclasses
 import json
 import os
 
 ALL_WIDTHS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
-SECTIONS = ("latency", "attention", "size", "training")
+SECTIONS = ("latency", "attention", "size", "training", "converters")
+# "converters" creates virtual environments of several GiB on first use
+# (converter_peers.py), so a run includes it only when asked for.
+DEFAULT_SECTIONS = ("latency", "attention", "size", "training")
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    sections: tuple = SECTIONS
+    sections: tuple = DEFAULT_SECTIONS
     widths: tuple = (0.5, 1.0)  # latency section
     batch_sizes: tuple = (1, 16)
     image_size: int = 256  # MobileViTv2 implementations
@@ -34,6 +38,11 @@ class Settings:
     # Set by the latency section: where every implementation's TFLite models
     # are written, to be timed together afterwards (latency.time_pending_tflite).
     tflite_dir: str = ""
+    # Converters section: where the converters' environments live (empty:
+    # converter_peers.DEFAULT_ENVS_DIR) and where its models and worker logs
+    # are kept (empty: a temporary directory).
+    peer_envs_dir: str = ""
+    peer_work_dir: str = ""
     tiny: bool = False
 
     def to_json(self):
@@ -66,3 +75,33 @@ TINY = dict(
     size_tflite=False,
     tiny=True,
 )
+
+
+def parse_settings(argv=None, description="Benchmarks of keras_mobilevitv2."):
+    """(Settings, output_dir) from `python -m benchmarks.run`'s command line."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--output_dir", default="benchmark_results")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, help="Default: all but converters.")
+    parser.add_argument("--widths", type=float, nargs="+", help="Latency section widths (default 0.5 1.0).")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", help="Default: 1 16.")
+    parser.add_argument("--image_size", type=int, help="MobileViTv2 input size (default 256).")
+    parser.add_argument("--repeats", type=int, help="Timed runs per measurement, at most (default 20).")
+    parser.add_argument("--warmup", type=int, help="Untimed calls, the first included (default 3).")
+    parser.add_argument("--threads", type=int, help="Threads for every framework (default: all CPUs).")
+    parser.add_argument("--implementations", nargs="+", help="Subset of the latency section's implementations.")
+    parser.add_argument("--tokens", type=int, nargs="+", help="Attention section token counts.")
+    parser.add_argument("--size_widths", type=float, nargs="+", help="Size section widths (default: all 7).")
+    parser.add_argument("--peer_envs_dir", help="Converters section: the converters' virtual environments.")
+    parser.add_argument("--peer_work_dir", help="Converters section: keep its models and logs here.")
+    parser.add_argument("--tiny", action="store_true", help="Tiny smoke configuration (not a benchmark).")
+    args = parser.parse_args(argv)
+
+    values = dict(TINY) if args.tiny else {}
+    for field in dataclasses.fields(Settings):
+        given = getattr(args, field.name, None)
+        if given is not None and field.name != "tiny":
+            values[field.name] = tuple(given) if isinstance(given, list) else given
+    settings = Settings(**values)
+    if settings.threads < 1 or settings.repeats < 1:
+        parser.error("--threads and --repeats must be at least 1")
+    return settings, args.output_dir
