@@ -9,11 +9,10 @@ installed must show as n/a, not fail the run.
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
+from benchmark_runs import run_benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUR_RUNTIMES = ("eager", "graph", "xla", "tflite_float", "tflite_int8")
@@ -26,18 +25,8 @@ def installed(module):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("benchmark_results")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     start = time.perf_counter()
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--tiny", "--output_dir", str(output_dir)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    completed = run_benchmark("benchmarks.run", "--tiny", "--output_dir", output_dir)
     with open(output_dir / "results.json") as f:
         results = json.load(f)
     markdown = (output_dir / "results.md").read_text()

@@ -4,12 +4,12 @@ are not benchmarks)."""
 
 import json
 import os
-import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
+from benchmark_runs import run_benchmark
 
 # `benchmarks` is imported from the repository (not part of the wheel), after the installed packages.
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -94,18 +94,8 @@ def test_table_has_the_int8_ratio_and_the_reasons():
 
 
 def test_quick_run_writes_the_table(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     output = tmp_path / "detection_latency"
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.detection_latency", "--quick", "--output", str(output)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    completed = run_benchmark("benchmarks.detection_latency", "--quick", "--output", output, timeout=600)
     assert "[bench] [1/1] SSDLite MobileViTv2-0.5" in completed.stderr  # progress
     result = json.loads(output.with_suffix(".json").read_text())
     rows = {row["runtime"]: row for row in result["rows"]}

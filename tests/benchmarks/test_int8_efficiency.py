@@ -8,10 +8,10 @@ quotient of the figures reported beside it.
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+from benchmark_runs import run_benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
@@ -75,17 +75,7 @@ def test_an_untimed_model_has_no_rate():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("int8_efficiency")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.int8_efficiency", "--tiny", "--output_dir", str(output_dir)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    completed = run_benchmark("benchmarks.int8_efficiency", "--tiny", "--output_dir", output_dir)
     with open(output_dir / "int8_efficiency.json") as f:
         result = json.load(f)
     return result, (output_dir / "int8_efficiency.md").read_text(), completed

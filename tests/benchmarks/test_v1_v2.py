@@ -8,10 +8,10 @@ sits beside.
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+from benchmark_runs import run_benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
@@ -91,17 +91,7 @@ def test_width_text():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("v1_v2")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.v1_v2", "--tiny", "--output_dir", str(output_dir)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    completed = run_benchmark("benchmarks.v1_v2", "--tiny", "--output_dir", output_dir)
     with open(output_dir / "v1_v2.json") as f:
         result = json.load(f)
     return result, (output_dir / "v1_v2.md").read_text(), completed
