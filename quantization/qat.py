@@ -183,9 +183,10 @@ def keep_best(config, source, start_weights, verbose=True):
     replaced `model.keras` is kept as `model.finetuned.keras`. Returns the
     comparison, also written to `qat_selection.json`."""
     import dataclasses
-    import json
 
     import keras
+
+    from training.trainer import write_json_atomically
 
     if source.eval is None:
         return {"chosen": "fine-tuned", "reason": "no validation split to compare on"}
@@ -223,8 +224,7 @@ def keep_best(config, source, start_weights, verbose=True):
         os.replace(temporary, path)
     if verbose:
         _print_selection(selection)
-    with open(os.path.join(config.model_dir, SELECTION_NAME), "w") as f:
-        json.dump(selection, f, indent=2)
+    write_json_atomically(os.path.join(config.model_dir, SELECTION_NAME), selection)
     return selection
 
 
@@ -249,6 +249,8 @@ class _KeepsBestEpoch:
     qat_metric = "top1"
 
     def _evaluate(self, run):
+        from training.trainer import write_json_atomically
+
         results = super()._evaluate(run)
         metric, model_dir = self.qat_metric, self.config.model_dir
         records = read_epoch_records(model_dir)
@@ -265,17 +267,8 @@ class _KeepsBestEpoch:
             run.eval_model.save_weights(temporary)
             os.replace(temporary, os.path.join(model_dir, BEST_WEIGHTS_NAME))
             records["best"] = {"epoch": run.epoch, "step": run.step, "weights": label, "value": entry[label]}
-        _write_json(os.path.join(model_dir, EPOCHS_NAME), records)
+        write_json_atomically(os.path.join(model_dir, EPOCHS_NAME), records)
         return results
-
-
-def _write_json(path, payload):
-    import json
-
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(temporary, path)
 
 
 def _keeping_best_epoch(trainer_class, metric):

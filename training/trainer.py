@@ -57,7 +57,8 @@ COMPATIBILITY_FIELDS = (
 )
 
 
-def _write_json_atomically(path, payload):
+def write_json_atomically(path, payload):
+    """Writes `payload` as JSON to `path` whole or not at all (a crash leaves the old file)."""
     temporary = f"{path}.tmp-{os.getpid()}"
     with open(temporary, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=True)
@@ -281,7 +282,7 @@ class Trainer:
                 "new or empty directory."
             )
         os.makedirs(config.model_dir, exist_ok=True)
-        _write_json_atomically(path, current)
+        write_json_atomically(path, current)
         return False
 
     def _log(self, text):
@@ -775,7 +776,7 @@ class Trainer:
             "exported_model": export_path,
             "exported_weights": "ema",
         }
-        _write_json_atomically(os.path.join(config.model_dir, SUMMARY), summary)
+        write_json_atomically(os.path.join(config.model_dir, SUMMARY), summary)
         if skipped or self.skipped_eval_images:
             self._progress.message(
                 f"Undecodable images skipped: {skipped} in training (each pass counts), "
