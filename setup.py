@@ -34,8 +34,9 @@ TEST = CONVERT + [
     # the reference QAT scheme, run in a subprocess (it switches to legacy Keras)
     "tensorflow-model-optimization==0.8.1",
     "tf_keras",
-    # bundles a small real image dataset (handwritten digits)
+    # bundle small real image datasets (handwritten digits; photographs)
     "scikit-learn",
+    "scikit-image",
     # the official COCO evaluator (detection mAP)
     "pycocotools",
     # formatter and linter (`make lint`); pinned: a new release may add rules

@@ -18,7 +18,10 @@ Sections:
                  torch.onnx + onnx2tf (each in its own virtual environment,
                  created on first use), checked against timm's logits and
                  timed in turn with our TFLite models. Only when named in
-                 --sections.
+                 --sections;
+  6. v1_v2     - MobileViT (v1) against MobileViTv2 at matched accuracy
+                 (the paper's pairs), float and int8 TFLite, batch 1, timed
+                 in turn (`benchmarks.v1_v2`). Only when named in --sections.
 
 Prints the markdown tables and writes them to OUTPUT_DIR/results.md, the raw
 figures to OUTPUT_DIR/results.json and a summary plot to
@@ -40,6 +43,7 @@ from benchmarks.console import short_reason
 from benchmarks.settings import parse_settings
 
 RESULT_NAME = "results"
+OPT_IN_SECTIONS = ("converters", "v1_v2")  # rendered after report.markdown's sections
 
 
 def _cpu_name():
@@ -74,12 +78,15 @@ def _rows(section):
 
 
 def section_text(name, section, environment):
-    # The converters section renders its own table (report.py knows the others).
+    # The opt-in sections render their own tables (report.py knows the others).
     from benchmarks import converter_peers
     from benchmarks import report
+    from benchmarks import v1_v2
 
     if name == "converters":
         return converter_peers.section_text(section, environment)
+    if name == "v1_v2":
+        return v1_v2.section_text(section)
     return report.section_text(name, section, environment)
 
 
@@ -89,6 +96,7 @@ def _run_sections(settings, results):
     from benchmarks import latency
     from benchmarks import model_size
     from benchmarks import training_gpu
+    from benchmarks import v1_v2
 
     plan = (
         ("latency", lambda: latency.run_section(settings)),
@@ -96,6 +104,7 @@ def _run_sections(settings, results):
         ("size", lambda: model_size.run_section(settings, _rows(results.get("latency")))),
         ("training", lambda: training_gpu.run_section(settings)),
         ("converters", lambda: converter_peers.run_section(settings)),
+        ("v1_v2", lambda: v1_v2.run_section(settings)),
     )
     for name, run in plan:
         if name not in settings.sections:
@@ -116,8 +125,9 @@ def write_results(results, output_dir):
     os.makedirs(output_dir, exist_ok=True)
     paths = {suffix: os.path.join(output_dir, f"{RESULT_NAME}.{suffix}") for suffix in ("md", "json", "png")}
     text = report.markdown(results)
-    if "converters" in results:
-        text += "\n\n" + section_text("converters", results["converters"], results["environment"])
+    for name in OPT_IN_SECTIONS:
+        if name in results:
+            text += "\n\n" + section_text(name, results[name], results["environment"])
     with open(paths["md"], "w") as f:
         f.write(text + "\n")
     try:

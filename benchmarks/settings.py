@@ -10,9 +10,10 @@ import json
 import os
 
 ALL_WIDTHS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
-SECTIONS = ("latency", "attention", "size", "training", "converters")
+SECTIONS = ("latency", "attention", "size", "training", "converters", "v1_v2")
 # "converters" creates virtual environments of several GiB on first use
-# (converter_peers.py), so a run includes it only when asked for.
+# (converter_peers.py) and "v1_v2" converts four more models (about 10
+# minutes), so a run includes them only when asked for.
 DEFAULT_SECTIONS = ("latency", "attention", "size", "training")
 
 
@@ -81,7 +82,7 @@ def parse_settings(argv=None, description="Benchmarks of keras_mobilevitv2."):
     """(Settings, output_dir) from `python -m benchmarks.run`'s command line."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--output_dir", default="benchmark_results")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, help="Default: all but converters.")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, help="Default: all but converters and v1_v2.")
     parser.add_argument("--widths", type=float, nargs="+", help="Latency section widths (default 0.5 1.0).")
     parser.add_argument("--batch_sizes", type=int, nargs="+", help="Default: 1 16.")
     parser.add_argument("--image_size", type=int, help="MobileViTv2 input size (default 256).")

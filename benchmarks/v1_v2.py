@@ -335,6 +335,16 @@ def run(config):
     }
 
 
+def run_section(settings):
+    """The "v1_v2" section of `benchmarks.run`, with its timing settings."""
+    values = dict(TINY) if settings.tiny else dict(image_size=settings.image_size)
+    values.update(threads=settings.threads, warmup=settings.warmup, max_seconds=settings.max_seconds)
+    if not settings.tiny:
+        values["repeats"] = settings.repeats
+    with tempfile.TemporaryDirectory(prefix="v1_v2_") as directory:
+        return run(Config(directory=directory, **values))
+
+
 # ---------------------------------------------------------------- report
 
 ATTENTION = "attention (activation x activation)"
@@ -460,11 +470,21 @@ def _rows_by_pair(result):
     return [result["rows"][i : i + size] for i in range(0, len(result["rows"]), size)]
 
 
-def markdown(result):
+SECTION_TITLE = "MobileViT (v1) vs MobileViTv2 at matched accuracy, TFLite CPU"
+
+
+def section_text(section):
+    """The section of `benchmarks.run`'s report: its table, or why it is missing."""
+    if "error" in section:
+        return f"## 6. {SECTION_TITLE}\n\nn/a ({section['error']})"
+    return markdown(section, title=f"## 6. {SECTION_TITLE}", level="###")
+
+
+def markdown(result, title=f"# {SECTION_TITLE}", level="##"):
     config = result["config"]
     size = config["image_size"]
     parts = [
-        "# MobileViT (v1) vs MobileViTv2 at matched accuracy, TFLite CPU",
+        title,
         f"- {size}x{size}, batch 1, LiteRT interpreter (XNNPACK), {config['threads']} threads, random weights; "
         f"median of up to {config['repeats']} rounds, all TFLite models of a pair timed in turn "
         f"(1-minute load average at the end {result['load_average_end']:.2f}, on {os.cpu_count()} CPUs)",
@@ -474,8 +494,9 @@ def markdown(result):
     ]
     if config["tiny"]:
         parts.append("- **--tiny configuration: a smoke run, not a benchmark.**")
-    parts += ["", "## Latency (ms) and v1 / v2", "", speed_table(result), "", "## Models", ""]
-    parts += [model_table(result["pairs"]), "", "## Why the ratio is not the paper's 3.2x", "", explanation(result)]
+    parts += ["", f"{level} Latency (ms) and v1 / v2", "", speed_table(result), "", f"{level} Models", ""]
+    parts += [model_table(result["pairs"]), "", f"{level} Why the ratio is not the paper's 3.2x", ""]
+    parts.append(explanation(result))
     return "\n".join(parts) + "\n"
 
 

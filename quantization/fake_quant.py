@@ -89,7 +89,10 @@ class ActivationQuantizer(keras.layers.Layer):
                 name="initialized", shape=(), initializer="zeros", trainable=False, aggregation="mean"
             )
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, training=None, min_width=None):
+        """`min_width`: a floor on the width of the range used to quantize
+        (the stored range is unchanged), for a tensor whose scale must keep a
+        ratio to another's (see `QuantizedNormalize`)."""
         x = tf.cast(inputs, tf.float32)
         if self.calibrating and self.fixed_range is not None:
             return x
@@ -111,6 +114,8 @@ class ActivationQuantizer(keras.layers.Layer):
             self.range_max.assign(decay * self.range_max + (1 - decay) * batch_max)
         # A degenerate range (all zeros) still needs a valid quantization scale.
         high = tf.maximum(self.range_max, self.range_min + 1e-6)
+        if min_width is not None:
+            high = tf.maximum(high, self.range_min + min_width)
         return tf.quantization.fake_quant_with_min_max_vars(x, self.range_min, high, num_bits=8)
 
     def compute_output_shape(self, input_shape):

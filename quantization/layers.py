@@ -31,6 +31,13 @@ PACKAGE = "keras_mobilevitv2_quantization"
 GRAPHS = ("reference", "edgetpu")
 
 
+def check_batch_statistics_steps(steps):
+    """`steps` if it is None or an integer >= 0; ValueError otherwise."""
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
+        raise ValueError(f"batch_statistics_steps must be None or an integer >= 0; got {steps!r}.")
+    return steps
+
+
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {choices}; got {value!r}.")
@@ -87,17 +94,40 @@ def _build_by_calling(layer, input_shape):
 class QuantizedConv(keras.layers.Layer):
     """Conv2D or DepthwiseConv2D with bias (BN folded), fake-quantized.
 
+    `batch_statistics_steps=N` keeps the BatchNorm after the convolution as
+    its own variables (tfmot's and Krishnamoorthi's folding scheme): the
+    kernel is folded with the moving statistics and quantized, and for the
+    first N training steps the output is corrected to the batch statistics,
+    which also update the moving ones; after N steps the statistics are
+    frozen. Inference and export always fold the moving statistics, so the
+    int8 model is the same graph as with `None` (BN folded once, frozen from
+    the first step).
+
     SiLU is x * sigmoid(x), as TFLite runs it: LOGISTIC (fixed output range)
     then MUL, each output quantized. ReLU is fused into the convolution (one
     quantized output), as the converter fuses it.
     """
 
     def __init__(
-        self, filters, kernel_size, strides=1, padding="same", depthwise=False, activation=None, dilation=1, **kwargs
+        self,
+        filters,
+        kernel_size,
+        strides=1,
+        padding="same",
+        depthwise=False,
+        activation=None,
+        dilation=1,
+        batch_statistics_steps=None,
+        bn_momentum=0.99,
+        bn_epsilon=1e-5,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         if activation not in (None, "silu", "relu"):
             raise ValueError(f"activation must be None, 'relu' or 'silu'; got {activation!r}")
+        self.batch_statistics_steps = check_batch_statistics_steps(batch_statistics_steps)
+        self.bn_momentum = bn_momentum
+        self.bn_epsilon = bn_epsilon
         self.filters = filters
         self.kernel_size = kernel_size
         self.strides = strides
@@ -116,25 +146,73 @@ class QuantizedConv(keras.layers.Layer):
         shape = (k, k, channels, 1) if self.depthwise else (k, k, channels, self.filters)
         self.kernel = self.add_weight(name="kernel", shape=shape, initializer="glorot_uniform")
         self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
+        if self.batch_statistics_steps is not None:
+            self._build_batch_norm()
         out_shape = tuple(input_shape[:-1]) + (self.filters,)
         self.output_quantizer.build(out_shape)
         if self.activation == "silu":
             self.sigmoid_quantizer.build(out_shape)
             self.activation_quantizer.build(out_shape)
 
-    def call(self, inputs, training=None):
+    def _build_batch_norm(self):
+        channels = (self.filters,)
+        for name, initializer, trainable in (
+            ("gamma", "ones", True),
+            ("beta", "zeros", True),
+            ("moving_mean", "zeros", False),
+            ("moving_variance", "ones", False),
+        ):
+            variable = self.add_weight(
+                name=name, shape=channels, initializer=initializer, trainable=trainable, aggregation="mean"
+            )
+            setattr(self, name, variable)
+        # Training steps taken with batch statistics (MEAN of +1 per replica is +1).
+        self.bn_steps = self.add_weight(
+            name="bn_steps", shape=(), initializer="zeros", trainable=False, aggregation="mean"
+        )
+
+    def _convolve(self, inputs, kernel, quantized):
         strides = (1, self.strides, self.strides, 1)
         dilations = (self.dilation, self.dilation)
         padding = self.padding.upper()
+        if self.depthwise:
+            kernel = quantize_weights_per_channel(kernel, axis=2) if quantized else kernel
+            return tf.nn.depthwise_conv2d(inputs, kernel, strides, padding, dilations=dilations)
+        kernel = quantize_weights_per_channel(kernel, axis=-1) if quantized else kernel
+        return tf.nn.conv2d(inputs, kernel, strides, padding, dilations=dilations)
+
+    def _per_channel_kernel_scale(self, scale):
+        # [kh, kw, C, 1] depthwise kernels scale along axis 2, others along the last axis.
+        return scale[:, None] if self.depthwise else scale
+
+    def _batch_norm_conv(self, inputs, training, float_mode):
+        """conv -> BatchNorm with the BN folded into the quantized kernel."""
+        moving_std = tf.sqrt(self.moving_variance + self.bn_epsilon)
+        scale = self.gamma / moving_std
+        kernel = self.kernel * self._per_channel_kernel_scale(scale)
+        y = self._convolve(inputs, kernel, quantized=not float_mode)
+        frozen_bias = self.beta + (self.bias - self.moving_mean) * scale
+        if not training or float_mode:
+            return y + frozen_bias
+        # Batch statistics of the float convolution, as BatchNorm sees them.
+        z = self._convolve(inputs, self.kernel, quantized=False) + self.bias
+        mean, variance = tf.nn.moments(z, axes=[0, 1, 2])
+        batch_std = tf.sqrt(variance + self.bn_epsilon)
+        corrected = y * (moving_std / batch_std) + self.beta + (self.bias - mean) * (self.gamma / batch_std)
+        use_batch = self.bn_steps < self.batch_statistics_steps
+        momentum = tf.where(use_batch, self.bn_momentum, 1.0)
+        self.moving_mean.assign(momentum * self.moving_mean + (1 - momentum) * tf.stop_gradient(mean))
+        self.moving_variance.assign(momentum * self.moving_variance + (1 - momentum) * tf.stop_gradient(variance))
+        self.bn_steps.assign_add(tf.cast(use_batch, self.bn_steps.dtype))
+        return tf.where(use_batch, corrected, y + frozen_bias)
+
+    def call(self, inputs, training=None):
         # While calibrating, the layer computes the float function exactly.
         float_mode = self.output_quantizer.calibrating
-        if self.depthwise:
-            kernel = self.kernel if float_mode else quantize_weights_per_channel(self.kernel, axis=2)
-            y = tf.nn.depthwise_conv2d(inputs, kernel, strides, padding, dilations=dilations)
+        if self.batch_statistics_steps is not None:
+            y = self._batch_norm_conv(inputs, training, float_mode)
         else:
-            kernel = self.kernel if float_mode else quantize_weights_per_channel(self.kernel, axis=-1)
-            y = tf.nn.conv2d(inputs, kernel, strides, padding, dilations=dilations)
-        y = y + self.bias
+            y = self._convolve(inputs, self.kernel, quantized=not float_mode) + self.bias
         if self.activation == "relu":
             y = tf.nn.relu(y)
         y = self.output_quantizer(y, training=training)
@@ -154,6 +232,9 @@ class QuantizedConv(keras.layers.Layer):
                 "depthwise": self.depthwise,
                 "activation": self.activation,
                 "dilation": self.dilation,
+                "batch_statistics_steps": self.batch_statistics_steps,
+                "bn_momentum": self.bn_momentum,
+                "bn_epsilon": self.bn_epsilon,
             }
         )
         return config
@@ -185,6 +266,10 @@ class QuantizedDense(keras.layers.Layer):
         return config
 
 
+# The mean's int8 range is at least this fraction of the centred output's (XNNPACK's int8 SUB).
+MEAN_RANGE_FLOOR = 2.0**-9
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class QuantizedNormalize(keras.layers.Layer):
     """GroupNorm(1) without its affine part (folded into the next conv):
@@ -204,7 +289,15 @@ class QuantizedNormalize(keras.layers.Layer):
     def call(self, inputs, training=None):
         q = {step: (lambda t, s=step: self.quantizers[s](t, training=training)) for step in self.STEPS}
         axes = [1, 2, 3]
-        mean = q["mean"](tf.reduce_mean(inputs, axis=axes, keepdims=True))
+        # XNNPACK runs an int8 SUB only while each input's scale is at least
+        # 2^-10 of the output's; a narrower mean range sends the whole SUB to
+        # TFLite's reference kernel (1.0 of 9.5 ms at width 1.0, profiled).
+        # Its range is widened to 2^-9 of the centred output's: the mean's
+        # step stays under a quarter of the output's, so no accuracy is lost.
+        centered_range = self.quantizers["centered"]
+        floor = (centered_range.range_max - centered_range.range_min) * MEAN_RANGE_FLOOR
+        mean = self.quantizers["mean"](tf.reduce_mean(inputs, axis=axes, keepdims=True), training=training,
+                                       min_width=floor)  # fmt: skip
         centered = q["centered"](inputs - mean)
         squared = q["squared"](centered * centered)
         variance = q["variance"](tf.reduce_mean(squared, axis=axes, keepdims=True))
@@ -245,8 +338,21 @@ class QuantizedInvertedResidual(keras.layers.Layer):
     outputs its depthwise result, and the projection is merged into the
     next layer's expansion (see `quantize_model`)."""
 
-    def __init__(self, filters, hidden_channels, strides, expand, use_residual, dilation=1, project=True, **kwargs):
+    def __init__(
+        self,
+        filters,
+        hidden_channels,
+        strides,
+        expand,
+        use_residual,
+        dilation=1,
+        project=True,
+        batch_statistics_steps=None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
+        self.batch_statistics_steps = batch_statistics_steps
+        bn = {"batch_statistics_steps": batch_statistics_steps}
         if use_residual and not project:
             raise ValueError("A residual block needs its projection: project=False takes use_residual=False.")
         self.filters = filters
@@ -256,7 +362,9 @@ class QuantizedInvertedResidual(keras.layers.Layer):
         self.use_residual = use_residual
         self.dilation = dilation
         self.project = project
-        self.expand_conv = QuantizedConv(hidden_channels, 1, activation="silu", name="expand_conv") if expand else None
+        self.expand_conv = (
+            QuantizedConv(hidden_channels, 1, activation="silu", name="expand_conv", **bn) if expand else None
+        )
         self.depthwise_conv = QuantizedConv(
             hidden_channels,
             3,
@@ -266,8 +374,9 @@ class QuantizedInvertedResidual(keras.layers.Layer):
             activation="silu",
             dilation=dilation,
             name="depthwise_conv",
+            **bn,
         )
-        self.project_conv = QuantizedConv(filters, 1, name="project_conv") if project else None
+        self.project_conv = QuantizedConv(filters, 1, name="project_conv", **bn) if project else None
         self.residual_add = QuantizedAdd(name="residual_add") if use_residual else None
 
     def build(self, input_shape):
@@ -297,6 +406,7 @@ class QuantizedInvertedResidual(keras.layers.Layer):
                 "use_residual": self.use_residual,
                 "dilation": self.dilation,
                 "project": self.project,
+                "batch_statistics_steps": self.batch_statistics_steps,
             }
         )
         return config
@@ -408,10 +518,12 @@ class QuantizedMobileViTv2Block(keras.layers.Layer):
         attention_norm="layer_norm_2d",
         graph="reference",
         project=True,
+        batch_statistics_steps=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.project = project
+        self.batch_statistics_steps = batch_statistics_steps
         self.attention_norm = _check_choice("attention_norm", attention_norm, ("layer_norm_2d", "batch_norm_2d"))
         self.graph = _check_choice("graph", graph, GRAPHS)
         self.channels = channels
@@ -421,7 +533,13 @@ class QuantizedMobileViTv2Block(keras.layers.Layer):
         self.patch_size = patch_size
         self.dilation = dilation
         self.local_depthwise_conv = QuantizedConv(
-            channels, 3, depthwise=True, activation="silu", dilation=dilation, name="local_depthwise_conv"
+            channels,
+            3,
+            depthwise=True,
+            activation="silu",
+            dilation=dilation,
+            batch_statistics_steps=batch_statistics_steps,
+            name="local_depthwise_conv",
         )
         self.local_pointwise_conv = QuantizedConv(attn_dim, 1, name="local_pointwise_conv")
         self.transformer_blocks = [
@@ -463,6 +581,7 @@ class QuantizedMobileViTv2Block(keras.layers.Layer):
                 "attention_norm": self.attention_norm,
                 "graph": self.graph,
                 "project": self.project,
+                "batch_statistics_steps": self.batch_statistics_steps,
             }
         )
         return config

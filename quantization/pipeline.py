@@ -34,6 +34,8 @@ _HELP = {
     "qat_epochs": "Epochs of quantization-aware fine-tuning.",
     "float_lr": "Peak learning rate of the float training.",
     "qat_lr": "Learning rate of the QAT fine-tune.",
+    "qat_bn_steps": "QAT BatchNorm: 0 folds frozen statistics from the first step; N normalizes the first N "
+    "steps by batch statistics, then freezes them (as quantization.qat's --batch_statistics_steps).",
     "seed": "Seed of the initial weights and the data order.",
     "calibration_images": "Training images for the QAT ranges and the PTQ calibration.",
 }

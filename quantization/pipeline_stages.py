@@ -43,6 +43,7 @@ class PipelineConfig:
     qat_epochs: int = 1
     float_lr: float = 3e-3
     qat_lr: float = 2e-5
+    qat_bn_steps: int = 0
     seed: int = 0
     calibration_images: int = 128
     targets: tuple = TARGET_NAMES
@@ -192,8 +193,12 @@ def run_qat_stage(config):
 
     train_config = qat_train_config(config)
     flags = [*trainer_flags(train_config), f"--calibration_images={config.calibration_images}"]
+    if config.qat_bn_steps:
+        flags.append(f"--batch_statistics_steps={config.qat_bn_steps}")
     announce("2/5", "Quantization-aware fine-tuning and the QAT int8 export", command("quantization.qat", flags))
-    _, report = run_qat(train_config, calibration_images=config.calibration_images)
+    _, report = run_qat(
+        train_config, calibration_images=config.calibration_images, batch_statistics_steps=config.qat_bn_steps
+    )
     if report["errors"]:
         raise StageError(f"The QAT int8 export failed its audit: {report['errors']}")
 

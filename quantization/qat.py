@@ -29,6 +29,13 @@ def define_qat_flags():
         return
     flags.DEFINE_integer("calibration_images", 256, "Training images used to initialise the activation ranges.")
     flags.DEFINE_enum("io_type", "int8", ["int8", "uint8", "float32"], "Input/output type of the exported model.")
+    flags.DEFINE_integer(
+        "batch_statistics_steps",
+        0,
+        "BatchNorm during QAT: 0 folds the float model's statistics, frozen from the first step; N > 0 "
+        "normalizes the first N steps by batch statistics (updating the moving ones), then freezes them.",
+        lower_bound=0,
+    )
 
 
 def sample_images(source, config, count, split="train", seed=1234, with_labels=False):
@@ -108,8 +115,9 @@ class _CalibratedQATModels:
     weights of the last calibrated one (`start_weights`), the starting point
     the safeguard compares the fine-tuned model with."""
 
-    def __init__(self, calibration_images):
+    def __init__(self, calibration_images, batch_statistics_steps=0):
         self.calibration_images = calibration_images
+        self.batch_statistics_steps = batch_statistics_steps or None  # 0: BatchNorm folded from the start
         self.start_weights = None
 
     def __call__(self, config, num_classes, source, classifier_activation, initialize):
@@ -117,11 +125,12 @@ class _CalibratedQATModels:
         from quantization.quantize import quantize_model
 
         float_model = _float_model(config, num_classes, classifier_activation)
+        steps = self.batch_statistics_steps
         if not initialize:
-            return quantize_model(float_model)
+            return quantize_model(float_model, batch_statistics_steps=steps)
         if config.init_weights:
             load_float_weights(float_model, config, config.init_weights)
-        qat = quantize_model(float_model)
+        qat = quantize_model(float_model, batch_statistics_steps=steps)
         calibrate(qat, sample_images(source, config, self.calibration_images))
         self.start_weights = qat.get_weights()
         return qat
@@ -143,10 +152,10 @@ def _float_model(config, num_classes, classifier_activation):
     return build_model(config, num_classes, classifier_activation=classifier_activation)
 
 
-def qat_model_fn(calibration_images):
+def qat_model_fn(calibration_images, batch_statistics_steps=0):
     """A Trainer model_fn that returns calibrated QAT models (its
     `start_weights` are those of the last one built)."""
-    return _CalibratedQATModels(calibration_images)
+    return _CalibratedQATModels(calibration_images, batch_statistics_steps)
 
 
 FINE_TUNED_NAME = "model.finetuned.keras"
@@ -170,7 +179,38 @@ def _evaluation(config):
     return "top1", evaluate
 
 
-def keep_best(config, source, start_weights, verbose=True):
+# The int8 check of the safeguard converts both candidates and runs them on at
+# most this many validation images (held in memory).
+INT8_CHECK_IMAGES = 5000
+
+
+def int8_top1_metric(source, config, io_type="int8"):
+    """A function model -> the top-1 of the model's QAT int8 TFLite (what is
+    exported) on the validation split (its first INT8_CHECK_IMAGES of a
+    seeded mix), for `keep_best`; also returns how many images it uses."""
+    from quantization.audit import make_interpreter
+    from quantization.audit import run_tflite
+    from quantization.tflite_export import convert
+
+    count = min(source.eval.num_examples, INT8_CHECK_IMAGES)
+    images, labels = sample_images(source, config, count, split="eval", with_labels=True)
+
+    def measure(model):
+        flatbuffer = convert(model, "qat_int8", io_type=io_type, representative_images=images[:4])
+        return float(np.mean(run_tflite(make_interpreter(flatbuffer), images).argmax(-1) == labels))
+
+    return measure, len(images)
+
+
+def _chosen(start, fine_tuned, int8):
+    """ "fine-tuned" only if it is better: in int8 where measured (the
+    fake-quant metric breaks a tie), otherwise in the fake-quant metric."""
+    if int8 and int8["fine_tuned"] != int8["start"]:
+        return "fine-tuned" if int8["fine_tuned"] > int8["start"] else "start"
+    return "fine-tuned" if fine_tuned > start else "start"
+
+
+def keep_best(config, source, start_weights, verbose=True, int8_metric=None):
     """The safeguard: the run's `model.keras` becomes the best of the
     calibrated starting point (`start_weights`: post-training ranges, no
     fine-tuning) and the fine-tuned weights, on the whole validation split
@@ -180,8 +220,11 @@ def keep_best(config, source, start_weights, verbose=True):
     recorded by the trainer in `qat_epochs.json` / `qat_best.weights.h5`),
     or the trainer's final `model.keras` where no epoch was recorded. Unless
     it beats the start, the start becomes `model.keras` and this is said; a
-    replaced `model.keras` is kept as `model.finetuned.keras`. Returns the
-    comparison, also written to `qat_selection.json`."""
+    replaced `model.keras` is kept as `model.finetuned.keras`. With
+    `int8_metric` ((model -> top-1, images) from `int8_top1_metric`), "beats" is judged on
+    both candidates' int8 TFLite models, what is shipped: the fake-quant
+    metric differs from it by a few images. Returns the comparison, also
+    written to `qat_selection.json`."""
     import dataclasses
 
     import keras
@@ -202,10 +245,13 @@ def keep_best(config, source, start_weights, verbose=True):
     else:
         origin = "the final weights"
     fine_tuned, fine_tuned_weights = evaluate(model, source, whole_split), model.get_weights()
+    int8 = {"fine_tuned": int8_metric[0](model)} if int8_metric else {}
     # The same model with the start's weights: evaluated by the same traced function.
     model.set_weights(start_weights)
     start = evaluate(model, source, whole_split)
-    chosen = "fine-tuned" if fine_tuned[metric] > start[metric] else "start"
+    if int8_metric:
+        int8.update(start=int8_metric[0](model), images=int8_metric[1])
+    chosen = _chosen(start[metric], fine_tuned[metric], int8)
     selection = {
         "chosen": chosen,
         "metric": metric,
@@ -214,6 +260,7 @@ def keep_best(config, source, start_weights, verbose=True):
         "fine_tuned_from": origin,
         "epochs": records["epochs"],
         "evaluation_images": source.eval.num_examples - start.get("skipped_images", 0),
+        "int8_top1": int8 or None,
     }
     if chosen == "fine-tuned":
         model.set_weights(fine_tuned_weights)
@@ -285,6 +332,7 @@ def _print_selection(selection):
     print(
         f"QAT selection on {selection['evaluation_images']} validation images: calibrated start {name} "
         f"{start:.4f}, fine-tuned {fine_tuned:.4f} ({selection['fine_tuned_from']}); "
+        + _int8_text(selection.get("int8_top1"))
         + (
             "keeping the fine-tuned model."
             if selection["chosen"] == "fine-tuned"
@@ -292,6 +340,13 @@ def _print_selection(selection):
             f"(the fine-tuned model is {FINE_TUNED_NAME})."
         )
     )
+
+
+def _int8_text(int8):
+    if not int8:
+        return ""
+    return (f"as int8 TFLite on {int8['images']} images: start {int8['start']:.4f}, fine-tuned "
+            f"{int8['fine_tuned']:.4f}; ")  # fmt: skip
 
 
 def _trainer_and_source(config):
@@ -330,8 +385,9 @@ def _export_detector(model, config, representative, verbose):
     return report
 
 
-def run_qat(config, calibration_images=256, io_type="int8", verbose=True, tpu_address=""):
-    """QAT fine-tuning + int8 export. Returns (summary, audit report)."""
+def run_qat(config, calibration_images=256, io_type="int8", verbose=True, tpu_address="", batch_statistics_steps=0):
+    """QAT fine-tuning + int8 export. Returns (summary, audit report).
+    `batch_statistics_steps`: see `quantize_model` (0: BatchNorm folded)."""
     import dataclasses
 
     import keras
@@ -348,13 +404,14 @@ def run_qat(config, calibration_images=256, io_type="int8", verbose=True, tpu_ad
     # Every epoch is evaluated on the whole validation split: the safeguard
     # compares the epochs and the start on it.
     config = dataclasses.replace(config, max_eval_images=0)
-    model_fn = qat_model_fn(calibration_images)
+    model_fn = qat_model_fn(calibration_images, batch_statistics_steps)
     trainer_class, source = _trainer_and_source(config)
     trainer_class = _keeping_best_epoch(trainer_class, _evaluation(config)[0])
     summary = trainer_class(config, verbose=verbose, model_fn=model_fn, tpu_address=tpu_address).run()
     if summary is None:  # not the chief
         return None, None
-    summary["selection"] = keep_best(config, source, model_fn.start_weights, verbose)
+    check = int8_top1_metric(source, config, io_type) if config.task == "classification" and source.eval else None
+    summary["selection"] = keep_best(config, source, model_fn.start_weights, verbose, int8_metric=check)
     exported = keras.models.load_model(os.path.join(config.model_dir, "model.keras"), compile=False)
     # A QAT model carries its own ranges: the converter only checks on a few
     # images that everything is int8. The 4 the targets take (the first of
@@ -380,7 +437,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     return run_job(
-        lambda config: run_qat(config, flags.FLAGS.calibration_images, flags.FLAGS.io_type, tpu_address=flags.FLAGS.tpu)
+        lambda config: run_qat(
+            config,
+            flags.FLAGS.calibration_images,
+            flags.FLAGS.io_type,
+            tpu_address=flags.FLAGS.tpu,
+            batch_statistics_steps=flags.FLAGS.batch_statistics_steps,
+        )
     )
 
 

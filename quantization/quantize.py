@@ -23,6 +23,7 @@ from quantization.layers import QuantizedGlobalPool
 from quantization.layers import QuantizedInvertedResidual
 from quantization.layers import QuantizedMobileViTv2Block
 from quantization.layers import QuantizedSoftmax
+from quantization.layers import check_batch_statistics_steps
 
 SUPPORTED = (
     "InputLayer, Rescaling (on the input, read by convolutions only), ZeroPadding2D, Conv2D and "
@@ -115,21 +116,38 @@ def _mobilevit_projection(source):
     return kernel * scale, bias * scale + shift
 
 
+def _set_conv(target, conv, bn, depthwise=False, input_scale=1.0, input_projection=None):
+    """Copies `conv` [+ `bn`] into the QuantizedConv `target`: folded, or as
+    the raw kernel and the BatchNorm's variables where `target` keeps its
+    BatchNorm (`batch_statistics_steps`). `input_projection`: a linear 1x1
+    (kernel, bias) merged in front of the (1x1) convolution."""
+    keeps_bn = bn is not None and target.batch_statistics_steps is not None
+    kernel_bias = _fold_conv_bn(conv, None if keeps_bn else bn, depthwise=depthwise, input_scale=input_scale)
+    if input_projection is not None:
+        kernel_bias = _chain_pointwise(input_projection, kernel_bias)
+    _set(target, *kernel_bias)
+    if keeps_bn:
+        if abs(bn.epsilon - target.bn_epsilon) > 1e-12:
+            raise ValueError(f"{bn.name!r} has epsilon {bn.epsilon}; the QAT layer was built with {target.bn_epsilon}.")
+        channels = target.bias.shape
+        for name in ("gamma", "beta", "moving_mean", "moving_variance"):
+            value = getattr(bn, name, None)
+            default = 1.0 if name in ("gamma", "moving_variance") else 0.0
+            getattr(target, name).assign(np.broadcast_to(default if value is None else np.asarray(value), channels))
+
+
 def _copy_inverted_residual(source, target, input_projection=None):
     """`input_projection`: the previous layer's projection, merged into this
     layer's expansion (`target` then reads the previous layer's unprojected output)."""
     if source.expand_conv is not None:
-        expand = _fold_conv_bn(source.expand_conv, source.expand_bn)
-        if input_projection is not None:
-            expand = _chain_pointwise(input_projection, expand)
-        _set(target.expand_conv, *expand)
-    _set(target.depthwise_conv, *_fold_conv_bn(source.depthwise_conv, source.depthwise_bn, depthwise=True))
+        _set_conv(target.expand_conv, source.expand_conv, source.expand_bn, input_projection=input_projection)
+    _set_conv(target.depthwise_conv, source.depthwise_conv, source.depthwise_bn, depthwise=True)
     if target.project_conv is not None:
-        _set(target.project_conv, *_inverted_residual_projection(source))
+        _set_conv(target.project_conv, source.project_conv, source.project_bn)
 
 
 def _copy_mobilevit_block(source, target):
-    _set(target.local_depthwise_conv, *_fold_conv_bn(source.local_depthwise_conv, source.local_bn, depthwise=True))
+    _set_conv(target.local_depthwise_conv, source.local_depthwise_conv, source.local_bn, depthwise=True)
     _set(target.local_pointwise_conv, *_fold_conv_bn(source.local_pointwise_conv, None))
     for float_block, quant_block in zip(source.transformer_blocks, target.transformer_blocks):
         attention = float_block.attention
@@ -192,10 +210,11 @@ class _GraphRebuild:
     that its output alone flows into, as the TFLite converter fuses them, so
     branches and merges (ASPP, auxiliary heads) rebuild as they are."""
 
-    def __init__(self, model, graph, merge_pointwise=True):
+    def __init__(self, model, graph, merge_pointwise=True, batch_statistics_steps=None):
         self.model = model
         self.graph = graph
         self.merge_pointwise = merge_pointwise
+        self.batch_statistics_steps = batch_statistics_steps
         self.input_projections = {}  # id(InvertedResidual) -> the projection merged into its expansion
         self.consumers = {}  # id(float tensor) -> the layers reading it
         for layer in model.layers:
@@ -274,11 +293,12 @@ class _GraphRebuild:
             project = _inverted_residual_projection if isinstance(layer, InvertedResidual) else _mobilevit_projection
             self.input_projections[id(merged_into)] = project(layer)
         input_projection = self.input_projections.get(id(layer))
+        steps = self.batch_statistics_steps
         if isinstance(layer, InvertedResidual):
-            quantized = _quantized_inverted_residual(layer, project=merged_into is None)
+            quantized = _quantized_inverted_residual(layer, project=merged_into is None, batch_statistics_steps=steps)
             self.copies.append(lambda: _copy_inverted_residual(layer, quantized, input_projection))
         else:
-            quantized = _quantized_mobilevit_block(layer, self.graph, project=merged_into is None)
+            quantized = _quantized_mobilevit_block(layer, self.graph, merged_into is None, batch_statistics_steps=steps)
             self.copies.append(lambda: _copy_mobilevit_block(layer, quantized))
         return quantized(x)
 
@@ -330,16 +350,16 @@ class _GraphRebuild:
             depthwise=depthwise,
             activation=activation,
             dilation=conv.dilation_rate[0],
+            batch_statistics_steps=None if bn is None else self.batch_statistics_steps,
+            bn_epsilon=1e-5 if bn is None else bn.epsilon,
             name=conv.name,
         )
         input_scale = self.input_scales.get(id(conv.input), 1.0)
-        self.copies.append(
-            lambda: _set(quantized, *_fold_conv_bn(conv, bn, depthwise=depthwise, input_scale=input_scale))
-        )
+        self.copies.append(lambda: _set_conv(quantized, conv, bn, depthwise=depthwise, input_scale=input_scale))
         return tail.output, quantized(x)
 
 
-def _quantized_inverted_residual(layer, project):
+def _quantized_inverted_residual(layer, project, batch_statistics_steps=None):
     return QuantizedInvertedResidual(
         layer.filters,
         layer.hidden_channels,
@@ -348,11 +368,12 @@ def _quantized_inverted_residual(layer, project):
         layer.use_residual,
         dilation=layer.dilation_rate,
         project=project,
+        batch_statistics_steps=batch_statistics_steps,
         name=layer.name,
     )
 
 
-def _quantized_mobilevit_block(layer, graph, project):
+def _quantized_mobilevit_block(layer, graph, project, batch_statistics_steps=None):
     return QuantizedMobileViTv2Block(
         layer.project_conv.filters,
         layer.attn_dim,
@@ -363,6 +384,7 @@ def _quantized_mobilevit_block(layer, graph, project):
         attention_norm=layer.attention_norm,
         graph=graph,
         project=project,
+        batch_statistics_steps=batch_statistics_steps,
         name=layer.name,
     )
 
@@ -409,7 +431,7 @@ def _rebuild_weightless(layer, inputs):
     raise _unsupported(layer)
 
 
-def quantize_model(model, graph="reference", merge_pointwise=True):
+def quantize_model(model, graph="reference", merge_pointwise=True, batch_statistics_steps=None):
     """Returns the quantization-aware (QAT) version of a keras_mobilevitv2 model.
 
     Takes the classifiers, the backbones (`include_top=False`), the
@@ -427,6 +449,13 @@ def quantize_model(model, graph="reference", merge_pointwise=True):
     them: the int8 model is then the fast one. Before QAT the merged model
     computes the same function up to float rounding.
 
+    `batch_statistics_steps`: None folds every BatchNorm into its
+    convolution with the float model's statistics, frozen from the first
+    step. An integer N keeps each BatchNorm's variables: the first N training
+    steps normalize with batch statistics (which update the moving ones),
+    then the statistics freeze (`QuantizedConv`). The exported int8 graph is
+    the same either way.
+
     Weights: per-channel symmetric int8 (per-tensor for the classifier);
     activations: per-tensor asymmetric int8 with moving-average ranges. The
     ranges start unset: call `calibrate(qat_model, images)` before training
@@ -439,7 +468,8 @@ def quantize_model(model, graph="reference", merge_pointwise=True):
     """
     if graph not in GRAPHS:
         raise ValueError(f"graph must be one of {GRAPHS}; got {graph!r}.")
-    return _GraphRebuild(model, graph, merge_pointwise).run(_check_input(model))
+    check_batch_statistics_steps(batch_statistics_steps)
+    return _GraphRebuild(model, graph, merge_pointwise, batch_statistics_steps).run(_check_input(model))
 
 
 def rewrite_graph(qat_model, graph):

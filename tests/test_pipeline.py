@@ -43,7 +43,7 @@ def test_printed_pipeline_flags_give_the_same_configuration():
     from quantization.pipeline import define_pipeline_flags
     from quantization.pipeline_stages import pipeline_flags
 
-    config = PipelineConfig(output_dir="/tmp/x", image_size=48, qat_lr=3e-5, targets=("micro", "onnx"))
+    config = PipelineConfig(output_dir="/tmp/x", image_size=48, qat_lr=3e-5, qat_bn_steps=5, targets=("micro", "onnx"))
     values = flags.FlagValues()
     define_pipeline_flags(values)
     values(["prog", *pipeline_flags(config)])

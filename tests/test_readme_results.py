@@ -63,3 +63,19 @@ def test_readme_benchmark_table_is_the_committed_one(name):
         table = "\n".join(line for line in f.read().splitlines() if line.startswith("|"))
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         assert table in f.read()
+
+
+def test_readme_benchmark_blocks_are_rendered_from_the_committed_results():
+    # `python -m benchmarks.readme` writes these blocks with each benchmark's
+    # own report code; a README edited by hand, or results committed without
+    # re-rendering, fails here.
+    from benchmarks import readme
+
+    results = os.path.join(ROOT, "benchmarks", "results")
+    if not os.path.exists(os.path.join(results, "results.json")):
+        pytest.skip("benchmarks/results is not in this checkout")
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    names = [match.group(2) for match in readme.BLOCK.finditer(text)]
+    assert sorted(names) == sorted(readme.RENDERERS), names
+    assert readme.update(text, results)[1] == []

@@ -5,6 +5,7 @@ import json
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import randomize_keras_model
 
 from keras_mobilevitv2 import MobileViTv2_050
@@ -145,6 +146,9 @@ def test_unknown_layers_are_named(float_model):
     dynamic = MobileViTv2_050(weights=None)
     with pytest.raises(ValueError, match="static input size"):
         quantize_model(dynamic)
+    for steps in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="batch_statistics_steps must be None or an integer >= 0"):
+            quantize_model(float_model, batch_statistics_steps=steps)
 
 
 def test_export_errors(float_model, qat_model, images, tmp_path):
@@ -252,7 +256,17 @@ def test_qat_command_takes_the_trainer_flags(tmp_path):
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "quantization.qat", "--model_dir", str(tmp_path / "run"), "--batch_size", "8"],
+        [
+            sys.executable,
+            "-m",
+            "quantization.qat",
+            "--model_dir",
+            str(tmp_path / "run"),
+            "--batch_size",
+            "8",
+            "--batch_statistics_steps",
+            "10",
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=300,
@@ -359,6 +373,11 @@ def test_qat_keeps_the_best_epoch_on_the_whole_split(float_model, tmp_path, caps
     assert records["best"]["value"] == best == pytest.approx(selection["fine_tuned"]["top1"])
     out = capsys.readouterr().out
     assert "QAT epoch 2 (step 4)" in out and "QAT selection on 20 validation images" in out
+    # The choice is confirmed on what is shipped: both candidates as int8 TFLite.
+    int8 = selection["int8_top1"]
+    assert int8["images"] == 20 and "as int8 TFLite on 20 images" in out
+    if int8["fine_tuned"] != int8["start"]:
+        assert selection["chosen"] == ("fine-tuned" if int8["fine_tuned"] > int8["start"] else "start")
     kept = keras.models.load_model(str(model_dir / "model.keras"), compile=False)
     if selection["chosen"] == "fine-tuned":  # the best epoch's weights, not the last ones
         expected = keras.models.load_model(str(model_dir / "model.keras"), compile=False)
@@ -370,3 +389,58 @@ def test_qat_keeps_the_best_epoch_on_the_whole_split(float_model, tmp_path, caps
 
     kept_top1 = evaluate(kept, folder_source(config.data), whole_split)["top1"]
     assert kept_top1 == pytest.approx(selection[selection["chosen"].replace("-", "_")]["top1"])
+
+
+def test_batch_statistics_qat_normalizes_by_the_batch_then_freezes(float_model, qat_model, images):
+    # tfmot's BatchNorm scheme: the QAT model keeps each BatchNorm; before any
+    # training it is the model folded from the start (same int8 graph), the
+    # first N training steps normalize by the batch and move the statistics,
+    # then the statistics freeze.
+    model = calibrate(quantize_model(float_model, batch_statistics_steps=2), images[:32])
+    folded = qat_model(images[32:], training=False).numpy()
+    np.testing.assert_array_equal(model(images[32:], training=False).numpy().argmax(-1), folded.argmax(-1))
+    # The kernel folds in float32 at run time instead of float64 once: int8 roundings differ, within a step.
+    assert np.abs(model(images[32:], training=False).numpy() - folded).mean() <= 1 / 256  # softmax output step
+    assert _op_counts(convert(model, "qat_int8")) == _op_counts(convert(qat_model, "qat_int8"))
+
+    conv = model.get_layer("stem_conv")
+    assert conv.batch_statistics_steps == 2
+    x = images[:8]
+    stem_input = keras.Model(model.input, conv.input)(x)
+    before = conv.moving_mean.numpy()
+    y = conv(stem_input, training=True).numpy()
+    # One batch-statistics step: the output is the batch-normalized convolution, int8 rounded.
+    z = (tf.nn.conv2d(stem_input, conv.kernel, conv.strides, conv.padding.upper()) + conv.bias).numpy()
+    normalized = (z - z.mean((0, 1, 2))) / np.sqrt(z.var((0, 1, 2)) + conv.bn_epsilon) * conv.gamma.numpy()
+    expected = conv.output_quantizer(normalized + conv.beta.numpy(), training=False).numpy()
+    if conv.activation == "silu":
+        expected = conv.activation_quantizer(expected * tf.sigmoid(expected), training=False).numpy()
+    assert np.abs(y - expected).mean() < 0.05 * np.abs(expected).mean()
+    moved = conv.moving_mean.numpy()
+    np.testing.assert_allclose(moved, 0.99 * before + 0.01 * z.mean((0, 1, 2)), rtol=1e-4, atol=1e-5)
+    conv(stem_input, training=True)
+    assert conv.bn_steps.numpy() == 2
+    frozen = conv.moving_mean.numpy()
+    conv(stem_input, training=True)  # step 3: frozen statistics, the inference form
+    assert conv.bn_steps.numpy() == 2
+    np.testing.assert_array_equal(conv.moving_mean.numpy(), frozen)
+    np.testing.assert_allclose(conv(stem_input, training=True), conv(stem_input, training=False), atol=1e-5)
+
+
+def test_norm_mean_keeps_the_scale_ratio_xnnpack_runs_fast():
+    # XNNPACK's int8 SUB needs each input scale >= 2^-10 of the output's; a
+    # norm whose inputs have (almost) zero mean would otherwise quantize the
+    # mean so finely that the SUB falls back to the slow reference kernel.
+    from quantization.fake_quant import ActivationQuantizer
+    from quantization.layers import QuantizedNormalize
+
+    inputs = keras.Input((8, 8, 16), batch_size=1)
+    x = ActivationQuantizer(name="input_quantizer")(inputs)
+    model = keras.Model(inputs, QuantizedNormalize(name="norm")(x))
+    data = np.random.RandomState(0).randn(16, 8, 8, 16).astype("float32") * 20
+    data -= data.mean(axis=(1, 2, 3), keepdims=True)  # zero mean: the mean's own range is ~1e-6
+    calibrate(model, data)
+    graph = read_graph(convert(model, "qat_int8", representative_images=data[:2]))
+    (sub,) = [op for op in graph.operators if op.name == "SUB"]
+    scales = [float(graph.tensors[i].quantization.scale[0]) for i in (*sub.present_inputs, sub.outputs[0])]
+    assert min(scales[0], scales[1]) / scales[2] >= 2**-10, scales

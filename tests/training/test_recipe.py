@@ -211,3 +211,31 @@ def test_prepare_digits_writes_a_real_image_folder(tmp_path):
     assert source.train.num_examples == 1438 and source.eval.num_examples == 359
     with pytest.raises(SystemExit, match="not empty"):
         write_digits(str(tmp_path / "digits"))
+
+
+def test_prepare_photos_keeps_validation_pixels_out_of_training(tmp_path):
+    pytest.importorskip("skimage")
+    from training.data import folder_source
+    from training.prepare_photos import PHOTOGRAPHS
+    from training.prepare_photos import VAL_FRACTION
+    from training.prepare_photos import load_photograph
+    from training.prepare_photos import patch_boxes
+    from training.prepare_photos import write_photos
+
+    counts = write_photos(str(tmp_path / "photos"), size=16, train_per_class=3, val_per_class=2)
+    assert counts == {"train": 3 * len(PHOTOGRAPHS), "val": 2 * len(PHOTOGRAPHS)}
+    source = folder_source(str(tmp_path / "photos"))
+    assert source.class_names == sorted(PHOTOGRAPHS) and source.eval.num_examples == 24
+    patch = next((tmp_path / "photos" / "val" / "moon").iterdir())  # a grayscale photograph, as RGB
+    assert tf.io.decode_png(tf.io.read_file(str(patch))).shape == (16, 16, 3)
+    for name in PHOTOGRAPHS:
+        height, width = load_photograph(name).shape[:2]
+        boundary = round(width * (1 - VAL_FRACTION))
+        rng = np.random.RandomState(0)
+        assert all(left + side <= boundary for _, left, side in patch_boxes(height, width, 50, "train", rng))
+        assert all(
+            left >= boundary and left + side <= width for _, left, side in patch_boxes(height, width, 50, "val", rng)
+        )
+        assert all(top + side <= height for top, _, side in patch_boxes(height, width, 50, "val", rng))
+    with pytest.raises(SystemExit, match="not empty"):
+        write_photos(str(tmp_path / "photos"))

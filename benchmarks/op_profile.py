@@ -1,0 +1,271 @@
+"""Where our TFLite models spend their time, op by op, on the benchmarks' runtime.
+
+    python -m benchmarks.op_profile [--widths 0.5 1.0] [--batch 1] [--image_size 256] [--threads 2]
+        [--output_dir benchmark_results] [--tiny]
+
+The Python LiteRT interpreter has no per-operator profiler, so every
+operator is cut out into a model of its own - its tensors, quantization and
+constants as they are, its non-constant inputs as the model's inputs (read
+with `quantization.tflite_graph`, written with TFLite's schema object API) -
+and timed alone on the same interpreter (XNNPACK, same threads) as the whole
+model. Per model (float32, PTQ int8 and QAT int8, random weights, exported
+as the latency section exports them) it reports the time by op kind and the
+slowest operators, with the sum of the parts next to the whole model's time:
+the difference is what the whole graph saves (XNNPACK fuses and keeps data
+in cache across operators) or loses (per-operator dispatch). Writes
+OUTPUT_DIR/op_profile.md and op_profile.json.
+"""
+
+import argparse
+import collections
+import copy
+import dataclasses
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from benchmarks.console import log
+
+RESULT_NAME = "op_profile"
+VARIANTS = (("tflite_float", "float32"), ("tflite_int8", "PTQ int8"), ("tflite_int8_qat", "QAT int8"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    widths: tuple = (0.5, 1.0)
+    batch: int = 1
+    image_size: int = 256
+    threads: int = 2
+    min_seconds: float = 0.05  # timed per operator, at least
+    max_runs: int = 200
+    whole_seconds: float = 3.0  # the whole model, timed
+    tiny: bool = False
+
+
+TINY = dict(widths=(0.5,), image_size=64, min_seconds=0.002, max_runs=3, whole_seconds=0.05, tiny=True)
+
+
+# --- cutting one operator out --------------------------------------------------------------------------------------
+
+
+def has_data(model, tensor):
+    data = model.buffers[tensor.buffer].data
+    return data is not None and len(data) > 0
+
+
+def single_operator_model(model, index):
+    """The flatbuffer of a model that runs operator `index` of `model`'s first
+    subgraph (a schema ModelT) alone."""
+    import flatbuffers
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    subgraph = model.subgraphs[0]
+    operator = subgraph.operators[index]
+    used = [i for i in [*operator.inputs, *operator.outputs, *(operator.intermediates or [])] if i >= 0]
+    order = list(dict.fromkeys(used))
+    remap = {old: new for new, old in enumerate(order)}
+    cut = schema.ModelT()
+    cut.version, cut.operatorCodes, cut.buffers = model.version, model.operatorCodes, [schema.BufferT()]
+    tensors = []
+    for old in order:
+        tensor = copy.copy(subgraph.tensors[old])
+        # Constants keep their data; every run-time tensor gets its own empty buffer.
+        cut.buffers.append(model.buffers[tensor.buffer] if has_data(model, tensor) else schema.BufferT())
+        tensor.buffer = len(cut.buffers) - 1
+        tensors.append(tensor)
+    single = copy.copy(operator)
+    single.inputs = [remap[i] if i >= 0 else -1 for i in operator.inputs]
+    single.outputs = [remap[i] for i in operator.outputs]
+    single.intermediates = [remap[i] for i in operator.intermediates] if operator.intermediates is not None else None
+    graph = schema.SubGraphT()
+    graph.tensors, graph.operators = tensors, [single]
+    graph.inputs = [
+        remap[i] for i in dict.fromkeys(operator.inputs) if i >= 0 and not has_data(model, subgraph.tensors[i])
+    ]
+    graph.outputs = [remap[i] for i in operator.outputs]
+    cut.subgraphs = [graph]
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(cut.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def load_model(flatbuffer):
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    return schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flatbuffer, 0))
+
+
+# --- timing --------------------------------------------------------------------------------------------------------
+
+
+def _random_inputs(interpreter, rng):
+    inputs = []
+    for detail in interpreter.get_input_details():
+        dtype, shape = detail["dtype"], detail["shape"]
+        if np.issubdtype(dtype, np.integer):
+            info = np.iinfo(dtype)
+            value = rng.randint(max(info.min, -128), min(info.max, 127) + 1, size=shape).astype(dtype)
+        else:
+            value = rng.standard_normal(shape).astype(dtype)
+        inputs.append((detail["index"], value))
+    return inputs
+
+
+def time_invoke(flatbuffer, threads, min_seconds, max_runs, seed=0):
+    """Median ms of `invoke()` on random inputs (set once): the operator's own time."""
+    from benchmarks.runtimes import make_tflite_interpreter
+
+    interpreter = make_tflite_interpreter(flatbuffer, threads)
+    for index, value in _random_inputs(interpreter, np.random.RandomState(seed)):
+        interpreter.set_tensor(index, value)
+    interpreter.invoke()  # warm-up: first-call allocations and packing
+    times, spent = [], 0.0
+    while len(times) < max_runs and (spent < min_seconds or len(times) < 3):
+        start = time.perf_counter()
+        interpreter.invoke()
+        times.append(time.perf_counter() - start)
+        spent += times[-1]
+    return 1000 * statistics.median(times)
+
+
+def profile_model(flatbuffer, config):
+    """{whole_ms, operators: [{index, name, ms, output_shape}]}."""
+    from quantization.tflite_graph import read_graph
+
+    graph, model = read_graph(flatbuffer), load_model(flatbuffer)
+    operators = []
+    for operator in graph.operators:
+        cut = single_operator_model(model, operator.index)
+        ms = time_invoke(cut, config.threads, config.min_seconds, config.max_runs)
+        shape = list(graph.tensors[operator.outputs[0]].shape)
+        operators.append({"index": operator.index, "name": operator.name, "ms": ms, "output_shape": shape})
+    whole = time_invoke(flatbuffer, config.threads, config.whole_seconds, 10_000)
+    return {"whole_ms": whole, "operators": operators}
+
+
+def by_kind(operators):
+    """[(op name, count, total ms)], slowest first."""
+    totals, counts = collections.Counter(), collections.Counter()
+    for operator in operators:
+        totals[operator["name"]] += operator["ms"]
+        counts[operator["name"]] += 1
+    return [(name, counts[name], ms) for name, ms in totals.most_common()]
+
+
+# --- the run -------------------------------------------------------------------------------------------------------
+
+
+def export_models(width, config):
+    """{variant: flatbuffer} of our models of `width`, as the latency section exports them."""
+    from benchmarks import competitors
+    from benchmarks.latency_common import SEED
+    from benchmarks.latency_common import random_images
+    from benchmarks.random_weights import randomize_keras_weights
+    from benchmarks.tflite_export import TFLiteExporter
+
+    ours = competitors.BY_KEY["keras_mobilevitv2"]
+    model = randomize_keras_weights(ours.build(width, config.image_size), seed=SEED)
+    exporter = TFLiteExporter(ours, model, random_images(ours, 8, config.image_size, seed=1))
+    return {variant: exporter.export(variant, config.batch)[0] for variant, _ in VARIANTS}
+
+
+def run(config):
+    from benchmarks.competitors import library_versions
+
+    widths = []
+    for width in config.widths:
+        log(f"width {width:g}: exporting float32, PTQ int8 and QAT int8 at {config.image_size}x{config.image_size}")
+        models = export_models(width, config)
+        profiles = {}
+        for variant, label in VARIANTS:
+            count = len(load_model(models[variant]).subgraphs[0].operators)
+            log(f"width {width:g} {label}: timing {count} operators one by one, then the whole model")
+            profiles[variant] = profile_model(models[variant], config)
+            parts = sum(op["ms"] for op in profiles[variant]["operators"])
+            log(f"  whole {profiles[variant]['whole_ms']:.2f} ms, sum of the operators {parts:.2f} ms")
+        widths.append({"width": width, "profiles": profiles})
+    return {
+        "config": dataclasses.asdict(config),
+        "versions": library_versions(),
+        "load_average_end": os.getloadavg()[0],
+        "widths": widths,
+    }
+
+
+# --- the report ----------------------------------------------------------------------------------------------------
+
+
+def kind_table(profiles, top=14):
+    """Op kinds (rows) x variants (ms and share of the sum of parts)."""
+    sums = {variant: sum(op["ms"] for op in profiles[variant]["operators"]) for variant, _ in VARIANTS}
+    kinds = {variant: {name: (count, ms) for name, count, ms in by_kind(profiles[variant]["operators"])}
+             for variant, _ in VARIANTS}  # fmt: skip
+    order = [name for name, _, _ in by_kind([op for p in profiles.values() for op in p["operators"]])][:top]
+    header = "| op kind | " + " | ".join(f"{label}: n, ms (share)" for _, label in VARIANTS) + " |"
+    lines = [header, "|---|" + "---:|" * len(VARIANTS)]
+    for name in order:
+        cells = []
+        for variant, _ in VARIANTS:
+            count, ms = kinds[variant].get(name, (0, 0.0))
+            cells.append(f"{count}, {ms:.2f} ({100 * ms / sums[variant]:.0f}%)" if count else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| **sum of the operators** | " + " | ".join(f"{sums[v]:.2f}" for v, _ in VARIANTS) + " |")
+    wholes = " | ".join(f"{profiles[v]['whole_ms']:.2f}" for v, _ in VARIANTS)
+    lines.append(f"| **whole model** | {wholes} |")
+    return "\n".join(lines)
+
+
+def slowest_table(profiles, variant, top=8):
+    operators = sorted(profiles[variant]["operators"], key=lambda op: -op["ms"])[:top]
+    lines = ["| # | op | output shape | ms |", "|---:|---|---|---:|"]
+    lines += [f"| {op['index']} | {op['name']} | {op['output_shape']} | {op['ms']:.3f} |" for op in operators]
+    return "\n".join(lines)
+
+
+def markdown(result):
+    config = result["config"]
+    size = config["image_size"]
+    parts = [
+        "# Where the time goes, op by op (TFLite, XNNPACK)",
+        f"- {size}x{size}, batch {config['batch']}, {config['threads']} threads, random weights; each operator cut "
+        f"out into its own model and timed alone (median of up to {config['max_runs']} invokes, at least "
+        f"{config['min_seconds']} s); 1-minute load average at the end {result['load_average_end']:.2f}.",
+        "- The sum of the operators exceeds the whole model where a whole graph keeps data in cache and "
+        "XNNPACK fuses across operators; it is the per-operator picture, not a second latency figure.",
+    ]
+    if config["tiny"]:
+        parts.append("- **--tiny configuration: a smoke run, not a measurement.**")
+    for entry in result["widths"]:
+        parts += ["", f"## Width {entry['width']:g}", "", kind_table(entry["profiles"])]
+        for variant, label in VARIANTS[1:]:
+            parts += ["", f"Slowest operators, {label}:", "", slowest_table(entry["profiles"], variant)]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", type=float, nargs="+")
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--image_size", type=int)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--output_dir", default="benchmark_results")
+    parser.add_argument("--tiny", action="store_true", help="A smoke run on tiny inputs (not a measurement).")
+    args = parser.parse_args(argv)
+    values = dict(TINY) if args.tiny else {}
+    for name in ("widths", "batch", "image_size", "threads"):
+        if getattr(args, name) is not None:
+            values[name] = tuple(getattr(args, name)) if name == "widths" else getattr(args, name)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    result = run(Config(**values))
+    os.makedirs(args.output_dir, exist_ok=True)
+    from benchmarks.report import print_and_write
+
+    print_and_write(result, markdown(result), os.path.join(args.output_dir, RESULT_NAME))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
