@@ -194,12 +194,16 @@ class QuantizedConv(keras.layers.Layer):
         frozen_bias = self.beta + (self.bias - self.moving_mean) * scale
         if not training or float_mode:
             return y + frozen_bias
-        # Batch statistics of the float convolution, as BatchNorm sees them.
-        z = self._convolve(inputs, self.kernel, quantized=False) + self.bias
-        mean, variance = tf.nn.moments(z, axes=[0, 1, 2])
+        use_batch = self.bn_steps < self.batch_statistics_steps
+        # Batch statistics of the float convolution, as BatchNorm sees them;
+        # once frozen, the moving ones, and the float convolution is skipped.
+        mean, variance = tf.cond(
+            use_batch,
+            lambda: tf.nn.moments(self._convolve(inputs, self.kernel, quantized=False) + self.bias, axes=[0, 1, 2]),
+            lambda: (tf.convert_to_tensor(self.moving_mean), tf.convert_to_tensor(self.moving_variance)),
+        )
         batch_std = tf.sqrt(variance + self.bn_epsilon)
         corrected = y * (moving_std / batch_std) + self.beta + (self.bias - mean) * (self.gamma / batch_std)
-        use_batch = self.bn_steps < self.batch_statistics_steps
         momentum = tf.where(use_batch, self.bn_momentum, 1.0)
         self.moving_mean.assign(momentum * self.moving_mean + (1 - momentum) * tf.stop_gradient(mean))
         self.moving_variance.assign(momentum * self.moving_variance + (1 - momentum) * tf.stop_gradient(variance))
