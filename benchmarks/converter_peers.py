@@ -549,21 +549,13 @@ HEADER = (
 )
 
 
-def _median(row):
-    return row["timing"]["median_ms"] if row.get("timing") else None
-
-
 def _ours_ms(rows, row):
+    from benchmarks.report import find_row
+    from benchmarks.report import median_ms
+
     # A peer's int8 model is compared with our PTQ int8 (also calibrated, not trained).
-    for other in rows:
-        if (other["converter"], other["width"], other["batch"], other["precision"]) == (
-            "keras_mobilevitv2",
-            row["width"],
-            row["batch"],
-            row["precision"],
-        ):
-            return _median(other)
-    return None
+    key = {name: row[name] for name in ("width", "batch", "precision")}
+    return median_ms(find_row(rows, converter="keras_mobilevitv2", **key))
 
 
 def _share(value):
@@ -571,14 +563,16 @@ def _share(value):
 
 
 def _status_cell(row):
+    from benchmarks.report import median_ms
     from benchmarks.report import ms
 
     if row["status"] == "ok":
-        return ms(_median(row))
+        return ms(median_ms(row))
     return f"{row['status']} ({row['reason'][:70].replace('|', '/')})"
 
 
 def table_row(rows, row):
+    from benchmarks.report import median_ms
     from benchmarks.report import ratio
 
     structure, agreement = row.get("structure") or {}, row.get("agreement") or {}
@@ -591,7 +585,7 @@ def table_row(rows, row):
         f"{row['width']:g}",
         row["batch"],
         _status_cell(row),
-        "-" if ours or row["status"] != "ok" else ratio(_ours_ms(rows, row), _median(row)),
+        "-" if ours or row["status"] != "ok" else ratio(_ours_ms(rows, row), median_ms(row)),
         structure.get("ops", "-"),
         structure.get("float_tensors_inside", "-"),
         structure.get("max_rank", "-"),

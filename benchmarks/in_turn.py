@@ -26,8 +26,8 @@ import threading
 from benchmarks import competitors
 from benchmarks.console import log
 from benchmarks.console import short_reason
-from benchmarks.isolation import REPOSITORY_ROOT
 from benchmarks.isolation import WorkerError
+from benchmarks.isolation import worker_environment
 from benchmarks.latency_common import SEED
 from benchmarks.latency_common import latency_row
 from benchmarks.latency_common import prepare_worker_process
@@ -45,9 +45,7 @@ class RemoteRunner:
     """A model in a worker process; calling this runs it there once."""
 
     def __init__(self, implementation, width, batch, settings, start_timeout_s=600):
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPOSITORY_ROOT, env.get("PYTHONPATH")]))
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        env = worker_environment()
         command = [
             sys.executable,
             "-m",

@@ -35,11 +35,19 @@ def _failure_reason(returncode, tail):
     return f"worker exited with status {returncode}"
 
 
-def run_module(module, args, timeout_s=3600, environment=None, output_flag="--output"):
-    """Runs `python -m module *args --output FILE`; returns the parsed FILE."""
+def worker_environment(tf_log_level="3"):
+    """This process's environment for a worker `python -m benchmarks...`: the
+    repository first on PYTHONPATH (the worker may run from another folder),
+    TensorFlow's C++ logging quieted unless the caller chose a level."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPOSITORY_ROOT, env.get("PYTHONPATH")]))
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", tf_log_level)
+    return env
+
+
+def run_module(module, args, timeout_s=3600, environment=None, output_flag="--output"):
+    """Runs `python -m module *args --output FILE`; returns the parsed FILE."""
+    env = worker_environment()
     env.update(environment or {})
     with tempfile.TemporaryDirectory() as directory:
         output = os.path.join(directory, "result.json")

@@ -200,29 +200,30 @@ def run(config):
 
 def kind_table(profiles, top=14):
     """Op kinds (rows) x variants (ms and share of the sum of parts)."""
+    from benchmarks.report import table
+
     sums = {variant: sum(op["ms"] for op in profiles[variant]["operators"]) for variant, _ in VARIANTS}
     kinds = {variant: {name: (count, ms) for name, count, ms in by_kind(profiles[variant]["operators"])}
              for variant, _ in VARIANTS}  # fmt: skip
     order = [name for name, _, _ in by_kind([op for p in profiles.values() for op in p["operators"]])][:top]
-    header = "| op kind | " + " | ".join(f"{label}: n, ms (share)" for _, label in VARIANTS) + " |"
-    lines = [header, "|---|" + "---:|" * len(VARIANTS)]
-    for name in order:
-        cells = []
-        for variant, _ in VARIANTS:
-            count, ms = kinds[variant].get(name, (0, 0.0))
-            cells.append(f"{count}, {ms:.2f} ({100 * ms / sums[variant]:.0f}%)" if count else "-")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("| **sum of the operators** | " + " | ".join(f"{sums[v]:.2f}" for v, _ in VARIANTS) + " |")
-    wholes = " | ".join(f"{profiles[v]['whole_ms']:.2f}" for v, _ in VARIANTS)
-    lines.append(f"| **whole model** | {wholes} |")
-    return "\n".join(lines)
+
+    def cell(variant, name):
+        count, ms = kinds[variant].get(name, (0, 0.0))
+        return f"{count}, {ms:.2f} ({100 * ms / sums[variant]:.0f}%)" if count else "-"
+
+    rows = [(name, *(cell(variant, name) for variant, _ in VARIANTS)) for name in order]
+    rows.append(("**sum of the operators**", *(f"{sums[v]:.2f}" for v, _ in VARIANTS)))
+    rows.append(("**whole model**", *(f"{profiles[v]['whole_ms']:.2f}" for v, _ in VARIANTS)))
+    header = ("op kind", *(f"{label}: n, ms (share)" for _, label in VARIANTS))
+    return table(header, rows, align="l" + "r" * len(VARIANTS))
 
 
 def slowest_table(profiles, variant, top=8):
+    from benchmarks.report import table
+
     operators = sorted(profiles[variant]["operators"], key=lambda op: -op["ms"])[:top]
-    lines = ["| # | op | output shape | ms |", "|---:|---|---|---:|"]
-    lines += [f"| {op['index']} | {op['name']} | {op['output_shape']} | {op['ms']:.3f} |" for op in operators]
-    return "\n".join(lines)
+    rows = [(op["index"], op["name"], op["output_shape"], f"{op['ms']:.3f}") for op in operators]
+    return table(("#", "op", "output shape", "ms"), rows, align="rllr")
 
 
 def markdown(result):

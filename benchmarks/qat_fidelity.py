@@ -35,6 +35,7 @@ import time
 
 from benchmarks.console import log
 from benchmarks.isolation import REPOSITORY_ROOT
+from benchmarks.isolation import worker_environment
 
 RESULT_NAME = "qat_fidelity"
 MODELS = {0.5: "mobilevitv2_050", 0.75: "mobilevitv2_075", 1.0: "mobilevitv2_100", 1.25: "mobilevitv2_125",
@@ -163,8 +164,7 @@ def run_cell(cell, work_dir, settings, float_run_dir=None):
     log_path = os.path.join(run_dir, "pipeline.log")
     log(f"{cell.key}: python -m quantization.pipeline {' '.join(arguments)}  (log: {log_path})")
     start = time.perf_counter()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPOSITORY_ROOT, os.environ.get("PYTHONPATH")])))
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env = worker_environment(tf_log_level="2")
     with open(log_path, "w") as out:
         returncode = subprocess.call(
             [sys.executable, "-m", "quantization.pipeline", *arguments],
@@ -292,18 +292,17 @@ def _chosen(entry):
 
 
 def main_table(cells):
-    header = (
-        "| dataset | size | width | recipe | float TFLite | PTQ int8 | QAT int8 | QAT - PTQ | epoch chosen | meets |"
-    )
-    lines = [header, "|---|---:|---:|---|---:|---:|---:|---:|---|---|"]
+    from benchmarks.report import table
+
+    header = ("dataset", "size", "width", "recipe", "float TFLite", "PTQ int8", "QAT int8", "QAT - PTQ", "epoch chosen",
+              "meets")  # fmt: skip
+    rows = []
     for entry in sorted(cells, key=lambda e: (e["dataset"], e["size"], e["width"], e["recipe"])):
         t = entry["top1"]
-        lines.append(
-            f"| {entry['dataset']} | {entry['size']} | {entry['width']:g} | {entry['recipe']} | "
-            f"{_pct(t['float_tflite'])} | {_pct(t['ptq_int8'])} | {_pct(t['qat_int8'])} | "
-            f"{100 * (t['qat_int8'] - t['ptq_int8']):+.1f} | {_chosen(entry)} | {'yes' if entry['meets'] else 'NO'} |"
-        )
-    return "\n".join(lines)
+        rows.append((entry["dataset"], entry["size"], f"{entry['width']:g}", entry["recipe"], _pct(t["float_tflite"]),
+                     _pct(t["ptq_int8"]), _pct(t["qat_int8"]), f"{100 * (t['qat_int8'] - t['ptq_int8']):+.1f}",
+                     _chosen(entry), "yes" if entry["meets"] else "NO"))  # fmt: skip
+    return table(header, rows, align="lrrlrrrrll")
 
 
 def _best_epoch(entry):
@@ -320,27 +319,27 @@ def _best_epoch(entry):
 
 def recipe_table(cells):
     """The recipes side by side on each float model that more than one fine-tuned."""
+    from benchmarks.report import table
+
     groups = {}
     for entry in cells:
         groups.setdefault((entry["dataset"], entry["size"], entry["width"]), {})[entry["recipe"]] = entry
     recipes = [name for name in RECIPES if any(name in group for group in groups.values())]
-    header = "| dataset | size | width | calibrated start | " + " | ".join(
-        f"{name}: best epoch / QAT int8" for name in recipes) + " |"  # fmt: skip
-    lines = [header, "|---|---:|---:|---:|" + "---|" * len(recipes)]
+    rows = []
     for (dataset, size, width), group in sorted(groups.items()):
         if len(group) < 2:
             continue
         start = next(iter(group.values()))["selection"]["start"]["top1"]
-        cells_text = []
-        for name in recipes:
-            entry = group.get(name)
-            if entry is None:
-                cells_text.append("-")
-                continue
-            value, label = _best_epoch(entry)
-            cells_text.append(f"{_pct(value)} (epoch {label}) / {_pct(entry['top1']['qat_int8'])}")
-        lines.append(f"| {dataset} | {size} | {width:g} | {_pct(start)} | " + " | ".join(cells_text) + " |")
-    return "\n".join(lines) if len(lines) > 2 else ""
+        rows.append((dataset, size, f"{width:g}", _pct(start), *(_recipe_cell(group.get(name)) for name in recipes)))
+    header = ("dataset", "size", "width", "calibrated start", *(f"{name}: best epoch / QAT int8" for name in recipes))
+    return table(header, rows, align="lrrr" + "l" * len(recipes)) if rows else ""
+
+
+def _recipe_cell(entry):
+    if entry is None:
+        return "-"
+    value, label = _best_epoch(entry)
+    return f"{_pct(value)} (epoch {label}) / {_pct(entry['top1']['qat_int8'])}"
 
 
 def markdown(results):

@@ -42,20 +42,18 @@ def _load(results_dir, name):
 
 
 def _latency_ms(rows, implementation, width, batch, runtime):
-    for row in rows:
-        if (row["implementation"], row["width"], row["batch"], row["runtime"]) == (implementation, width, batch,
-                                                                                     runtime):  # fmt: skip
-            timing = row.get("timing") if row.get("status") == "ok" else None
-            return timing["median_ms"] if timing else None
-    return None
+    from benchmarks.report import find_row
+    from benchmarks.report import median_ms
+
+    return median_ms(find_row(rows, implementation=implementation, width=width, batch=batch, runtime=runtime))
 
 
 def _converter_ms(rows, converter, form, width, batch, precision):
-    for row in rows:
-        if (row["converter"], row["form"], row["width"], row["batch"], row["precision"]) == (
-            converter, form, width, batch, precision):  # fmt: skip
-            return row["timing"]["median_ms"] if row["status"] == "ok" and row.get("timing") else None
-    return None
+    from benchmarks.report import find_row
+    from benchmarks.report import median_ms
+
+    key = {"converter": converter, "form": form, "width": width, "batch": batch, "precision": precision}
+    return median_ms(find_row(rows, **key))
 
 
 def excerpt_cells(results, width, batch):

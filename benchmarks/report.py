@@ -40,8 +40,10 @@ def print_and_write(result, text, output):
             f.write(text)
 
 
-def table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def table(header, rows, align=None):
+    """A markdown table; `align` is a string of "l"/"r", one per column (left by default)."""
+    rules = ["---:" if side == "r" else "---" for side in (align or "l" * len(header))]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rules) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -68,7 +70,8 @@ def _cut(text, limit=CELL_REASON):
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _median(row):
+def median_ms(row):
+    """A result row's median latency in ms; None for a missing row or one that did not run."""
     return row["timing"]["median_ms"] if row and row.get("status") == "ok" and row.get("timing") else None
 
 
@@ -181,16 +184,13 @@ def latency_table(rows, busy):
     return table(header, body)
 
 
+def find_row(rows, **key):
+    """The first result row whose fields equal `key`'s (None if there is none)."""
+    return next((row for row in rows if all(row.get(name) == value for name, value in key.items())), None)
+
+
 def _find(rows, implementation, width, batch, runtime):
-    for row in rows:
-        if (row["implementation"], row["width"], row["batch"], row["runtime"]) == (
-            implementation,
-            width,
-            batch,
-            runtime,
-        ):
-            return row
-    return None
+    return find_row(rows, implementation=implementation, width=width, batch=batch, runtime=runtime)
 
 
 def reference_ratio_table(rows):
@@ -198,13 +198,13 @@ def reference_ratio_table(rows):
     keys = [(r["width"], r["batch"]) for r in rows if r["implementation"] == OURS and r["runtime"] == "graph"]
     body = []
     for width, batch in keys:
-        timm = _median(_find(rows, REFERENCE, width, batch, "torch"))
+        timm = median_ms(_find(rows, REFERENCE, width, batch, "torch"))
         cells = [
-            ratio(_median(_find(rows, OURS, width, batch, runtime)), timm)
+            ratio(median_ms(_find(rows, OURS, width, batch, runtime)), timm)
             for runtime in ("eager", "graph", "xla", "tflite_float", "tflite_int8")
         ]
         in_turn = [
-            _median(_find(rows, implementation, width, batch, runtime))
+            median_ms(_find(rows, implementation, width, batch, runtime))
             for implementation, runtime in ((OURS, "graph_in_turn"), (REFERENCE, "torch_in_turn"))
         ]
         cells.append(f"{ms(in_turn[0])} / {ms(in_turn[1])} = {ratio(*in_turn)}" if all(in_turn) else "-")
@@ -231,10 +231,11 @@ def other_keras_table(rows):
         if row["implementation"] != OURS or row["runtime"] == "tflite_int8_qat":
             continue
         candidates = [
-            (_median(_find(rows, other, row["width"], row["batch"], row["runtime"])), other) for other in sorted(others)
+            (median_ms(_find(rows, other, row["width"], row["batch"], row["runtime"])), other)
+            for other in sorted(others)
         ]
         candidates = [(value, other) for value, other in candidates if value]
-        if not candidates or not _median(row):
+        if not candidates or not median_ms(row):
             continue
         best, name = min(candidates)
         body.append(
@@ -242,9 +243,9 @@ def other_keras_table(rows):
                 _width_text(row["width"]),
                 row["batch"],
                 RUNTIME_NAMES[row["runtime"]],
-                ms(_median(row)),
+                ms(median_ms(row)),
                 f"{name} {ms(best)}",
-                ratio(_median(row), best),
+                ratio(median_ms(row), best),
             ]
         )
     header = ["width", "batch", "runtime", "this package ms", "fastest other Keras ms", "ours / fastest"]
@@ -271,9 +272,9 @@ def int8_table(rows):
                     label + (" QAT" if runtime == "tflite_int8_qat" else ""),
                     _width_text(width),
                     batch,
-                    ms(_median(float_row)),
-                    ms(_median(int8_row)) if not status else status,
-                    ratio(_median(int8_row), _median(float_row)),
+                    ms(median_ms(float_row)),
+                    ms(median_ms(int8_row)) if not status else status,
+                    ratio(median_ms(int8_row), median_ms(float_row)),
                     f"{float_info['bytes'] / 1e6:.2f}" if float_info else "-",
                     f"{info['bytes'] / 1e6:.2f}" if info else "-",
                     info.get("route", "-"),
@@ -357,7 +358,7 @@ def attention_text(section, environment):
                 tokens,
                 time_cell(separable),
                 time_cell(multi_head),
-                ratio(_median(separable), _median(multi_head)),
+                ratio(median_ms(separable), median_ms(multi_head)),
                 _mib(separable),
                 _mib(multi_head),
                 ratio(sep_memory, mha_memory),
