@@ -184,10 +184,12 @@ def _evaluation(config):
 INT8_CHECK_IMAGES = 5000
 
 
-def int8_top1_metric(source, config, io_type="int8"):
+def int8_top1_metric(source, config, io_type="int8", representative_images=None):
     """A function model -> the top-1 of the model's QAT int8 TFLite (what is
     exported) on the validation split (its first INT8_CHECK_IMAGES of a
-    seeded mix), for `keep_best`; also returns how many images it uses."""
+    seeded mix), for `keep_best`; also returns how many images it uses.
+    Given the export's `representative_images`, the chosen model's export
+    reuses the conversion made here (tflite_export.convert's cache)."""
     from quantization.audit import make_interpreter
     from quantization.audit import run_tflite
     from quantization.tflite_export import convert
@@ -196,7 +198,8 @@ def int8_top1_metric(source, config, io_type="int8"):
     images, labels = sample_images(source, config, count, split="eval", with_labels=True)
 
     def measure(model):
-        flatbuffer = convert(model, "qat_int8", io_type=io_type, representative_images=images[:4])
+        representative = images[:4] if representative_images is None else representative_images
+        flatbuffer = convert(model, "qat_int8", io_type=io_type, representative_images=representative)
         return float(np.mean(run_tflite(make_interpreter(flatbuffer), images).argmax(-1) == labels))
 
     return measure, len(images)
@@ -410,14 +413,16 @@ def run_qat(config, calibration_images=256, io_type="int8", verbose=True, tpu_ad
     summary = trainer_class(config, verbose=verbose, model_fn=model_fn, tpu_address=tpu_address).run()
     if summary is None:  # not the chief
         return None, None
-    check = int8_top1_metric(source, config, io_type) if config.task == "classification" and source.eval else None
-    summary["selection"] = keep_best(config, source, model_fn.start_weights, verbose, int8_metric=check)
-    exported = keras.models.load_model(os.path.join(config.model_dir, "model.keras"), compile=False)
     # A QAT model carries its own ranges: the converter only checks on a few
     # images that everything is int8. The 4 the targets take (the first of
     # `python -m quantization.export`'s 64), so that the same process's Micro
-    # target reuses this conversion (see tflite_export.convert).
+    # target, and the export after the safeguard's int8 check, reuse one
+    # conversion (see tflite_export.convert).
     representative = sample_images(source, config, 64)[:4]
+    classifier = config.task == "classification" and source.eval
+    check = int8_top1_metric(source, config, io_type, representative) if classifier else None
+    summary["selection"] = keep_best(config, source, model_fn.start_weights, verbose, int8_metric=check)
+    exported = keras.models.load_model(os.path.join(config.model_dir, "model.keras"), compile=False)
     if config.task == "detection":
         return summary, _export_detector(exported, config, representative, verbose)
     samples = sample_images(source, config, 64, split="eval" if source.eval else "train")
