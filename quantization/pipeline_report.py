@@ -28,6 +28,9 @@ ROWS = (
     ("ptq_int8_tflite", "PTQ int8 TFLite", "ptq_int8"),
     ("qat_int8_tflite", "QAT int8 TFLite", "qat_int8"),
 )
+# The QAT int8 model earns its training when its top-1 is at least PTQ int8's
+# and at least float TFLite's minus this.
+FLOAT_MARGIN = 0.005
 
 
 def latency_ms(flatbuffer, image, repeats=30):
@@ -123,6 +126,35 @@ def _headline(target, report):
     }
 
 
+def qat_meets_the_bar(qat_int8, ptq_int8, float_tflite):
+    """Whether QAT int8 top-1 >= max(PTQ int8, float - FLOAT_MARGIN)."""
+    return qat_int8 >= max(ptq_int8, float_tflite - FLOAT_MARGIN) - 1e-9
+
+
+def int8_verdict(rows, images):
+    """Which int8 model to ship, said in a line: the QAT one unless PTQ int8
+    scored higher on the evaluation split (then a warning: the fine-tune did
+    not pay), and a note when the int8 chosen is more than FLOAT_MARGIN below float."""
+    qat, ptq, float_ = (rows[key]["top1"] for key in ("qat_int8_tflite", "ptq_int8_tflite", "float_tflite"))
+    ship = "qat_int8" if qat >= ptq else "ptq_int8"
+    if ship == "qat_int8":
+        text = f"Ship tflite/qat_int8.tflite: QAT int8 top-1 {qat:.4f} >= PTQ int8 {ptq:.4f}."
+    else:
+        fewer = round((ptq - qat) * images)
+        text = (f"WARNING: QAT int8 top-1 {qat:.4f} is below PTQ int8's {ptq:.4f} ({fewer} of {images} evaluation "
+                "images): quantization-aware training did not pay in accuracy here. The more accurate int8 model "
+                "is tflite/ptq_int8.tflite; retry QAT with more epochs or another --qat_lr.")  # fmt: skip
+        latency = {key: rows[key].get("latency_ms") for key in ("qat_int8_tflite", "ptq_int8_tflite")}
+        if all(latency.values()):
+            text += (f" (The QAT model is the faster one: {latency['qat_int8_tflite']:.2f} against "
+                     f"{latency['ptq_int8_tflite']:.2f} ms.)")  # fmt: skip
+    best = max(qat, ptq)
+    if best < float_ - FLOAT_MARGIN:
+        text += (f" Note: the best int8 model is {100 * (float_ - best):.1f} points below float TFLite "
+                 f"({float_:.4f}).")  # fmt: skip
+    return {"more_accurate": ship, "meets_the_bar": qat_meets_the_bar(qat, ptq, float_), "text": text}
+
+
 def accuracy_table(rows):
     lines = ["| model | top-1 | size (MB) | latency (ms) |", "|---|---:|---:|---:|"]
     for row in rows.values():
@@ -208,12 +240,18 @@ def draw_picture(path, images, labels, predictions, class_names, rows, count=24)
     pyplot.close(figure)
 
 
+def summary_text(rows, figures, images):
+    """What the command prints and summary.md holds: accuracy, which int8 to ship, targets."""
+    return "\n\n".join([accuracy_table(rows), int8_verdict(rows, images)["text"], targets_table(figures)])
+
+
 def write_report(config, rows, figures, extra):
     """pipeline_report.json and summary.md in the report folder; returns the summary text."""
     os.makedirs(config.report_dir, exist_ok=True)
-    summary = "\n\n".join([accuracy_table(rows), targets_table(figures)])
+    verdict = int8_verdict(rows, extra["evaluation_images"])
+    summary = summary_text(rows, figures, extra["evaluation_images"])
     with open(os.path.join(config.report_dir, SUMMARY), "w") as f:
         f.write(summary + "\n")
     with open(os.path.join(config.report_dir, REPORT_JSON), "w") as f:
-        json.dump({"rows": rows, "targets": figures, **extra}, f, indent=2, default=str)
+        json.dump({"rows": rows, "int8_verdict": verdict, "targets": figures, **extra}, f, indent=2, default=str)
     return summary

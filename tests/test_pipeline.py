@@ -1,12 +1,14 @@
 """The main job's stages are the documented commands they print: the
 printed trainer and QAT flags give exactly the configuration the stage
-trains with, and bad stage names are refused with the list of stages."""
+trains with, and bad stage names are refused with the list of stages; the
+report says which int8 model is the more accurate, warning when QAT lost."""
 
 import subprocess
 import sys
 
 from absl import flags
 
+from quantization.pipeline_report import int8_verdict
 from quantization.pipeline_stages import STAGES
 from quantization.pipeline_stages import PipelineConfig
 from quantization.pipeline_stages import float_train_config
@@ -48,3 +50,32 @@ def test_printed_pipeline_flags_give_the_same_configuration():
     define_pipeline_flags(values)
     values(["prog", *pipeline_flags(config)])
     assert pipeline_config(values) == config
+
+
+def _rows(float_tflite, ptq, qat, ptq_ms=0.73, qat_ms=0.43):
+    return {
+        "float_tflite": {"top1": float_tflite, "latency_ms": 0.52},
+        "ptq_int8_tflite": {"top1": ptq, "latency_ms": ptq_ms},
+        "qat_int8_tflite": {"top1": qat, "latency_ms": qat_ms},
+    }
+
+
+def test_verdict_ships_qat_when_it_is_at_least_as_accurate_as_ptq():
+    verdict = int8_verdict(_rows(0.9825, 0.9800, 0.9800), images=400)
+    assert verdict["more_accurate"] == "qat_int8" and verdict["meets_the_bar"]
+    assert verdict["text"].startswith("Ship tflite/qat_int8.tflite") and "WARNING" not in verdict["text"]
+
+
+def test_verdict_warns_when_fine_tuning_did_worse_than_ptq():
+    """The failure issue 20 reports: the user must not get the worse model silently."""
+    verdict = int8_verdict(_rows(0.9825, 0.9850, 0.9825), images=400)
+    assert verdict["more_accurate"] == "ptq_int8" and not verdict["meets_the_bar"]
+    assert verdict["text"].startswith("WARNING") and "(1 of 400 evaluation images)" in verdict["text"]
+    assert "tflite/ptq_int8.tflite" in verdict["text"] and "0.43 against 0.73 ms" in verdict["text"]
+
+
+def test_verdict_notes_an_int8_model_far_below_float():
+    verdict = int8_verdict(_rows(0.93, 0.91, 0.915), images=600)
+    assert verdict["more_accurate"] == "qat_int8" and not verdict["meets_the_bar"]  # 1.5 points below float
+    assert "1.5 points below float TFLite" in verdict["text"]
+    assert "Note" not in int8_verdict(_rows(0.93, 0.91, 0.926), images=600)["text"]

@@ -7,8 +7,7 @@ import re
 
 import pytest
 
-from quantization.pipeline_report import accuracy_table
-from quantization.pipeline_report import targets_table
+from quantization.pipeline_report import summary_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "results", "demo")
@@ -25,7 +24,7 @@ def _committed():
 
 def test_readme_demo_table_is_the_committed_report():
     report = _committed()
-    expected = accuracy_table(report["rows"]) + "\n\n" + targets_table(report["targets"])
+    expected = summary_text(report["rows"], report["targets"], report["evaluation_images"])
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         blocks = BLOCK.findall(f.read())
     assert len(blocks) == 1, "README.md needs one <!-- demo-results:start/end --> block"
