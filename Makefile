@@ -9,6 +9,11 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 # `torch` requirement would download several GB of CUDA libraries instead.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist), a test file to each: most tests keep one core
+# busy, so two halve the suite on a 2-core machine. Each takes up to ~7 GB of
+# memory; `make test PYTEST_WORKERS=0` runs in one process.
+PYTEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --dist loadfile)
 SOURCES := setup.py pyproject.toml MANIFEST.in $(shell find keras_mobilevitv2 training quantization -name '*.py' -o -name '*.json')
 
 .PHONY: demo test test-slow lint wheel venv venv-test clean
@@ -46,12 +51,12 @@ demo: $(VENV)/.demo
 
 test: $(VENV)/.test
 	cd / && $(abspath $(PY)) -c "import keras_mobilevitv2, training, quantization; print('installed:', keras_mobilevitv2.__file__)"
-	KERAS_MOBILEVITV2_TEST_INSTALLED=1 $(VENV)/bin/pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+	KERAS_MOBILEVITV2_TEST_INSTALLED=1 $(VENV)/bin/pytest tests -q -p no:cacheprovider $(XDIST) $(PYTEST_ARGS)
 
 # The tests marked slow (left out of `make test` to keep it under ~30 min on
 # 2 cores); CI runs them too, as they fit its time limit.
 test-slow: $(VENV)/.test
-	KERAS_MOBILEVITV2_TEST_INSTALLED=1 $(VENV)/bin/pytest tests -q -p no:cacheprovider -m slow $(PYTEST_ARGS)
+	KERAS_MOBILEVITV2_TEST_INSTALLED=1 $(VENV)/bin/pytest tests -q -p no:cacheprovider -m slow $(XDIST) $(PYTEST_ARGS)
 
 # The formatter and linter settings are in pyproject.toml; `ruff format .`
 # and `ruff check --fix .` apply them.

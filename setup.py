@@ -28,6 +28,8 @@ BENCHMARKS = ["torch>=2.1", "timm>=1.0", "torchvision", "matplotlib", "kimm", "k
 CONVERT = ["torch>=2.1", "safetensors"]
 TEST = CONVERT + [
     "pytest",
+    # `make test` runs two test processes
+    "pytest-xdist",
     "timm>=1.0",
     "transformers>=4.40",
     "torchvision",
