@@ -342,11 +342,16 @@ def _recipe_cell(entry):
     return f"{_pct(value)} (epoch {label}) / {_pct(entry['top1']['qat_int8'])}"
 
 
+def main_cells(results):
+    """The cells of the package's recipe (the main table; the other recipes go to the recipe table)."""
+    return [entry for entry in results["cells"].values() if entry["recipe"] == MAIN_RECIPE]
+
+
 def markdown(results):
     from quantization.pipeline_report import FLOAT_MARGIN
 
     everything = list(results["cells"].values())
-    cells = [entry for entry in everything if entry["recipe"] == MAIN_RECIPE]  # the others: recipe_table
+    cells = main_cells(results)  # the others: recipe_table
     settings = results.get("settings", {})
     met = sum(entry["meets"] for entry in cells)
     parts = [

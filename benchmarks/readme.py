@@ -151,7 +151,7 @@ def op_profile_block(result):
 def qat_fidelity_block(result):
     from benchmarks import qat_fidelity
 
-    return qat_fidelity.main_table(list(result["cells"].values()))
+    return qat_fidelity.main_table(qat_fidelity.main_cells(result))
 
 
 def qat_graph_block(result):
