@@ -132,12 +132,12 @@ def qat_meets_the_bar(qat_int8, ptq_int8, float_tflite):
 
 
 def int8_verdict(rows, images):
-    """Which int8 model to ship, said in a line: the QAT one unless PTQ int8
+    """The more accurate int8 model, said in a line: the QAT one unless PTQ int8
     scored higher on the evaluation split (then a warning: the fine-tune did
-    not pay), and a note when the int8 chosen is more than FLOAT_MARGIN below float."""
+    not pay), and a note when it is more than FLOAT_MARGIN below float."""
     qat, ptq, float_ = (rows[key]["top1"] for key in ("qat_int8_tflite", "ptq_int8_tflite", "float_tflite"))
-    ship = "qat_int8" if qat >= ptq else "ptq_int8"
-    if ship == "qat_int8":
+    more_accurate = "qat_int8" if qat >= ptq else "ptq_int8"
+    if more_accurate == "qat_int8":
         text = f"Ship tflite/qat_int8.tflite: QAT int8 top-1 {qat:.4f} >= PTQ int8 {ptq:.4f}."
     else:
         fewer = round((ptq - qat) * images)
@@ -152,7 +152,7 @@ def int8_verdict(rows, images):
     if best < float_ - FLOAT_MARGIN:
         text += (f" Note: the best int8 model is {100 * (float_ - best):.1f} points below float TFLite "
                  f"({float_:.4f}).")  # fmt: skip
-    return {"more_accurate": ship, "meets_the_bar": qat_meets_the_bar(qat, ptq, float_), "text": text}
+    return {"more_accurate": more_accurate, "meets_the_bar": qat_meets_the_bar(qat, ptq, float_), "text": text}
 
 
 def accuracy_table(rows):
@@ -240,16 +240,16 @@ def draw_picture(path, images, labels, predictions, class_names, rows, count=24)
     pyplot.close(figure)
 
 
-def summary_text(rows, figures, images):
-    """What the command prints and summary.md holds: accuracy, which int8 to ship, targets."""
-    return "\n\n".join([accuracy_table(rows), int8_verdict(rows, images)["text"], targets_table(figures)])
+def summary_text(rows, figures, verdict):
+    """What the command prints and summary.md holds: accuracy, the `int8_verdict` line, targets."""
+    return "\n\n".join([accuracy_table(rows), verdict["text"], targets_table(figures)])
 
 
 def write_report(config, rows, figures, extra):
     """pipeline_report.json and summary.md in the report folder; returns the summary text."""
     os.makedirs(config.report_dir, exist_ok=True)
     verdict = int8_verdict(rows, extra["evaluation_images"])
-    summary = summary_text(rows, figures, extra["evaluation_images"])
+    summary = summary_text(rows, figures, verdict)
     with open(os.path.join(config.report_dir, SUMMARY), "w") as f:
         f.write(summary + "\n")
     with open(os.path.join(config.report_dir, REPORT_JSON), "w") as f:
