@@ -9,9 +9,9 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 # `torch` requirement would download several GB of CUDA libraries instead.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
-# Test processes (pytest-xdist), a test file to each: most tests keep one core
-# busy, so two halve the suite on a 2-core machine. Each takes up to ~7 GB of
-# memory; `make test PYTEST_WORKERS=0` runs in one process.
+# Test processes (pytest-xdist), a test file to each: most tests keep about one
+# core busy, so on a 2-core machine two finish well before one. Each holds
+# several GB of memory at its peak; `make test PYTEST_WORKERS=0` runs in one process.
 PYTEST_WORKERS ?= 2
 XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --dist loadfile)
 SOURCES := setup.py pyproject.toml MANIFEST.in $(shell find keras_mobilevitv2 training quantization -name '*.py' -o -name '*.json')
