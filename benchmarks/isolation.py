@@ -10,6 +10,7 @@ by `--output`; its `[bench]` progress lines are passed through.
 import collections
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,18 @@ import threading
 from benchmarks.console import PREFIX
 
 REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cpu_name():
+    """The processor's model name (what a timing or a trained model depends on)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 class WorkerError(RuntimeError):

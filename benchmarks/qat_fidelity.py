@@ -35,6 +35,7 @@ import time
 
 from benchmarks.console import log
 from benchmarks.isolation import REPOSITORY_ROOT
+from benchmarks.isolation import cpu_name
 from benchmarks.isolation import worker_environment
 
 RESULT_NAME = "qat_fidelity"
@@ -205,6 +206,7 @@ def read_cell(cell, run_dir, seconds, command_line):
         "evaluation_images": report["evaluation_images"],
         "config": report["config"],
         "seconds": seconds,
+        "machine": cpu_name() if seconds is not None else None,  # a reused run's machine is unknown
         "command": " ".join(command_line),
         "meets": meets_the_bar(top1),
     }
@@ -342,6 +344,11 @@ def _recipe_cell(entry):
     return f"{_pct(value)} (epoch {label}) / {_pct(entry['top1']['qat_int8'])}"
 
 
+def _machines(entries):
+    names = sorted({entry.get("machine") or "not recorded" for entry in entries})
+    return "; ".join(names)
+
+
 def main_cells(results):
     """The cells of the package's recipe (the main table; the other recipes go to the recipe table)."""
     return [entry for entry in results["cells"].values() if entry["recipe"] == MAIN_RECIPE]
@@ -363,6 +370,8 @@ def markdown(results):
         f"{settings.get('calibration_images')} calibration images.",
         f"- The package's recipe ({MAIN_RECIPE}; the others are compared below). The bar: QAT int8 >= max(PTQ "
         f"int8, float - {100 * FLOAT_MARGIN:.1f} points). Met in {met} of {len(cells)} cells.",
+        f"- Trained on: {_machines(everything)}. A seeded run gives the same model on one machine, not on another "
+        "CPU (other float kernels), so the cells move by a few images from machine to machine.",
         "- 'epoch chosen': the safeguard's pick on the validation split (the calibrated start, or an epoch's raw "
         "or EMA weights); the same split reports the figures, so the chosen epoch's figure is optimistic.",
         "",

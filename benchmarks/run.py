@@ -40,21 +40,11 @@ import time
 
 from benchmarks.console import log
 from benchmarks.console import short_reason
+from benchmarks.isolation import cpu_name
 from benchmarks.settings import parse_settings
 
 RESULT_NAME = "results"
 OPT_IN_SECTIONS = ("converters", "v1_v2")  # rendered after report.markdown's sections
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment():
@@ -63,7 +53,7 @@ def environment():
     from benchmarks.competitors import library_versions
 
     return {
-        "machine": _cpu_name(),
+        "machine": cpu_name(),
         "cpus": os.cpu_count(),
         "gpus": len(tf.config.list_physical_devices("GPU")),
         "python": platform.python_version(),

@@ -21,6 +21,7 @@ def _entry(dataset, size, width, recipe, float_top1, ptq, qat, chosen="fine-tune
         "epochs": epochs,
     }
     entry = dict(dataset=dataset, size=size, width=width, recipe=recipe, key=cell.key, top1=top1, selection=selection)
+    entry["machine"] = "Test CPU @ 2 GHz"
     entry["command"] = f"python -m quantization.pipeline --output_dir={cell.key}"
     return dict(entry, meets=qat_fidelity.meets_the_bar(top1))
 
@@ -64,6 +65,7 @@ def test_report_tables_and_plot(tmp_path):
     }
     text = qat_fidelity.markdown(results)
     assert "Met in 1 of 1 cells" in text  # the package's recipe; the other is in the recipe table
+    assert "- Trained on: Test CPU @ 2 GHz." in text  # a seeded float model is the same on one machine only
     assert "| digits | 32 | 0.5 | folded | 95.0 | 94.0 | 96.0 | +2.0 | epoch 2 (raw weights) | yes |" in text
     assert "| batch_statistics | 95.0 |" not in text
     # The recipes side by side: the best epoch (fake-quant Keras) and the exported int8, per recipe.
@@ -74,7 +76,10 @@ def test_report_tables_and_plot(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="the tiny study ran past 10 minutes on 2 cores (2026-12-01, not yet investigated)")
+@pytest.mark.skip(
+    reason="with --tiny (4 images a class, 2 float steps, still in warm-up) the float model is random and its PTQ "
+    "int8 export fails the audit (top-1 agreement 0.75 < 0.80 on 8 near-tied images), after ~6 min a pipeline run"
+)
 def test_tiny_study_runs_both_recipes_on_one_float_model(tmp_path):
     pytest.importorskip("skimage")
     work, output = tmp_path / "work", tmp_path / "out"
