@@ -16,7 +16,10 @@ Recipes are QAT variants, each fine-tuning the same trained float model:
   batch_statistics - the first QAT epoch normalizes by batch statistics
                      (updating the moving ones), then they freeze
                      (`quantize_model(batch_statistics_steps=...)`);
-  folded_lr_x5     - folded, at 5x the QAT learning rate.
+  folded_lr_x5     - folded, at 5x the QAT learning rate;
+  folded_lr_x5_warmup - folded_lr_x5 with a 50-step learning-rate warm-up
+                     (about the first QAT epoch here): the pipeline's
+                     defaults (the package's recipe).
 The figures (top-1 on the whole validation split of float TFLite, PTQ int8,
 QAT int8, and the safeguard's choice and per-epoch top-1) are merged into
 OUTPUT_DIR/qat_fidelity.json by cell, so runs of a few cells add up; the
@@ -42,9 +45,16 @@ RESULT_NAME = "qat_fidelity"
 MODELS = {0.5: "mobilevitv2_050", 0.75: "mobilevitv2_075", 1.0: "mobilevitv2_100", 1.25: "mobilevitv2_125",
           1.5: "mobilevitv2_150", 1.75: "mobilevitv2_175", 2.0: "mobilevitv2_200"}  # fmt: skip
 DATASETS = ("digits", "photos")
-# Recipe: (BatchNorm statistics during the first QAT epoch, QAT learning rate / --qat_lr).
-RECIPES = {"folded": (False, 1.0), "batch_statistics": (True, 1.0), "folded_lr_x5": (False, 5.0)}
-MAIN_RECIPE = "folded"  # the pipeline's defaults
+# Recipe: (BatchNorm statistics during the first QAT epoch, QAT learning rate / --qat_lr, QAT warm-up steps).
+RECIPES = {
+    "folded": (False, 1.0, 0),
+    "batch_statistics": (True, 1.0, 0),
+    "folded_lr_x5": (False, 5.0, 0),
+    "folded_lr_x5_warmup": (False, 5.0, 50),
+}
+# Pipeline flags added after some committed runs, and the value those runs had.
+OLDER_RUNS = {"qat_warmup_steps": "0"}
+MAIN_RECIPE = "folded_lr_x5_warmup"  # the pipeline's defaults (--qat_lr 1e-4, --qat_warmup_steps 50)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +142,7 @@ def pipeline_arguments(cell, run_dir, folder, settings, variant=False):
         f"--qat_epochs={settings.qat_epochs}",
         f"--qat_lr={settings.qat_lr * RECIPES[cell.recipe][1]:g}",
         f"--qat_bn_steps={qat_bn_steps(cell, folder, settings)}",
+        f"--qat_warmup_steps={RECIPES[cell.recipe][2]}",
         f"--calibration_images={settings.calibration_images}",
         "--stages=" + ("qat,report" if variant else "train,qat,export,report"),
     ]
@@ -188,7 +199,7 @@ def finished_with(run_dir, arguments):
     with open(path) as f:
         config = json.load(f)["config"]
     given = dict(argument[2:].split("=", 1) for argument in arguments if not argument.startswith("--stages="))
-    return all(str(config.get(name)) == value for name, value in given.items())
+    return all(str(config.get(name, OLDER_RUNS.get(name))) == value for name, value in given.items())
 
 
 def read_cell(cell, run_dir, seconds, command_line):
@@ -366,7 +377,8 @@ def markdown(results):
         "",
         f"- Top-1 (%) on the whole validation split (digits: 359 images, photos: 600 unless --tiny); "
         f"{settings.get('float_epochs')} float epochs, {settings.get('qat_epochs')} QAT epochs at lr "
-        f"{settings.get('qat_lr')}, batch {settings.get('batch_size')}, "
+        f"{settings.get('qat_lr')} times the recipe's factor (x5 for folded_lr_x5*), "
+        f"batch {settings.get('batch_size')}, "
         f"{settings.get('calibration_images')} calibration images.",
         f"- The package's recipe ({MAIN_RECIPE}; the others are compared below). The bar: QAT int8 >= max(PTQ "
         f"int8, float - {100 * FLOAT_MARGIN:.1f} points). Met in {met} of {len(cells)} cells.",
@@ -424,7 +436,9 @@ def _plot_group(axis, key, entries):
     top1 = entries[0]["top1"]
     axis.axhline(100 * top1["float_tflite"], color="black", linestyle="--", label="float TFLite")
     axis.axhline(100 * top1["ptq_int8"], color="gray", linestyle=":", label="PTQ int8")
-    for entry, color in zip(sorted(entries, key=lambda e: e["recipe"]), ("tab:blue", "tab:orange", "tab:green")):
+    for entry, color in zip(
+        sorted(entries, key=lambda e: e["recipe"]), ("tab:blue", "tab:orange", "tab:green", "tab:red")
+    ):
         selection = entry["selection"]
         epochs = [0] + [e["epoch"] for e in selection["epochs"]]
         start = 100 * selection["start"][selection["metric"]]

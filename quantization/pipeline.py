@@ -34,6 +34,8 @@ _HELP = {
     "qat_epochs": "Epochs of quantization-aware fine-tuning.",
     "float_lr": "Peak learning rate of the float training.",
     "qat_lr": "Learning rate of the QAT fine-tune.",
+    "qat_warmup_steps": "Linear learning-rate warm-up steps of the QAT fine-tune (its AdamW starts afresh: "
+    "without a warm-up its first steps move every weight by about the full learning rate).",
     "qat_bn_steps": "QAT BatchNorm: 0 folds frozen statistics from the first step; N normalizes the first N "
     "steps by batch statistics, then freezes them (as quantization.qat's --batch_statistics_steps).",
     "seed": "Seed of the initial weights and the data order.",

@@ -42,7 +42,9 @@ class PipelineConfig:
     float_epochs: int = 18
     qat_epochs: int = 1
     float_lr: float = 3e-3
-    qat_lr: float = 2e-5
+    # benchmarks.qat_fidelity (README): met the QAT bar in more cells than 2e-5 without warm-up.
+    qat_lr: float = 1e-4
+    qat_warmup_steps: int = 50  # about the first QAT epoch of the embedded and the study's datasets
     qat_bn_steps: int = 0
     seed: int = 0
     calibration_images: int = 128
@@ -112,7 +114,7 @@ def qat_train_config(config):
         epochs=config.qat_epochs,
         lr=config.qat_lr,
         min_lr=round(config.qat_lr / 10, 12),
-        warmup_steps=0,
+        warmup_steps=config.qat_warmup_steps,
         init_weights=os.path.join(config.float_dir, "model.keras"),
     )
 

@@ -35,6 +35,19 @@ def test_readme_demo_table_is_the_committed_report():
         assert f.read().strip() == expected.strip()
 
 
+def test_committed_demo_ran_the_pipeline_defaults():
+    """`make demo` runs the pipeline with its defaults: a changed default
+    needs a new run before the README's figures can stand for `make demo`."""
+    import dataclasses
+
+    from quantization.pipeline_stages import PipelineConfig
+
+    config = _committed()["config"]
+    default = {key: list(value) if isinstance(value, tuple) else value
+               for key, value in dataclasses.asdict(PipelineConfig()).items()}  # fmt: skip
+    assert config == default
+
+
 def test_committed_demo_meets_its_promise():
     """What `make demo` promises a user, on the committed run."""
     rows = _committed()["rows"]

@@ -52,13 +52,24 @@ def test_cells_run_cheapest_first_and_recipes_share_the_float_model(tmp_path):
         qat_fidelity.parse_args(["--sizes", "16"])
 
 
+def test_the_main_recipe_is_what_the_pipeline_does_by_default(tmp_path):
+    # The README's table shows MAIN_RECIPE as the package's recipe: its cells must run the pipeline's defaults.
+    from quantization.pipeline_stages import PipelineConfig
+
+    cell = qat_fidelity.Cell("digits", 32, 0.5, qat_fidelity.MAIN_RECIPE)
+    arguments = qat_fidelity.pipeline_arguments(cell, "run", str(tmp_path), qat_fidelity.Settings())
+    default = PipelineConfig()
+    assert f"--qat_lr={default.qat_lr:g}" in arguments and f"--qat_bn_steps={default.qat_bn_steps}" in arguments
+    assert f"--qat_warmup_steps={default.qat_warmup_steps}" in arguments
+
+
 def test_report_tables_and_plot(tmp_path):
     results = {
         "settings": {"float_epochs": 10, "qat_epochs": 2, "qat_lr": 2e-5, "batch_size": 32, "calibration_images": 8},
         "cells": {
             e["key"]: e
             for e in (
-                _entry("digits", 32, 0.5, "folded", 0.95, 0.94, 0.96),
+                _entry("digits", 32, 0.5, "folded_lr_x5_warmup", 0.95, 0.94, 0.96),
                 _entry("digits", 32, 0.5, "batch_statistics", 0.95, 0.94, 0.93, chosen="start"),
             )
         },
@@ -66,10 +77,12 @@ def test_report_tables_and_plot(tmp_path):
     text = qat_fidelity.markdown(results)
     assert "Met in 1 of 1 cells" in text  # the package's recipe; the other is in the recipe table
     assert "- Trained on: Test CPU @ 2 GHz." in text  # a seeded float model is the same on one machine only
-    assert "| digits | 32 | 0.5 | folded | 95.0 | 94.0 | 96.0 | +2.0 | epoch 2 (raw weights) | yes |" in text
+    assert (
+        "| digits | 32 | 0.5 | folded_lr_x5_warmup | 95.0 | 94.0 | 96.0 | +2.0 | epoch 2 (raw weights) | yes |" in text
+    )
     assert "| batch_statistics | 95.0 |" not in text
     # The recipes side by side: the best epoch (fake-quant Keras) and the exported int8, per recipe.
-    assert "| digits | 32 | 0.5 | 94.0 | 96.0 (epoch 1 raw) / 96.0 | 93.0 (epoch 1 raw) / 93.0 |" in text
+    assert "| digits | 32 | 0.5 | 94.0 | 93.0 (epoch 1 raw) / 93.0 | 96.0 (epoch 1 raw) / 96.0 |" in text
     pytest.importorskip("matplotlib")
     qat_fidelity.plot(results, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").stat().st_size > 1000
