@@ -270,11 +270,24 @@ def save_results(results, output_dir):
         log(f"no plot: {error}")
 
 
+def trained_float_runs(work_dir, results):
+    """{float key: run dir} of the cells already run whose run dir trained its
+    own float model, so that a recipe run later fine-tunes that model."""
+    found = {}
+    for entry in results["cells"].values():
+        cell = Cell(entry["dataset"], entry["size"], entry["width"], entry["recipe"])
+        run_dir = os.path.join(work_dir, "runs", cell.key)
+        float_dir = os.path.join(run_dir, "float")
+        if os.path.isdir(float_dir) and not os.path.islink(float_dir):
+            found.setdefault(cell.float_key, run_dir)
+    return found
+
+
 def run_grid(args, settings):
     os.makedirs(args.output_dir, exist_ok=True)
     results = load_results(os.path.join(args.output_dir, f"{RESULT_NAME}.json"))
     results["settings"] = dataclasses.asdict(settings)
-    float_runs = {}
+    float_runs = trained_float_runs(args.work_dir, results)
     for cell in planned_cells(args):
         float_runs.setdefault(cell.float_key, os.path.join(args.work_dir, "runs", cell.key))
         if cell.key in results["cells"] and not args.rerun:

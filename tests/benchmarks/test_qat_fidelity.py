@@ -52,6 +52,17 @@ def test_cells_run_cheapest_first_and_recipes_share_the_float_model(tmp_path):
         qat_fidelity.parse_args(["--sizes", "16"])
 
 
+def test_a_recipe_run_later_fine_tunes_the_float_model_already_trained(tmp_path):
+    trained = tmp_path / "runs" / "digits_32_w0.5_folded"
+    (trained / "float").mkdir(parents=True)
+    variant = tmp_path / "runs" / "digits_32_w0.5_folded_lr_x5"
+    variant.mkdir(parents=True)
+    (variant / "float").symlink_to(trained / "float")
+    entries = [_entry("digits", 32, 0.5, recipe, 0.9, 0.9, 0.9) for recipe in ("folded_lr_x5", "folded")]
+    results = {"cells": {e["key"]: e for e in entries}}
+    assert qat_fidelity.trained_float_runs(str(tmp_path), results) == {"digits_32_w0.5": str(trained)}
+
+
 def test_the_main_recipe_is_what_the_pipeline_does_by_default(tmp_path):
     # The README's table shows MAIN_RECIPE as the package's recipe: its cells must run the pipeline's defaults.
     from quantization.pipeline_stages import PipelineConfig
