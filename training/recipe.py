@@ -103,6 +103,8 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)}.")
         if self.seed < 0:
             raise ValueError(f"--seed must be >= 0; got {self.seed}.")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"--warmup_steps must be >= 0 (0: no warm-up); got {self.warmup_steps}.")
         if self.image_size < 32:
             raise ValueError(f"--image_size must be >= 32; got {self.image_size}.")
         if self.epochs < 1 and self.steps < 1:

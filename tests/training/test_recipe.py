@@ -176,6 +176,9 @@ def test_config_errors():
     with pytest.raises(ValueError, match="Unknown --attention_norm"):
         TrainConfig(attention_norm="group_norm")
     assert TrainConfig(attention_norm="batch_norm_2d").attention_norm == "batch_norm_2d"
+    with pytest.raises(ValueError, match="--warmup_steps must be >= 0"):
+        TrainConfig(warmup_steps=-1)  # the pipeline's --qat_warmup_steps ends here too
+    assert TrainConfig(warmup_steps=0).warmup_steps == 0
 
 
 def test_mixup_and_cutmix_keep_labels_a_distribution():
