@@ -45,12 +45,20 @@ RESULT_NAME = "qat_fidelity"
 MODELS = {0.5: "mobilevitv2_050", 0.75: "mobilevitv2_075", 1.0: "mobilevitv2_100", 1.25: "mobilevitv2_125",
           1.5: "mobilevitv2_150", 1.75: "mobilevitv2_175", 2.0: "mobilevitv2_200"}  # fmt: skip
 DATASETS = ("digits", "photos")
-# Recipe: (BatchNorm statistics during the first QAT epoch, QAT learning rate / --qat_lr, QAT warm-up steps).
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    batch_statistics: bool  # BatchNorm statistics during the first QAT epoch
+    lr_factor: float  # QAT learning rate / --qat_lr
+    warmup_steps: int = 0
+
+
 RECIPES = {
-    "folded": (False, 1.0, 0),
-    "batch_statistics": (True, 1.0, 0),
-    "folded_lr_x5": (False, 5.0, 0),
-    "folded_lr_x5_warmup": (False, 5.0, 50),
+    "folded": Recipe(False, 1.0),
+    "batch_statistics": Recipe(True, 1.0),
+    "folded_lr_x5": Recipe(False, 5.0),
+    "folded_lr_x5_warmup": Recipe(False, 5.0, warmup_steps=50),
 }
 # Pipeline flags added after some committed runs, and the value those runs had.
 OLDER_RUNS = {"qat_warmup_steps": "0"}
@@ -124,7 +132,7 @@ def train_images(folder):
 
 def qat_bn_steps(cell, folder, settings):
     """0 (folded), or the steps of the first QAT epoch for batch_statistics."""
-    if not RECIPES[cell.recipe][0]:
+    if not RECIPES[cell.recipe].batch_statistics:
         return 0
     return math.ceil(train_images(folder) / settings.batch_size)
 
@@ -140,9 +148,9 @@ def pipeline_arguments(cell, run_dir, folder, settings, variant=False):
         f"--batch_size={settings.batch_size}",
         f"--float_epochs={settings.float_epochs}",
         f"--qat_epochs={settings.qat_epochs}",
-        f"--qat_lr={settings.qat_lr * RECIPES[cell.recipe][1]:g}",
+        f"--qat_lr={settings.qat_lr * RECIPES[cell.recipe].lr_factor:g}",
         f"--qat_bn_steps={qat_bn_steps(cell, folder, settings)}",
-        f"--qat_warmup_steps={RECIPES[cell.recipe][2]}",
+        f"--qat_warmup_steps={RECIPES[cell.recipe].warmup_steps}",
         f"--calibration_images={settings.calibration_images}",
         "--stages=" + ("qat,report" if variant else "train,qat,export,report"),
     ]
@@ -368,6 +376,15 @@ def _recipe_cell(entry):
     return f"{_pct(value)} (epoch {label}) / {_pct(entry['top1']['qat_int8'])}"
 
 
+def _lr_factors():
+    """'x5 for folded_lr_x5, folded_lr_x5_warmup': the recipes that scale --qat_lr."""
+    groups = {}
+    for name, recipe in RECIPES.items():
+        if recipe.lr_factor != 1.0:
+            groups.setdefault(recipe.lr_factor, []).append(name)
+    return "; ".join(f"x{factor:g} for {', '.join(names)}" for factor, names in groups.items())
+
+
 def _machines(entries):
     names = sorted({entry.get("machine") or "not recorded" for entry in entries})
     return "; ".join(names)
@@ -390,7 +407,7 @@ def markdown(results):
         "",
         f"- Top-1 (%) on the whole validation split (digits: 359 images, photos: 600 unless --tiny); "
         f"{settings.get('float_epochs')} float epochs, {settings.get('qat_epochs')} QAT epochs at lr "
-        f"{settings.get('qat_lr')} times the recipe's factor (x5 for folded_lr_x5*), "
+        f"{settings.get('qat_lr')} times the recipe's factor ({_lr_factors()}), "
         f"batch {settings.get('batch_size')}, "
         f"{settings.get('calibration_images')} calibration images.",
         f"- The package's recipe ({MAIN_RECIPE}; the others are compared below). The bar: QAT int8 >= max(PTQ "
