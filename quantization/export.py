@@ -96,7 +96,7 @@ def _recorded_data(model_path):
     """The trainer's data settings recorded beside `model_path` (its
     model_dir/run_config.json): (dict with data, dataset_dir, num_classes,
     tfrecord_label_offset; the file's path), or None when there is none."""
-    from training.trainer import RUN_CONFIG
+    from training.run_config import RUN_CONFIG
 
     path = os.path.join(os.path.dirname(os.path.abspath(model_path)), RUN_CONFIG)
     if not os.path.exists(path):
@@ -127,7 +127,7 @@ def _data_settings(args, model):
             settings["dataset_dir"] = args.dataset_dir
         return settings, f"images from {settings['data']!r}, the data recorded in {path} (no --data given)"
     if _calibrates(args, model):
-        from training.trainer import RUN_CONFIG
+        from training.run_config import RUN_CONFIG
 
         what = f"--mode {args.mode}" if args.mode else f"--target {args.target} with a float model"
         raise ValueError(

@@ -32,7 +32,8 @@ _HELP = {
     "batch_size": "Training batch.",
     "float_epochs": "Epochs of float training.",
     "qat_epochs": "Epochs of quantization-aware fine-tuning.",
-    "float_lr": "Peak learning rate of the float training.",
+    "float_lr": "Peak learning rate of the float training. 3e-3 suits widths 0.5-1.0 at batch 32; width 2.0 "
+    "collapsed to chance with it and trained at 1e-3 (benchmarks/results/qat_fidelity_float_lr.md).",
     "qat_lr": "Learning rate of the QAT fine-tune.",
     "qat_warmup_steps": "Linear learning-rate warm-up steps of the QAT fine-tune (its AdamW starts afresh: "
     "without a warm-up its first steps move every weight by about the full learning rate).",

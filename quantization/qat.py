@@ -120,6 +120,15 @@ class _CalibratedQATModels:
         self.batch_statistics_steps = batch_statistics_steps or None  # 0: BatchNorm folded from the start
         self.start_weights = None
 
+    @property
+    def run_settings(self):
+        """What a QAT checkpoint depends on besides its TrainConfig: a resume
+        with other values is refused (see `Trainer`)."""
+        return {
+            "qat_calibration_images": self.calibration_images,
+            "qat_batch_statistics_steps": self.batch_statistics_steps or 0,
+        }
+
     def __call__(self, config, num_classes, source, classifier_activation, initialize):
         from quantization.quantize import calibrate
         from quantization.quantize import quantize_model
@@ -232,7 +241,7 @@ def keep_best(config, source, start_weights, verbose=True, int8_metric=None):
 
     import keras
 
-    from training.trainer import write_json_atomically
+    from training.run_config import write_json_atomically
 
     if source.eval is None:
         return {"chosen": "fine-tuned", "reason": "no validation split to compare on"}
@@ -299,7 +308,7 @@ class _KeepsBestEpoch:
     qat_metric = "top1"
 
     def _evaluate(self, run):
-        from training.trainer import write_json_atomically
+        from training.run_config import write_json_atomically
 
         results = super()._evaluate(run)
         metric, model_dir = self.qat_metric, self.config.model_dir

@@ -36,35 +36,17 @@ from training.distribution import make_strategy
 from training.distribution import worker_index
 from training.progress import Progress
 from training.recipe import TrainConfig
+from training.run_config import RUN_CONFIG
+from training.run_config import changed_settings
+from training.run_config import describe_changes
+from training.run_config import read_run_config
+from training.run_config import run_configuration
+from training.run_config import write_json_atomically
 from training.schedule import WarmupCosine
 from training.summaries import ScalarWriter
 
-RUN_CONFIG = "run_config.json"
 SUMMARY = "summary.json"
 EXPORT_NAME = "model.keras"
-# Settings whose change makes an existing checkpoint meaningless.
-COMPATIBILITY_FIELDS = (
-    "model",
-    "task",
-    "attention_norm",
-    "image_size",
-    "num_classes",
-    "data",
-    "batch_size",
-    "grad_accum_steps",
-    "mixed_precision",  # the optimizer (loss scaling or not) must match the checkpoint
-    "seed",  # the data order that a resume skips through
-)
-
-
-def write_json_atomically(path, payload):
-    """Writes `payload` as JSON to `path` whole or not at all (a crash leaves the old file)."""
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
 
 
 def build_model(config, num_classes, weights=None, classifier_activation=None):
@@ -191,6 +173,8 @@ class _Run:
     epochs: int
     warmup_steps: int
     resuming: bool  # model_dir already held this run's configuration
+    run_configuration: dict  # what run_config.json records for these settings
+    changed_settings: dict  # {field: (there, now)} that a resume may change
     # Built by `_build`, under the strategy's scope.
     model: keras.Model = None
     schedule: WarmupCosine = None
@@ -232,6 +216,8 @@ class Trainer:
         initialize)` builds the model; `initialize` is True for the model that
         is trained (load `init_weights`, calibrate...), False for the copies
         that receive its weights (evaluation, export). Default: `build_model`.
+        A model_fn's `run_settings` dict, if it has one, is recorded in
+        run_config.json and must match to resume (QAT's calibration).
         `tpu_address`: the TPU of `strategy="tpu"` (where to run, not part of
         the run's configuration), as `make_strategy` takes it.
         """
@@ -251,30 +237,23 @@ class Trainer:
     # ------------------------------------------------------------ set-up
 
     def _prepare_model_dir(self, num_classes, chief):
+        """(resuming, run configuration, settings changed since the run in
+        model_dir was started). Refuses a model_dir that holds another run."""
         config = self.config
-        current = dataclasses.asdict(config)
-        current["num_classes"] = num_classes
-        path = os.path.join(config.model_dir, RUN_CONFIG)
-        if os.path.exists(path):
-            with open(path) as f:
-                previous = json.load(f)
-            # A field a run_config.json predates had its default value then.
-            defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-            changed = {
-                field: (previous.get(field, defaults.get(field)), current[field])
-                for field in COMPATIBILITY_FIELDS
-                if previous.get(field, defaults.get(field)) != current[field]
-            }
-            if changed:
-                details = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
+        model_settings = getattr(self.model_fn, "run_settings", {})
+        current = run_configuration(config, num_classes, model_settings)
+        previous = read_run_config(config.model_dir)
+        if previous is not None:
+            incompatible, changed = changed_settings(previous, current, model_settings)
+            if incompatible:
                 raise ValueError(
-                    f"--model_dir {config.model_dir} holds a different run ({details}). "
+                    f"--model_dir {config.model_dir} holds a different run ({describe_changes(incompatible)}). "
                     "Its checkpoints cannot be resumed with these settings and are "
                     "not overwritten: use another --model_dir, or the same settings."
                 )
-            return True
+            return True, current, changed
         if not chief:
-            return False
+            return False, current, {}
         if os.path.isdir(config.model_dir) and os.listdir(config.model_dir):
             raise ValueError(
                 f"--model_dir {config.model_dir} is not empty and has no {RUN_CONFIG}: "
@@ -282,8 +261,29 @@ class Trainer:
                 "new or empty directory."
             )
         os.makedirs(config.model_dir, exist_ok=True)
-        write_json_atomically(path, current)
-        return False
+        write_json_atomically(os.path.join(config.model_dir, RUN_CONFIG), current)
+        return False, current, {}
+
+    def _accept_changed_settings(self, run):
+        """A resume with changed learning-rate, schedule or augmentation
+        settings trains the remaining steps with them, and says so; a finished
+        run would train nothing, so it is refused rather than handed back as
+        if it had been trained with them."""
+        if not run.changed_settings:
+            return
+        config, step = self.config, int(run.state["step"].numpy())
+        details = describe_changes(run.changed_settings)
+        if run.latest and step >= run.total_steps:
+            raise ValueError(
+                f"--model_dir {config.model_dir} holds a finished run (step {step} of {run.total_steps}) that "
+                f"was trained with other settings ({details}). Resuming it trains nothing, so its model would "
+                "not be what these settings describe. Use another --model_dir, delete this one to train "
+                "anew, or give the settings it was trained with."
+            )
+        if run.latest:
+            self._log(f"Resuming with changed settings, which apply from step {step} on: {details}.")
+        if run.chief:  # the settings the steps from now on are trained with
+            write_json_atomically(os.path.join(config.model_dir, RUN_CONFIG), run.run_configuration)
 
     def _log(self, text):
         if self.verbose and self._chief:
@@ -364,7 +364,7 @@ class Trainer:
             )
         total_steps = config.steps or config.epochs * steps_per_epoch
         warmup_steps = config.warmup_steps if config.warmup_steps is not None else min(20_000, total_steps // 10)
-        resuming = self._prepare_model_dir(num_classes, chief)
+        resuming, run_configuration_now, changed = self._prepare_model_dir(num_classes, chief)
         run = _Run(
             strategy,
             chief,
@@ -375,6 +375,8 @@ class Trainer:
             math.ceil(total_steps / steps_per_epoch),
             warmup_steps,
             resuming,
+            run_configuration_now,
+            changed,
         )
         self._progress = Progress(
             total_steps, steps_per_epoch, stream=self.progress_stream, enabled=self.verbose and chief
@@ -498,6 +500,7 @@ class Trainer:
                 self._log("model_dir has a run configuration but no checkpoint yet: starting anew.")
             for average, weight in zip(run.ema, run.model.weights):
                 average.assign(weight.value)
+        self._accept_changed_settings(run)
 
     # ------------------------------------------------------- train step
 

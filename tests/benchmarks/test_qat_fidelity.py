@@ -22,6 +22,7 @@ def _entry(dataset, size, width, recipe, float_top1, ptq, qat, chosen="fine-tune
     }
     entry = dict(dataset=dataset, size=size, width=width, recipe=recipe, key=cell.key, top1=top1, selection=selection)
     entry["machine"] = "Test CPU @ 2 GHz"
+    entry["config"] = {"float_lr": qat_fidelity.FLOAT_LR[width]}
     entry["command"] = f"python -m quantization.pipeline --output_dir={cell.key}"
     return dict(entry, meets=qat_fidelity.meets_the_bar(top1))
 
@@ -88,6 +89,7 @@ def test_report_tables_and_plot(tmp_path):
     text = qat_fidelity.markdown(results)
     assert "Met in 1 of 1 cells" in text  # the package's recipe; the other is in the recipe table
     assert "- Trained on: Test CPU @ 2 GHz." in text  # a seeded float model is the same on one machine only
+    assert "10 float epochs at peak lr 0.003 (width 0.5), 2 QAT epochs" in text
     assert (
         "| digits | 32 | 0.5 | folded_lr_x5_warmup | 95.0 | 94.0 | 96.0 | +2.0 | epoch 2 (raw weights) | yes |" in text
     )
@@ -117,3 +119,15 @@ def test_tiny_study_runs_both_recipes_on_one_float_model(tmp_path):
     assert batch["config"]["qat_bn_steps"] == 2 and folded["config"]["qat_bn_steps"] == 0  # 48 images, batch 32
     assert folded["evaluation_images"] == 24 and len(folded["selection"]["epochs"]) == 1
     assert (output / "qat_fidelity.png").exists() and "photos_32_w0.5_folded: float" in completed.stderr
+
+
+def test_width_2_trains_its_float_model_at_the_rate_that_does_not_collapse():
+    settings = qat_fidelity.Settings()
+    flags = {
+        width: qat_fidelity.pipeline_arguments(
+            qat_fidelity.Cell("digits", 32, width, "folded"), "run", "data", settings
+        )
+        for width in (0.5, 1.0, 2.0)
+    }
+    assert "--float_lr=0.003" in flags[0.5] and "--float_lr=0.003" in flags[1.0]
+    assert "--float_lr=0.001" in flags[2.0]  # 3e-3 collapsed to chance: results/qat_fidelity_float_lr.md

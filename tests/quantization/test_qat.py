@@ -1,5 +1,6 @@
 """QAT and TFLite export: fully int8, audited, agreeing with Keras."""
 
+import dataclasses
 import json
 
 import keras
@@ -220,6 +221,12 @@ def test_qat_fine_tuning_with_the_trainer(float_model, tmp_path):
     assert (tmp_path / "qat" / "qat_selection.json").exists()
     assert report["errors"] == [] and report["float_tensors_inside"] == []
     assert (tmp_path / "qat" / "mobilevitv2_050_qat_int8.tflite").exists()
+    # Run again into the same directory with another recipe: refused, not the
+    # finished run's model handed back as if fine-tuned with it.
+    with pytest.raises(ValueError, match=r"holds a finished run.*lr: 0.0001 there, 0.0005 now"):
+        run_qat(dataclasses.replace(config, lr=5e-4), calibration_images=32, verbose=False)
+    with pytest.raises(ValueError, match="holds a different run.*qat_calibration_images: 32 there, 64 now"):
+        run_qat(config, calibration_images=64, verbose=False)
     with pytest.raises(ValueError, match="give --init_weights"):
         run_qat(TrainConfig(model_dir=str(tmp_path / "other")), verbose=False)
 

@@ -464,3 +464,53 @@ def test_deterministic_runs_give_bitwise_the_same_weights(tmp_path, dataset_dir)
     assert saved[0].files == saved[1].files and saved[0].files
     for key in saved[0].files:
         np.testing.assert_array_equal(saved[0][key], saved[1][key], err_msg=key)
+
+
+def _tiny_run(tmp_path, **overrides):
+    _image_folder(tmp_path / "data", per_class=4)
+    values = dict(data=str(tmp_path / "data"), image_size=32, batch_size=4, steps=2, max_eval_images=0)
+    return fast_config(tmp_path / "run", "", **(values | overrides))
+
+
+def test_a_finished_run_is_not_handed_back_for_other_training_settings(tmp_path):
+    import io
+
+    config = _tiny_run(tmp_path)
+    Trainer(config, verbose=False, model_fn=_tiny_model_fn()).run()
+    run_dir = tmp_path / "run"
+    exported = (run_dir / "model.keras").read_bytes()
+    checkpoints = sorted(os.listdir(run_dir / "checkpoints"))
+
+    # The user asks for another learning rate: the finished run would train
+    # nothing and its model is not what was asked for.
+    message = r"holds a finished run \(step 2 of 2\).*lr: 0.002 there, 0.001 now"
+    with pytest.raises(ValueError, match=message):
+        Trainer(dataclasses.replace(config, lr=1e-3), verbose=False, model_fn=_tiny_model_fn()).run()
+    assert (run_dir / "model.keras").read_bytes() == exported
+    assert sorted(os.listdir(run_dir / "checkpoints")) == checkpoints
+
+    # How it is run (here: checkpoint frequency) is not what it trains.
+    same = dataclasses.replace(config, checkpoint_every=7, keep_checkpoints=5)
+    assert Trainer(same, verbose=False, model_fn=_tiny_model_fn()).run()["final_step"] == 2
+
+    # More steps at another rate continue the run, say so, and record the rate.
+    log = io.StringIO()
+    longer = dataclasses.replace(config, steps=3, lr=1e-3)
+    assert Trainer(longer, progress_stream=log, model_fn=_tiny_model_fn()).run()["final_step"] == 3
+    assert "Resuming with changed settings, which apply from step 2 on: lr: 0.002 there, 0.001 now" in log.getvalue()
+    recorded = json.loads((run_dir / "run_config.json").read_text())
+    assert (recorded["lr"], recorded["steps"]) == (1e-3, 3)
+    Trainer(longer, verbose=False, model_fn=_tiny_model_fn()).run()  # now the run's own settings
+
+
+def test_a_run_from_init_weights_that_changed_since_is_another_run(tmp_path):
+    weights = tmp_path / "start.weights.h5"
+    weights.write_bytes(b"the float model of the first training")
+    config = _tiny_run(tmp_path, init_weights=str(weights))
+    Trainer(config, verbose=False, model_fn=_tiny_model_fn()).run()
+    recorded = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    assert len(recorded["init_weights_sha256"]) == 64
+
+    weights.write_bytes(b"the float model, retrained")  # same path, other weights
+    with pytest.raises(ValueError, match="holds a different run.*init_weights_sha256"):
+        Trainer(config, verbose=False, model_fn=_tiny_model_fn()).run()
