@@ -98,7 +98,9 @@ class Settings:
     val_per_class: int = 50
 
 
-TINY = Settings(float_epochs=1, qat_epochs=1, calibration_images=8, train_per_class=4, val_per_class=2)
+# Three float epochs: after one (still in warm-up) the model was random, and int8 rounding flipped its near-tied
+# top-1 on the export audit's sample images (agreement 0.75 < 0.80), so the PTQ export was refused.
+TINY = Settings(float_epochs=3, qat_epochs=1, calibration_images=8, train_per_class=4, val_per_class=2)
 
 
 # --- data ----------------------------------------------------------------------------------------------------------
@@ -514,7 +516,12 @@ def parse_args(argv=None):
     parser.add_argument("--qat_epochs", type=int)
     parser.add_argument("--qat_lr", type=float)
     parser.add_argument("--rerun", action="store_true", help="Run cells again that the results already hold.")
-    parser.add_argument("--tiny", action="store_true", help="A smoke run on a few images (not a measurement).")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="A smoke run (not a measurement): 3 float epochs, 1 QAT epoch, 8 calibration images; "
+        "photos: 4 images a class (the digits are all used).",
+    )
     args = parser.parse_args(argv)
     if min(args.sizes) < 32:
         parser.error(f"--sizes must be at least 32 (the classifiers' smallest input); got {args.sizes}")

@@ -102,23 +102,19 @@ def test_report_tables_and_plot(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skip(
-    reason="with --tiny (4 images a class, 2 float steps, still in warm-up) the float model is random and its PTQ "
-    "int8 export fails the audit (top-1 agreement 0.75 < 0.80 on 8 near-tied images), after ~6 min a pipeline run"
-)
 def test_tiny_study_runs_both_recipes_on_one_float_model(tmp_path):
-    pytest.importorskip("skimage")
     work, output = tmp_path / "work", tmp_path / "out"
-    arguments = ["--tiny", "--widths", "0.5", "--datasets", "photos", "--sizes", "32"]
+    arguments = ["--tiny", "--widths", "0.5", "--datasets", "digits", "--sizes", "32"]
     arguments += ["--recipes", "folded", "batch_statistics", "--work_dir", work, "--output_dir", output]
     completed = run_benchmark("benchmarks.qat_fidelity", *arguments, timeout=1500)
     results = json.loads((output / "qat_fidelity.json").read_text())
-    folded, batch = (results["cells"][f"photos_32_w0.5_{recipe}"] for recipe in ("folded", "batch_statistics"))
+    folded, batch = (results["cells"][f"digits_32_w0.5_{recipe}"] for recipe in ("folded", "batch_statistics"))
     assert folded["top1"]["float_tflite"] == batch["top1"]["float_tflite"]  # the same float model
+    assert folded["top1"]["float_tflite"] > 0.3  # trained: the int8 audits compare real predictions, not ties
     assert os.path.islink(work / "runs" / batch["key"] / "float") and "--stages=qat,report" in batch["command"]
-    assert batch["config"]["qat_bn_steps"] == 2 and folded["config"]["qat_bn_steps"] == 0  # 48 images, batch 32
-    assert folded["evaluation_images"] == 24 and len(folded["selection"]["epochs"]) == 1
-    assert (output / "qat_fidelity.png").exists() and "photos_32_w0.5_folded: float" in completed.stderr
+    assert batch["config"]["qat_bn_steps"] == 45 and folded["config"]["qat_bn_steps"] == 0  # 1,438 images, batch 32
+    assert folded["evaluation_images"] == 359 and len(folded["selection"]["epochs"]) == 1
+    assert (output / "qat_fidelity.png").exists() and "digits_32_w0.5_folded: float" in completed.stderr
 
 
 def test_width_2_trains_its_float_model_at_the_rate_that_does_not_collapse():
