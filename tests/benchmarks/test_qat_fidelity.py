@@ -117,13 +117,15 @@ def test_tiny_study_runs_both_recipes_on_one_float_model(tmp_path):
     assert (output / "qat_fidelity.png").exists() and "digits_32_w0.5_folded: float" in completed.stderr
 
 
-def test_width_2_trains_its_float_model_at_the_rate_that_does_not_collapse():
+def test_width_2_trains_and_fine_tunes_at_rates_that_do_not_collapse():
     settings = qat_fidelity.Settings()
     flags = {
         width: qat_fidelity.pipeline_arguments(
-            qat_fidelity.Cell("digits", 32, width, "folded"), "run", "data", settings
+            qat_fidelity.Cell("digits", 32, width, qat_fidelity.MAIN_RECIPE), "run", "data", settings
         )
         for width in (0.5, 1.0, 2.0)
     }
     assert "--float_lr=0.003" in flags[0.5] and "--float_lr=0.003" in flags[1.0]
     assert "--float_lr=0.001" in flags[2.0]  # 3e-3 collapsed to chance: results/qat_fidelity_float_lr.md
+    # and fine-tunes it at the same fraction of that rate as the narrower models (1/30)
+    assert "--qat_lr=0.0001" in flags[0.5] and "--qat_lr=3.33333e-05" in flags[2.0]
