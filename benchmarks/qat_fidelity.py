@@ -45,11 +45,6 @@ RESULT_NAME = "qat_fidelity"
 MODELS = {0.5: "mobilevitv2_050", 0.75: "mobilevitv2_075", 1.0: "mobilevitv2_100", 1.25: "mobilevitv2_125",
           1.5: "mobilevitv2_150", 1.75: "mobilevitv2_175", 2.0: "mobilevitv2_200"}  # fmt: skip
 DATASETS = ("digits", "photos")
-# The float model's peak learning rate by width: the pipeline's --float_lr (3e-3) up to width 1.0. At width 2.0
-# 3e-3 collapsed to chance (digits 32x32: top-1 0.23 after 10 epochs, loss at ln 10 from epoch 3 on) and 1e-3
-# trained it (results/qat_fidelity_float_lr.md). Measured at 0.5, 1.0 and 2.0; the widths between take the
-# rate of the measured width above them.
-FLOAT_LR = {0.5: 3e-3, 0.75: 3e-3, 1.0: 3e-3, 1.25: 1e-3, 1.5: 1e-3, 1.75: 1e-3, 2.0: 1e-3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,12 +139,18 @@ def qat_bn_steps(cell, folder, settings):
     return math.ceil(train_images(folder) / settings.batch_size)
 
 
+def float_lr(width):
+    """The pipeline's float learning rate at `width` (3e-3 up to 1.0, 1e-3 above)."""
+    from quantization.pipeline_stages import learning_rates
+
+    return learning_rates(MODELS[width])[0]
+
+
 def qat_lr(cell, settings):
-    """The recipe's QAT rate, scaled with the float model's peak rate: a
-    width trained at a third of the rate is fine-tuned at a third of it. At
-    width 2.0, 1e-4 (1/10 of the float rate) took photos 48x48 from 89.0 to
-    66.8 in one epoch (results/qat_fidelity_w2_qat_lr.md)."""
-    return settings.qat_lr * RECIPES[cell.recipe].lr_factor * FLOAT_LR[cell.width] / FLOAT_LR[0.5]
+    """The recipe's QAT rate, scaled with the float model's peak rate as the
+    pipeline scales it: a width trained at a third of the rate is fine-tuned
+    at a third of it."""
+    return settings.qat_lr * RECIPES[cell.recipe].lr_factor * float_lr(cell.width) / float_lr(0.5)
 
 
 def pipeline_arguments(cell, run_dir, folder, settings, variant=False):
@@ -162,7 +163,7 @@ def pipeline_arguments(cell, run_dir, folder, settings, variant=False):
         f"--image_size={cell.size}",
         f"--batch_size={settings.batch_size}",
         f"--float_epochs={settings.float_epochs}",
-        f"--float_lr={FLOAT_LR[cell.width]:g}",
+        f"--float_lr={float_lr(cell.width):g}",
         f"--qat_epochs={settings.qat_epochs}",
         f"--qat_lr={qat_lr(cell, settings):g}",
         f"--qat_bn_steps={qat_bn_steps(cell, folder, settings)}",
@@ -435,7 +436,7 @@ def markdown(results):
         f"{settings.get('float_epochs')} float epochs at peak lr {_float_lrs(everything)}, "
         f"{settings.get('qat_epochs')} QAT epochs at lr "
         f"{settings.get('qat_lr')} times the recipe's factor ({_lr_factors()}) and the float rate's ratio to "
-        f"{FLOAT_LR[0.5]:g}, "
+        f"{float_lr(0.5):g}, "
         f"batch {settings.get('batch_size')}, "
         f"{settings.get('calibration_images')} calibration images.",
         f"- The package's recipe ({MAIN_RECIPE}; the others are compared below). The bar: QAT int8 >= max(PTQ "

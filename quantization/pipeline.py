@@ -32,9 +32,9 @@ _HELP = {
     "batch_size": "Training batch.",
     "float_epochs": "Epochs of float training.",
     "qat_epochs": "Epochs of quantization-aware fine-tuning.",
-    "float_lr": "Peak learning rate of the float training. 3e-3 suits widths 0.5-1.0 at batch 32; width 2.0 "
-    "collapsed to chance with it and trained at 1e-3 (benchmarks/results/qat_fidelity_float_lr.md).",
-    "qat_lr": "Learning rate of the QAT fine-tune.",
+    "float_lr": "Peak learning rate of the float training. Default by width: 3e-3 up to width 1.0, 1e-3 above "
+    "(width 2.0 collapsed to chance at 3e-3: benchmarks/results/qat_fidelity_float_lr.md).",
+    "qat_lr": "Learning rate of the QAT fine-tune. Default: the float rate / 30 (1e-4 up to width 1.0).",
     "qat_warmup_steps": "Linear learning-rate warm-up steps of the QAT fine-tune (its AdamW starts afresh: "
     "without a warm-up its first steps move every weight by about the full learning rate).",
     "qat_bn_steps": "QAT BatchNorm: 0 folds frozen statistics from the first step; N normalizes the first N "
@@ -53,8 +53,10 @@ def define_pipeline_flags(flag_values=flags.FLAGS):
             flags.DEFINE_list("targets", list(value), "Deployment targets to export to, of "
                               f"{', '.join(TARGET_NAMES)}.", flag_values=flag_values)  # fmt: skip
             continue
-        define = {int: flags.DEFINE_integer, float: flags.DEFINE_float}.get(type(value), flags.DEFINE_string)
-        define(field.name, value, _HELP[field.name], flag_values=flag_values)
+        define = {int: flags.DEFINE_integer, float: flags.DEFINE_float}.get(field.type, flags.DEFINE_string)
+        # A default that depends on --model (the learning rates) stays None until PipelineConfig resolves it.
+        default = None if field.default is None else value
+        define(field.name, default, _HELP[field.name], flag_values=flag_values)
     flags.DEFINE_list("stages", list(STAGES), f"Stages to run, in order: {', '.join(STAGES)}.", flag_values=flag_values)
 
 
@@ -65,7 +67,10 @@ def config_from_flags(flag_values=flags.FLAGS):
     if unknown:
         raise app.UsageError(f"Unknown --targets {unknown}; the targets are {', '.join(TARGET_NAMES)}.")
     values["targets"] = tuple(dict.fromkeys(values["targets"]))
-    return PipelineConfig(**values)
+    try:
+        return PipelineConfig(**values)
+    except ValueError as error:  # an unknown --model: a usage error, not a traceback
+        raise app.UsageError(str(error)) from None
 
 
 def main(argv):

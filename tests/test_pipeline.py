@@ -6,6 +6,7 @@ report says which int8 model is the more accurate, warning when QAT lost."""
 import subprocess
 import sys
 
+import pytest
 from absl import flags
 
 from quantization.pipeline_report import int8_verdict
@@ -50,6 +51,29 @@ def test_printed_pipeline_flags_give_the_same_configuration():
     define_pipeline_flags(values)
     values(["prog", *pipeline_flags(config)])
     assert pipeline_config(values) == config
+
+
+def test_the_learning_rates_follow_the_width_unless_given():
+    from absl import app
+
+    from quantization.pipeline import config_from_flags as pipeline_config
+    from quantization.pipeline import define_pipeline_flags
+    from quantization.pipeline_stages import pipeline_flags
+
+    def parsed(*arguments):
+        values = flags.FlagValues()
+        define_pipeline_flags(values)
+        values(["prog", *arguments])
+        return pipeline_config(values)
+
+    assert (parsed().float_lr, parsed().qat_lr) == (3e-3, 1e-4) == (PipelineConfig().float_lr, PipelineConfig().qat_lr)
+    wide = parsed("--model=mobilevitv2_200")  # 3e-3 collapsed width 2.0 to chance
+    assert (wide.float_lr, wide.qat_lr) == (1e-3, round(1e-3 / 30, 12))
+    given = parsed("--model=mobilevitv2_200", "--float_lr=3e-3", "--qat_lr=2e-5")
+    assert (given.float_lr, given.qat_lr) == (3e-3, 2e-5)
+    assert parsed(*pipeline_flags(wide)) == wide
+    with pytest.raises(app.UsageError, match="Unknown --model 'mobilevitv2_300'"):
+        parsed("--model=mobilevitv2_300")
 
 
 def _rows(float_tflite, ptq, qat, ptq_ms=0.73, qat_ms=0.43):

@@ -22,7 +22,7 @@ def _entry(dataset, size, width, recipe, float_top1, ptq, qat, chosen="fine-tune
     }
     entry = dict(dataset=dataset, size=size, width=width, recipe=recipe, key=cell.key, top1=top1, selection=selection)
     entry["machine"] = "Test CPU @ 2 GHz"
-    entry["config"] = {"float_lr": qat_fidelity.FLOAT_LR[width]}
+    entry["config"] = {"float_lr": qat_fidelity.float_lr(width)}
     entry["command"] = f"python -m quantization.pipeline --output_dir={cell.key}"
     return dict(entry, meets=qat_fidelity.meets_the_bar(top1))
 

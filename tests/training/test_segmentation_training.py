@@ -202,7 +202,10 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, dataset_di
     monkeypatch.setattr(tf.train.CheckpointManager, "save", save)
     resumed = SegmentationTrainer(seg_config(tmp_path / "b", dataset_dir, **settings), verbose=False)
     resumed.run()
-    np.testing.assert_allclose(resumed.step_losses, straight.step_losses[2:], rtol=1e-5)
+    # Not bitwise: concurrent ops reorder float sums from run to run (the loss of
+    # step 4 differed by 3.6e-5 relative between two runs of this test on a 2-core
+    # Xeon). Resuming at a wrong data position moves it by percents.
+    np.testing.assert_allclose(resumed.step_losses, straight.step_losses[2:], rtol=1e-4)
     for x, y in zip(straight.ema_weights, resumed.ema_weights):
         np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
 
