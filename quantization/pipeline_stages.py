@@ -15,6 +15,7 @@ import dataclasses
 import os
 import shlex
 
+from training.recipe import RECIPES
 from training.recipe import TrainConfig
 
 STAGES = ("train", "qat", "export", "targets", "report")
@@ -28,20 +29,19 @@ class StageError(RuntimeError):
 TARGET_NAMES = ("edgetpu", "micro", "android", "onnx")
 
 
-def learning_rates(model):
+def learning_rates(model, float_lr=None):
     """(float peak lr, QAT lr) of the pipeline's short runs at batch 32, by the
-    model's width (benchmarks.qat_fidelity, README):
+    model's width unless `float_lr` is given (benchmarks.qat_fidelity, README):
     - float 3e-3 up to width 1.0; at width 2.0 it collapsed to chance, 1e-3
       trained it (results/qat_fidelity_float_lr.md). Widths 1.25-1.75 take
       2.0's rate, unmeasured;
     - QAT at 1/30 of it: 1e-4 (with the 50-step warm-up) met the QAT bar in
       more cells than 2e-5; at width 2.0, 1e-4 took a model from 89.0 to 66.8
       in one epoch (results/qat_fidelity_w2_qat_lr1e-4.md)."""
-    from training.recipe import RECIPES
-
     if model not in RECIPES:
         raise ValueError(f"Unknown --model {model!r}; choose one of {sorted(RECIPES)}.")
-    float_lr = 3e-3 if RECIPES[model]["width"] <= 1.0 else 1e-3
+    if float_lr is None:
+        float_lr = 3e-3 if RECIPES[model]["width"] <= 1.0 else 1e-3
     return float_lr, round(float_lr / 30, 12)
 
 
@@ -67,11 +67,10 @@ class PipelineConfig:
     targets: tuple = TARGET_NAMES
 
     def __post_init__(self):
-        float_lr, qat_lr = learning_rates(self.model)
-        if self.float_lr is None:
-            object.__setattr__(self, "float_lr", float_lr)
+        float_lr, qat_lr = learning_rates(self.model, self.float_lr)
+        object.__setattr__(self, "float_lr", float_lr)
         if self.qat_lr is None:
-            object.__setattr__(self, "qat_lr", round(self.float_lr * qat_lr / float_lr, 12))
+            object.__setattr__(self, "qat_lr", qat_lr)
 
     @property
     def float_dir(self):

@@ -6,10 +6,10 @@ silently hands back a model trained with other settings than it was given.
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 
+from keras_mobilevitv2.weights import sha256_of
 from training.recipe import TrainConfig
 
 __all__ = [
@@ -60,14 +60,6 @@ def write_json_atomically(path, payload):
     os.replace(temporary, path)
 
 
-def _file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def run_configuration(config, num_classes, model_settings=None):
     """The run_config.json of `config`: its fields, the number of classes,
     the SHA-256 of an --init_weights file, and `model_settings` (the settings
@@ -76,7 +68,7 @@ def run_configuration(config, num_classes, model_settings=None):
     current = dataclasses.asdict(config)
     current["num_classes"] = num_classes
     if config.init_weights and os.path.isfile(config.init_weights):
-        current["init_weights_sha256"] = _file_sha256(config.init_weights)
+        current["init_weights_sha256"] = sha256_of(config.init_weights)
     current.update(model_settings or {})
     return current
 
