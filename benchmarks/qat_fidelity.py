@@ -52,6 +52,7 @@ class Recipe:
     batch_statistics: bool  # BatchNorm statistics during the first QAT epoch
     lr_factor: float  # QAT learning rate / --qat_lr
     warmup_steps: int = 0
+    distillation: float = 0.0  # the float model's share of the QAT targets (--qat_distillation)
 
 
 RECIPES = {
@@ -59,10 +60,22 @@ RECIPES = {
     "batch_statistics": Recipe(True, 1.0),
     "folded_lr_x5": Recipe(False, 5.0),
     "folded_lr_x5_warmup": Recipe(False, 5.0, warmup_steps=50),
+    "folded_lr_x5_warmup_distill": Recipe(False, 5.0, warmup_steps=50, distillation=1.0),
+    "folded_lr_x5_warmup_distill_half": Recipe(False, 5.0, warmup_steps=50, distillation=0.5),
 }
 # Pipeline flags added after some committed runs, and the value those runs had.
 OLDER_RUNS = {"qat_warmup_steps": "0"}
-MAIN_RECIPE = "folded_lr_x5_warmup"  # the pipeline's defaults (--qat_lr 1e-4, --qat_warmup_steps 50)
+# The pipeline's defaults (--qat_lr 1e-4 at width 0.5, --qat_warmup_steps 50),
+# whose --qat_distillation follows the width: `main_recipe`.
+PACKAGE_RECIPES = ("folded_lr_x5_warmup", "folded_lr_x5_warmup_distill_half")
+
+
+def main_recipe(width):
+    """The recipe the pipeline runs by default at `width` (the main table's)."""
+    from quantization.pipeline_stages import qat_distillation_for
+
+    distillation = qat_distillation_for(MODELS[width])
+    return next(name for name in PACKAGE_RECIPES if RECIPES[name].distillation == distillation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +182,8 @@ def pipeline_arguments(cell, run_dir, folder, settings, variant=False):
         f"--qat_bn_steps={qat_bn_steps(cell, folder, settings)}",
         f"--qat_warmup_steps={RECIPES[cell.recipe].warmup_steps}",
         f"--calibration_images={settings.calibration_images}",
+        # Only where set: the flag came after committed runs (see finished_with).
+        *([f"--qat_distillation={RECIPES[cell.recipe].distillation:g}"] if RECIPES[cell.recipe].distillation else []),
         "--stages=" + ("qat,report" if variant else "train,qat,export,report"),
     ]
 
@@ -272,7 +287,7 @@ def planned_cells(args):
         for width in sorted(args.widths)
         for size in sorted(args.sizes)
         for dataset in args.datasets
-        for recipe in args.recipes
+        for recipe in (args.recipes or [main_recipe(width)])
     ]
 
 
@@ -386,6 +401,24 @@ def recipe_table(cells):
     return table(header, rows, align="lrrr" + "l" * len(recipes)) if rows else ""
 
 
+def recipe_summary(cells):
+    """Per recipe: its cells, how many meet the bar, and the mean QAT int8
+    and QAT - PTQ over them (recipes ran on different sets of cells)."""
+    from benchmarks.report import table
+
+    rows = []
+    for name, recipe in RECIPES.items():
+        entries = [entry for entry in cells if entry["recipe"] == name]
+        if not entries:
+            continue
+        qat = [entry["top1"]["qat_int8"] for entry in entries]
+        gain = [entry["top1"]["qat_int8"] - entry["top1"]["ptq_int8"] for entry in entries]
+        rows.append((name, f"{recipe.distillation:g}", len(entries), sum(entry["meets"] for entry in entries),
+                     _pct(sum(qat) / len(qat)), f"{100 * sum(gain) / len(gain):+.1f}"))  # fmt: skip
+    header = ("recipe", "distillation", "cells", "bar met", "mean QAT int8", "mean QAT - PTQ")
+    return table(header, rows, align="lrrrrr")
+
+
 def _recipe_cell(entry):
     if entry is None:
         return "-"
@@ -409,7 +442,15 @@ def _machines(entries):
 
 def main_cells(results):
     """The cells of the package's recipe (the main table; the other recipes go to the recipe table)."""
-    return [entry for entry in results["cells"].values() if entry["recipe"] == MAIN_RECIPE]
+    return [entry for entry in results["cells"].values() if entry["recipe"] == main_recipe(entry["width"])]
+
+
+def _package_recipes(cells):
+    """'folded_lr_x5_warmup at width 0.5, 1; folded_lr_x5_warmup_distill_half at width 2'."""
+    widths = {}
+    for entry in cells:
+        widths.setdefault(entry["recipe"], set()).add(entry["width"])
+    return "; ".join(f"{name} at width {', '.join(f'{w:g}' for w in sorted(found))}" for name, found in widths.items())
 
 
 def _float_lrs(entries):
@@ -439,7 +480,8 @@ def markdown(results):
         f"{float_lr(0.5):g}, "
         f"batch {settings.get('batch_size')}, "
         f"{settings.get('calibration_images')} calibration images.",
-        f"- The package's recipe ({MAIN_RECIPE}; the others are compared below). The bar: QAT int8 >= max(PTQ "
+        f"- The package's recipe, the pipeline's defaults ({_package_recipes(cells)}; the others are compared "
+        "below). The bar: QAT int8 >= max(PTQ "
         f"int8, float - {100 * FLOAT_MARGIN:.1f} points). Met in {met} of {len(cells)} cells.",
         f"- Trained on: {_machines(everything)}. A seeded run gives the same model on one machine, not on another "
         "CPU (other float kernels), so the cells move by a few images from machine to machine.",
@@ -452,6 +494,11 @@ def markdown(results):
     recipes = recipe_table(everything)
     if recipes:
         parts += [
+            "Each recipe over the cells it ran on ('distillation': the float model's share of the QAT targets, "
+            "`--qat_distillation`; 0: the labels only):",
+            "",
+            recipe_summary(everything),
+            "",
             "Recipes on the same float model: the best fine-tuned epoch's top-1 (fake-quant Keras, whole "
             "validation split) and the exported QAT int8 TFLite's; the calibrated start is the fake-quant model "
             "before any step.",
@@ -519,7 +566,12 @@ def parse_args(argv=None):
     parser.add_argument("--widths", type=float, nargs="+", default=[0.5, 1.0, 2.0], choices=sorted(MODELS))
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 48])
-    parser.add_argument("--recipes", nargs="+", default=["folded"], choices=sorted(RECIPES))
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        choices=sorted(RECIPES),
+        help="QAT recipes to run on each cell (default: the package's recipe at each width, main_recipe).",
+    )
     parser.add_argument("--work_dir", default="runs/qat_fidelity")
     parser.add_argument("--output_dir", default="benchmark_results")
     parser.add_argument("--float_epochs", type=int)

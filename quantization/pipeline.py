@@ -39,6 +39,9 @@ _HELP = {
     "without a warm-up its first steps move every weight by about the full learning rate).",
     "qat_bn_steps": "QAT BatchNorm: 0 folds frozen statistics from the first step; N normalizes the first N "
     "steps by batch statistics, then freezes them (as quantization.qat's --batch_statistics_steps).",
+    "qat_distillation": "The float model's share of the QAT targets (knowledge distillation), the labels having "
+    "the rest: 0 labels only, 1 the float model only (as quantization.qat's --distillation). Default by width: 0 "
+    "up to width 1.0, 0.5 above (benchmarks/results/qat_fidelity.md).",
     "seed": "Seed of the initial weights and the data order.",
     "calibration_images": "Training images for the QAT ranges and the PTQ calibration.",
 }
@@ -53,7 +56,9 @@ def define_pipeline_flags(flag_values=flags.FLAGS):
             flags.DEFINE_list("targets", list(value), "Deployment targets to export to, of "
                               f"{', '.join(TARGET_NAMES)}.", flag_values=flag_values)  # fmt: skip
             continue
-        define = {int: flags.DEFINE_integer, float: flags.DEFINE_float}.get(field.type, flags.DEFINE_string)
+        define = {int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_boolean}.get(
+            field.type, flags.DEFINE_string
+        )
         # A default that depends on --model (the learning rates) stays None until PipelineConfig resolves it.
         default = None if field.default is None else value
         define(field.name, default, _HELP[field.name], flag_values=flag_values)

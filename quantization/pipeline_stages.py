@@ -45,6 +45,19 @@ def learning_rates(model, float_lr=None):
     return float_lr, round(float_lr / 30, 12)
 
 
+def qat_distillation_for(model):
+    """The float model's share of the QAT targets by the model's width
+    (benchmarks.qat_fidelity, README): 0 (the labels only) up to width 1.0,
+    where the fine-tune on the labels met the QAT bar in 8 of 8 cells and a
+    half share in 7; 0.5 above, where the labels met it in 3 of 4 and the
+    half share in 4 (a model that already fits its training images learns
+    little more from the labels; the float model's share holds the
+    fake-quant model to what the float one computed). Widths
+    1.25-1.75 take 2.0's share, unmeasured."""
+    learning_rates(model)  # an unknown model: the same error
+    return 0.0 if RECIPES[model]["width"] <= 1.0 else 0.5
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """What the main job trains, on which data, and where it writes."""
@@ -62,6 +75,7 @@ class PipelineConfig:
     qat_lr: float = None  # None: the float rate / 30 (`learning_rates`)
     qat_warmup_steps: int = 50  # about the first QAT epoch of the embedded and the study's datasets
     qat_bn_steps: int = 0
+    qat_distillation: float = None  # None: by width (`qat_distillation_for`)
     seed: int = 0
     calibration_images: int = 128
     targets: tuple = TARGET_NAMES
@@ -71,6 +85,13 @@ class PipelineConfig:
         object.__setattr__(self, "float_lr", float_lr)
         if self.qat_lr is None:
             object.__setattr__(self, "qat_lr", qat_lr)
+        if self.qat_distillation is None:
+            object.__setattr__(self, "qat_distillation", qat_distillation_for(self.model))
+        if not 0.0 <= self.qat_distillation <= 1.0:
+            raise ValueError(
+                f"--qat_distillation is the float model's share of the QAT targets, in [0, 1]; "
+                f"got {self.qat_distillation}."
+            )
 
     @property
     def float_dir(self):
@@ -219,9 +240,14 @@ def run_qat_stage(config):
     flags = [*trainer_flags(train_config), f"--calibration_images={config.calibration_images}"]
     if config.qat_bn_steps:
         flags.append(f"--batch_statistics_steps={config.qat_bn_steps}")
+    if config.qat_distillation:
+        flags.append(f"--distillation={config.qat_distillation:g}")
     announce("2/5", "Quantization-aware fine-tuning and the QAT int8 export", command("quantization.qat", flags))
     _, report = run_qat(
-        train_config, calibration_images=config.calibration_images, batch_statistics_steps=config.qat_bn_steps
+        train_config,
+        calibration_images=config.calibration_images,
+        batch_statistics_steps=config.qat_bn_steps,
+        distillation=config.qat_distillation,
     )
     if report["errors"]:
         raise StageError(f"The QAT int8 export failed its audit: {report['errors']}")

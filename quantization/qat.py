@@ -5,10 +5,12 @@
         --strategy=mirrored --batch_size=256 --epochs=10 --lr=1e-5
 
 Takes every flag of `python -m training.train` (same data and distribution
-options) plus --calibration_images and --io_type. The float weights given by
---init_weights (any form the models accept, or a trainer's model.keras) are
-folded and calibrated, fine-tuned with fake quantization, and exported to an
-audited int8 TFLite model in --model_dir.
+options) plus --calibration_images, --io_type, --batch_statistics_steps and
+--distillation. The float weights given by --init_weights (any form the
+models accept, or a trainer's model.keras) are folded and calibrated,
+fine-tuned with fake quantization (with --distillation: partly towards the
+float model's outputs), and exported to an audited int8 TFLite model in
+--model_dir.
 """
 
 import os
@@ -35,6 +37,15 @@ def define_qat_flags():
         "BatchNorm during QAT: 0 folds the float model's statistics, frozen from the first step; N > 0 "
         "normalizes the first N steps by batch statistics (updating the moving ones), then freezes them.",
         lower_bound=0,
+    )
+    flags.DEFINE_float(
+        "distillation",
+        0.0,
+        "Knowledge distillation: the share of the float model's class probabilities (on each augmented "
+        "batch) in the fine-tune's targets, the labels having the rest; 0: the labels only, 1: the float "
+        "model only. Classifiers only.",
+        lower_bound=0.0,
+        upper_bound=1.0,
     )
 
 
@@ -115,10 +126,16 @@ class _CalibratedQATModels:
     weights of the last calibrated one (`start_weights`), the starting point
     the safeguard compares the fine-tuned model with."""
 
-    def __init__(self, calibration_images, batch_statistics_steps=0):
+    def __init__(self, calibration_images, batch_statistics_steps=0, distillation=0.0):
+        if not 0.0 <= distillation <= 1.0:
+            raise ValueError(
+                f"distillation is the float model's share of the QAT targets, in [0, 1]; got {distillation}."
+            )
         self.calibration_images = calibration_images
         self.batch_statistics_steps = batch_statistics_steps or None  # 0: BatchNorm folded from the start
+        self.teacher_weight = float(distillation)
         self.start_weights = None
+        self.teacher = None  # with distillation: the float model, whose outputs the Trainer fits
 
     @property
     def run_settings(self):
@@ -127,6 +144,7 @@ class _CalibratedQATModels:
         return {
             "qat_calibration_images": self.calibration_images,
             "qat_batch_statistics_steps": self.batch_statistics_steps or 0,
+            "qat_distillation": self.teacher_weight,
         }
 
     def __call__(self, config, num_classes, source, classifier_activation, initialize):
@@ -142,6 +160,11 @@ class _CalibratedQATModels:
         qat = quantize_model(float_model, batch_statistics_steps=steps)
         calibrate(qat, sample_images(source, config, self.calibration_images))
         self.start_weights = qat.get_weights()
+        if self.teacher_weight > 0:
+            # The float model itself: quantize_model copies its weights, so
+            # fine-tuning the QAT model leaves the teacher as it was loaded.
+            float_model.trainable = False
+            self.teacher = float_model
         return qat
 
 
@@ -161,10 +184,11 @@ def _float_model(config, num_classes, classifier_activation):
     return build_model(config, num_classes, classifier_activation=classifier_activation)
 
 
-def qat_model_fn(calibration_images, batch_statistics_steps=0):
+def qat_model_fn(calibration_images, batch_statistics_steps=0, distillation=0.0):
     """A Trainer model_fn that returns calibrated QAT models (its
-    `start_weights` are those of the last one built)."""
-    return _CalibratedQATModels(calibration_images, batch_statistics_steps)
+    `start_weights` are those of the last one built); `distillation` is the
+    float model's share of the fine-tune's targets (0: the labels only)."""
+    return _CalibratedQATModels(calibration_images, batch_statistics_steps, distillation)
 
 
 FINE_TUNED_NAME = "model.finetuned.keras"
@@ -397,9 +421,18 @@ def _export_detector(model, config, representative, verbose):
     return report
 
 
-def run_qat(config, calibration_images=256, io_type="int8", verbose=True, tpu_address="", batch_statistics_steps=0):
+def run_qat(
+    config,
+    calibration_images=256,
+    io_type="int8",
+    verbose=True,
+    tpu_address="",
+    batch_statistics_steps=0,
+    distillation=0.0,
+):
     """QAT fine-tuning + int8 export. Returns (summary, audit report).
-    `batch_statistics_steps`: see `quantize_model` (0: BatchNorm folded)."""
+    `batch_statistics_steps`: see `quantize_model` (0: BatchNorm folded).
+    `distillation`: the float model's share of the targets (see `qat_model_fn`)."""
     import dataclasses
 
     import keras
@@ -416,7 +449,12 @@ def run_qat(config, calibration_images=256, io_type="int8", verbose=True, tpu_ad
     # Every epoch is evaluated on the whole validation split: the safeguard
     # compares the epochs and the start on it.
     config = dataclasses.replace(config, max_eval_images=0)
-    model_fn = qat_model_fn(calibration_images, batch_statistics_steps)
+    if distillation and config.task != "classification":
+        raise ValueError(
+            f"--distillation fits a classifier's outputs; a {config.task} model is fine-tuned on its labels "
+            f"(--distillation=0)."
+        )
+    model_fn = qat_model_fn(calibration_images, batch_statistics_steps, distillation)
     trainer_class, source = _trainer_and_source(config)
     trainer_class = _keeping_best_epoch(trainer_class, _evaluation(config)[0])
     summary = trainer_class(config, verbose=verbose, model_fn=model_fn, tpu_address=tpu_address).run()
@@ -457,6 +495,7 @@ def main(argv):
             flags.FLAGS.io_type,
             tpu_address=flags.FLAGS.tpu,
             batch_statistics_steps=flags.FLAGS.batch_statistics_steps,
+            distillation=flags.FLAGS.distillation,
         )
     )
 

@@ -46,7 +46,14 @@ def test_printed_pipeline_flags_give_the_same_configuration():
     from quantization.pipeline import define_pipeline_flags
     from quantization.pipeline_stages import pipeline_flags
 
-    config = PipelineConfig(output_dir="/tmp/x", image_size=48, qat_lr=3e-5, qat_bn_steps=5, targets=("micro", "onnx"))
+    config = PipelineConfig(
+        output_dir="/tmp/x",
+        image_size=48,
+        qat_lr=3e-5,
+        qat_bn_steps=5,
+        qat_distillation=0.25,
+        targets=("micro", "onnx"),
+    )
     values = flags.FlagValues()
     define_pipeline_flags(values)
     values(["prog", *pipeline_flags(config)])
@@ -74,6 +81,11 @@ def test_the_learning_rates_follow_the_width_unless_given():
     assert parsed(*pipeline_flags(wide)) == wide
     with pytest.raises(app.UsageError, match="Unknown --model 'mobilevitv2_300'"):
         parsed("--model=mobilevitv2_300")
+    # Distillation by width too: the labels only up to width 1.0, half the float model's outputs above.
+    assert (parsed().qat_distillation, wide.qat_distillation, PipelineConfig().qat_distillation) == (0.0, 0.5, 0.0)
+    assert parsed("--model=mobilevitv2_200", "--qat_distillation=0").qat_distillation == 0.0
+    with pytest.raises(app.UsageError, match=r"--qat_distillation is the float model's share.*in \[0, 1\]; got 1.5"):
+        parsed("--qat_distillation=1.5")
 
 
 def _rows(float_tflite, ptq, qat, ptq_ms=0.73, qat_ms=0.43):

@@ -190,6 +190,8 @@ class _Run:
     latest: str = None  # the checkpoint resumed from
     writers: dict = dataclasses.field(default_factory=dict)
     eval_model: keras.Model = None
+    teacher: keras.Model = None  # the model_fn's `teacher`: its softmax enters the targets
+    teacher_weight: float = 1.0  # its share of the targets (the labels have the rest)
     # The loop position as Python numbers, which the loop compares and logs.
     step: int = 0
     epoch: int = 0
@@ -217,7 +219,11 @@ class Trainer:
         is trained (load `init_weights`, calibrate...), False for the copies
         that receive its weights (evaluation, export). Default: `build_model`.
         A model_fn's `run_settings` dict, if it has one, is recorded in
-        run_config.json and must match to resume (QAT's calibration).
+        run_config.json and must match to resume (QAT's calibration). A
+        model_fn's `teacher` (a model giving logits, set when it builds the
+        trained model; None: none) makes the run distil: the targets are
+        `teacher_weight` (default 1) x the teacher's probabilities on each
+        augmented batch + the rest x the (smoothed) labels.
         `tpu_address`: the TPU of `strategy="tpu"` (where to run, not part of
         the run's configuration), as `make_strategy` takes it.
         """
@@ -407,6 +413,8 @@ class Trainer:
         under `strategy.scope()`, so that they are distributed variables."""
         config = self.config
         run.model = model = self.model_fn(config, run.num_classes, run.source, None, True)
+        run.teacher = getattr(self.model_fn, "teacher", None)
+        run.teacher_weight = float(getattr(self.model_fn, "teacher_weight", 1.0))
         if run.strategy.num_replicas_in_sync > 1:
             for layer in nested_layers(model):
                 if isinstance(layer, keras.layers.BatchNormalization):
@@ -573,14 +581,18 @@ class Trainer:
         model, optimizer, trainable = run.model, run.optimizer, run.trainable
         loss_scaling = run.loss_scaling
         global_micro_batch = self.config.batch_size
+        teacher, teacher_weight = run.teacher, run.teacher_weight
         smoothing = self.config.label_smoothing
 
         def replica_gradients(images, labels):
+            # Keras' label smoothing, on the labels' share only.
+            targets = labels * (1.0 - smoothing) + smoothing / tf.cast(tf.shape(labels)[-1], labels.dtype)
+            if teacher is not None:
+                taught = tf.nn.softmax(tf.cast(teacher(images, training=False), tf.float32))
+                targets = teacher_weight * taught + (1.0 - teacher_weight) * targets
             with tf.GradientTape() as tape:
                 logits = tf.cast(model(images, training=True), tf.float32)
-                per_example = keras.losses.categorical_crossentropy(
-                    labels, logits, from_logits=True, label_smoothing=smoothing
-                )
+                per_example = keras.losses.categorical_crossentropy(targets, logits, from_logits=True)
                 loss = tf.reduce_sum(per_example) / global_micro_batch
                 scaled = optimizer.scale_loss(loss) if loss_scaling else loss
             gradients = tape.gradient(scaled, trainable)

@@ -51,6 +51,10 @@ def test_cells_run_cheapest_first_and_recipes_share_the_float_model(tmp_path):
     assert qat_fidelity.qat_bn_steps(cells[1], str(folder), settings) == 3  # one epoch of 80 images
     with pytest.raises(SystemExit):
         qat_fidelity.parse_args(["--sizes", "16"])
+    # Without --recipes: the package's recipe at each width.
+    default = qat_fidelity.parse_args(["--widths", "0.5", "2.0", "--sizes", "32", "--datasets", "digits"])
+    recipes = [cell.recipe for cell in qat_fidelity.planned_cells(default)]
+    assert recipes == ["folded_lr_x5_warmup", "folded_lr_x5_warmup_distill_half"]
 
 
 def test_a_recipe_run_later_fine_tunes_the_float_model_already_trained(tmp_path):
@@ -65,14 +69,25 @@ def test_a_recipe_run_later_fine_tunes_the_float_model_already_trained(tmp_path)
 
 
 def test_the_main_recipe_is_what_the_pipeline_does_by_default(tmp_path):
-    # The README's table shows MAIN_RECIPE as the package's recipe: its cells must run the pipeline's defaults.
+    # The README's table shows each width's main recipe as the package's recipe: its cells must run the
+    # pipeline's defaults for that width.
     from quantization.pipeline_stages import PipelineConfig
 
-    cell = qat_fidelity.Cell("digits", 32, 0.5, qat_fidelity.MAIN_RECIPE)
-    arguments = qat_fidelity.pipeline_arguments(cell, "run", str(tmp_path), qat_fidelity.Settings())
-    default = PipelineConfig()
-    assert f"--qat_lr={default.qat_lr:g}" in arguments and f"--qat_bn_steps={default.qat_bn_steps}" in arguments
-    assert f"--qat_warmup_steps={default.qat_warmup_steps}" in arguments
+    for width in (0.5, 1.0, 2.0):
+        cell = qat_fidelity.Cell("digits", 32, width, qat_fidelity.main_recipe(width))
+        arguments = qat_fidelity.pipeline_arguments(cell, "run", str(tmp_path), qat_fidelity.Settings())
+        default = PipelineConfig(model=qat_fidelity.MODELS[width])
+        assert f"--qat_lr={default.qat_lr:g}" in arguments and f"--qat_bn_steps={default.qat_bn_steps}" in arguments
+        assert f"--float_lr={default.float_lr:g}" in arguments
+        assert f"--qat_warmup_steps={default.qat_warmup_steps}" in arguments
+        distillation = [argument for argument in arguments if argument.startswith("--qat_distillation=")]
+        expected = [f"--qat_distillation={default.qat_distillation:g}"] if default.qat_distillation else []
+        assert distillation == expected, width
+    assert [qat_fidelity.main_recipe(width) for width in (0.5, 1.0, 2.0)] == [
+        "folded_lr_x5_warmup",
+        "folded_lr_x5_warmup",
+        "folded_lr_x5_warmup_distill_half",
+    ]
 
 
 def test_report_tables_and_plot(tmp_path):
@@ -94,6 +109,9 @@ def test_report_tables_and_plot(tmp_path):
         "| digits | 32 | 0.5 | folded_lr_x5_warmup | 95.0 | 94.0 | 96.0 | +2.0 | epoch 2 (raw weights) | yes |" in text
     )
     assert "| batch_statistics | 95.0 |" not in text
+    # Each recipe's count of cells meeting the bar, and its mean gain over PTQ.
+    assert "| folded_lr_x5_warmup | 0 | 1 | 1 | 96.0 | +2.0 |" in text
+    assert "| batch_statistics | 0 | 1 | 0 | 93.0 | -1.0 |" in text
     # The recipes side by side: the best epoch (fake-quant Keras) and the exported int8, per recipe.
     assert "| digits | 32 | 0.5 | 94.0 | 93.0 (epoch 1 raw) / 93.0 | 96.0 (epoch 1 raw) / 96.0 |" in text
     pytest.importorskip("matplotlib")
@@ -121,7 +139,7 @@ def test_width_2_trains_and_fine_tunes_at_rates_that_do_not_collapse():
     settings = qat_fidelity.Settings()
     flags = {
         width: qat_fidelity.pipeline_arguments(
-            qat_fidelity.Cell("digits", 32, width, qat_fidelity.MAIN_RECIPE), "run", "data", settings
+            qat_fidelity.Cell("digits", 32, width, qat_fidelity.main_recipe(width)), "run", "data", settings
         )
         for width in (0.5, 1.0, 2.0)
     }

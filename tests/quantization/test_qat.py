@@ -229,6 +229,17 @@ def test_qat_fine_tuning_with_the_trainer(float_model, tmp_path):
         run_qat(config, calibration_images=64, verbose=False)
     with pytest.raises(ValueError, match="give --init_weights"):
         run_qat(TrainConfig(model_dir=str(tmp_path / "other")), verbose=False)
+    # Distillation is another run: its setting is recorded and kept.
+    distilled = dataclasses.replace(config, model_dir=str(tmp_path / "distilled"), steps=2)
+    summary, report = run_qat(distilled, calibration_images=32, verbose=False, distillation=0.5)
+    assert summary["final_step"] == 2 and report["errors"] == []
+    assert json.loads((tmp_path / "distilled" / "run_config.json").read_text())["qat_distillation"] == 0.5
+    with pytest.raises(ValueError, match="holds a different run.*qat_distillation: 0.5 there, 0.0 now"):
+        run_qat(distilled, calibration_images=32, verbose=False)
+    with pytest.raises(ValueError, match="--distillation fits a classifier's outputs; a segmentation model"):
+        run_qat(dataclasses.replace(config, task="segmentation"), verbose=False, distillation=1.0)
+    with pytest.raises(ValueError, match=r"share of the QAT targets, in \[0, 1\]; got 1.5"):
+        run_qat(distilled, verbose=False, distillation=1.5)
 
 
 def test_qat_model_keras_roundtrip_is_exact(qat_model, images, tmp_path):

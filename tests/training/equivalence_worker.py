@@ -105,21 +105,33 @@ def tiny_qat_model(image_size, num_classes, classifier_activation=None):
     return calibrate(qat, images)
 
 
-def model_fn(kind):
-    """A `Trainer(model_fn=...)` for `kind` in tiny | tiny_frozen_bn | tiny_blow_up | tiny_qat."""
+class _TinyModels:
+    """A `Trainer(model_fn=...)` for `kind` in tiny | tiny_frozen_bn |
+    tiny_blow_up | tiny_qat | tiny_qat_distill (QAT's targets half the
+    labels, half the outputs of another tiny float model, its `teacher`)."""
 
-    def build(config, num_classes, source, classifier_activation, initialize):
-        if kind == "tiny_qat":
+    teacher_weight = 0.5
+
+    def __init__(self, kind):
+        self.kind = kind
+        self.teacher = None
+
+    def __call__(self, config, num_classes, source, classifier_activation, initialize):
+        if self.kind in ("tiny_qat", "tiny_qat_distill"):
+            if self.kind == "tiny_qat_distill" and initialize:
+                self.teacher = tiny_model(config.image_size, num_classes, seed=7)
             return tiny_qat_model(config.image_size, num_classes, classifier_activation)
         return tiny_model(
             config.image_size,
             num_classes,
             classifier_activation,
-            frozen_bn=kind == "tiny_frozen_bn",
-            blow_up=kind == "tiny_blow_up",
+            frozen_bn=self.kind == "tiny_frozen_bn",
+            blow_up=self.kind == "tiny_blow_up",
         )
 
-    return build
+
+def model_fn(kind):
+    return _TinyModels(kind)
 
 
 def run_state(trainer):

@@ -197,20 +197,22 @@ def test_two_workers_match_one_device_with_the_same_global_batch(tmp_path, image
         compare_runs(reference, state, one.lr, one.steps)
 
 
-def test_two_workers_train_the_qat_model_of_one_device(tmp_path, image_folder):
+@pytest.mark.parametrize("kind", ["tiny_qat", "tiny_qat_distill"])
+def test_two_workers_train_the_qat_model_of_one_device(tmp_path, image_folder, kind):
     """QAT, 2 workers x 4 vs one device x 8, 3 steps: the same losses,
     weights and activation ranges. Each quantizer's range follows the min
     and max of the global batch (gathered across replicas), not the mean of
-    the replicas' own, so the int8 model is that of one device."""
+    the replicas' own, so the int8 model is that of one device. Also with
+    the pipeline's distillation (each replica's teacher outputs for its share)."""
     one = deterministic_config(tmp_path / "one", image_folder)
-    reference = state_of(run_in_process(one, "tiny_qat"))
+    reference = state_of(run_in_process(one, kind))
     names = list(reference["names"])
     ranges = [i for i, name in enumerate(names) if name.endswith(("range_min", "range_max"))]
     calibrated = equivalence_worker.tiny_qat_model(32, 4).get_weights()
     assert ranges and any(not np.allclose(reference[f"w{i}"], calibrated[i], rtol=1e-3) for i in ranges)
 
     config = deterministic_config(tmp_path / "two", image_folder, strategy="multi_worker")
-    for state in run_two_workers(config, "tiny_qat", tmp_path):
+    for state in run_two_workers(config, kind, tmp_path):
         compare_runs(reference, state, one.lr, one.steps)
 
 

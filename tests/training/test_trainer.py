@@ -514,3 +514,47 @@ def test_a_run_from_init_weights_that_changed_since_is_another_run(tmp_path):
     weights.write_bytes(b"the float model, retrained")  # same path, other weights
     with pytest.raises(ValueError, match="holds a different run.*init_weights_sha256"):
         Trainer(config, verbose=False, model_fn=_tiny_model_fn()).run()
+
+
+class _DistillingTinyModels:
+    """tiny_model_fn with a teacher that says class "a" for every image."""
+
+    teacher = None
+
+    def __init__(self, teacher_weight=1.0):
+        self.teacher_weight = teacher_weight
+
+    def __call__(self, config, num_classes, source, classifier_activation, initialize):
+        model = _tiny_model_fn()(config, num_classes, source, classifier_activation, initialize)
+        if initialize:
+            inputs = keras.Input((config.image_size, config.image_size, 3))
+            pooled = keras.layers.GlobalAveragePooling2D()(inputs)
+            logits = keras.layers.Dense(num_classes, kernel_initializer="zeros", name="says_a")(pooled)
+            self.teacher = keras.Model(inputs, logits)
+            self.teacher.get_layer("says_a").bias.assign([4.0, -4.0])
+        return model
+
+
+def _class_a_probability(model_dir, pixel_values):
+    model = keras.models.load_model(os.path.join(model_dir, "model.keras"), compile=False)
+    images = np.stack([np.full((32, 32, 3), value, np.float32) for value in pixel_values])
+    return model.predict(images, verbose=0)[:, 0]
+
+
+def test_a_teacher_replaces_the_labels(tmp_path):
+    """QAT's --distillation: the trainer fits the teacher's probabilities, in
+    the share `teacher_weight`, the labels the rest."""
+    config = _tiny_run(tmp_path, steps=30, lr=0.05, min_lr=0.05, warmup_steps=0, ema_decay=0.5)
+    Trainer(config, verbose=False, model_fn=_DistillingTinyModels()).run()
+    class_b = [190, 191, 192, 193]  # val/b's images (_image_folder)
+    assert np.all(_class_a_probability(config.model_dir, class_b) > 0.99)
+
+    # The same run on the labels tells b from a.
+    labels = dataclasses.replace(config, model_dir=str(tmp_path / "labels"))
+    Trainer(labels, verbose=False, model_fn=_tiny_model_fn()).run()
+    assert np.all(_class_a_probability(labels.model_dir, class_b) < 0.01)
+
+    # Half and half: for b's images, the targets are a and b in equal parts.
+    half = dataclasses.replace(config, model_dir=str(tmp_path / "half"))
+    Trainer(half, verbose=False, model_fn=_DistillingTinyModels(teacher_weight=0.5)).run()
+    assert np.all(np.abs(_class_a_probability(half.model_dir, class_b) - 0.5) < 0.15)
