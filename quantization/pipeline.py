@@ -56,9 +56,7 @@ def define_pipeline_flags(flag_values=flags.FLAGS):
             flags.DEFINE_list("targets", list(value), "Deployment targets to export to, of "
                               f"{', '.join(TARGET_NAMES)}.", flag_values=flag_values)  # fmt: skip
             continue
-        define = {int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_boolean}.get(
-            field.type, flags.DEFINE_string
-        )
+        define = {int: flags.DEFINE_integer, float: flags.DEFINE_float}.get(field.type, flags.DEFINE_string)
         # A default that depends on --model (the learning rates) stays None until PipelineConfig resolves it.
         default = None if field.default is None else value
         define(field.name, default, _HELP[field.name], flag_values=flag_values)

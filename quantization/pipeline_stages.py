@@ -38,11 +38,15 @@ def learning_rates(model, float_lr=None):
     - QAT at 1/30 of it: 1e-4 (with the 50-step warm-up) met the QAT bar in
       more cells than 2e-5; at width 2.0, 1e-4 took a model from 89.0 to 66.8
       in one epoch (results/qat_fidelity_w2_qat_lr1e-4.md)."""
+    if float_lr is None:
+        float_lr = 3e-3 if _width(model) <= 1.0 else 1e-3
+    return float_lr, round(float_lr / 30, 12)
+
+
+def _width(model):
     if model not in RECIPES:
         raise ValueError(f"Unknown --model {model!r}; choose one of {sorted(RECIPES)}.")
-    if float_lr is None:
-        float_lr = 3e-3 if RECIPES[model]["width"] <= 1.0 else 1e-3
-    return float_lr, round(float_lr / 30, 12)
+    return RECIPES[model]["width"]
 
 
 def qat_distillation_for(model):
@@ -54,8 +58,7 @@ def qat_distillation_for(model):
     little more from the labels; the float model's share holds the
     fake-quant model to what the float one computed). Widths
     1.25-1.75 take 2.0's share, unmeasured."""
-    learning_rates(model)  # an unknown model: the same error
-    return 0.0 if RECIPES[model]["width"] <= 1.0 else 0.5
+    return 0.0 if _width(model) <= 1.0 else 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +90,10 @@ class PipelineConfig:
             object.__setattr__(self, "qat_lr", qat_lr)
         if self.qat_distillation is None:
             object.__setattr__(self, "qat_distillation", qat_distillation_for(self.model))
-        if not 0.0 <= self.qat_distillation <= 1.0:
-            raise ValueError(
-                f"--qat_distillation is the float model's share of the QAT targets, in [0, 1]; "
-                f"got {self.qat_distillation}."
-            )
+        from quantization.qat import check_distillation
+
+        # Before the float training, not when the QAT stage starts.
+        check_distillation(self.qat_distillation, "--qat_distillation")
 
     @property
     def float_dir(self):

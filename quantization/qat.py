@@ -121,16 +121,19 @@ def load_float_weights(model, config, path):
         load_init_weights(model, config, path)
 
 
+def check_distillation(value, flag="--distillation"):
+    """Refuses a share of the float model in the QAT targets outside [0, 1]."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{flag} is the float model's share of the QAT targets, in [0, 1]; got {value}.")
+
+
 class _CalibratedQATModels:
     """A Trainer model_fn that returns calibrated QAT models; it keeps the
     weights of the last calibrated one (`start_weights`), the starting point
     the safeguard compares the fine-tuned model with."""
 
     def __init__(self, calibration_images, batch_statistics_steps=0, distillation=0.0):
-        if not 0.0 <= distillation <= 1.0:
-            raise ValueError(
-                f"distillation is the float model's share of the QAT targets, in [0, 1]; got {distillation}."
-            )
+        check_distillation(distillation)
         self.calibration_images = calibration_images
         self.batch_statistics_steps = batch_statistics_steps or None  # 0: BatchNorm folded from the start
         self.teacher_weight = float(distillation)
