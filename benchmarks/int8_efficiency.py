@@ -32,10 +32,12 @@ import tempfile
 
 from benchmarks import competitors
 from benchmarks.console import log
+from benchmarks.isolation import cpu_name
 from benchmarks.latency_common import SEED
 from benchmarks.latency_common import random_images
 from benchmarks.report import busy_load
 from benchmarks.report import busy_note
+from benchmarks.report import machine_text
 from benchmarks.report import print_and_write
 from benchmarks.report import table
 from benchmarks.report import timing_text
@@ -138,6 +140,7 @@ def run(config, widths, mobilenet_size):
     return {
         "config": dataclasses.asdict(config),
         "versions": library_versions(),
+        "machine": cpu_name(),
         "load_average_end": os.getloadavg()[0],
         "target_fraction": TARGET_FRACTION,
         "mobilenet_v2": dict(
@@ -224,7 +227,8 @@ def markdown(result):
         f"- MobileViTv2 at {size}x{size}, MobileNetV2 at {mobilenet['image_size']}x{mobilenet['image_size']}; "
         f"batch 1, LiteRT interpreter (XNNPACK), {config['threads']} threads, random weights; median of up to "
         f"{config['repeats']} rounds, each width's models timed in turn with MobileNetV2 "
-        f"(1-minute load average at the end {result['load_average_end']:.2f}, on {os.cpu_count()} CPUs)",
+        f"(1-minute load average at the end {result['load_average_end']:.2f}, "
+        f"on {os.cpu_count()} CPUs{machine_text(result)})",
         "- GMACs: counted from the Keras graph (Conv2D, depthwise, matmuls; `benchmarks/macs.py`); GMAC/s = "
         "GMACs / median time. The exporters merge three pairs of linear 1x1 convolutions, so the TFLite models "
         "run somewhat fewer MACs than counted.",

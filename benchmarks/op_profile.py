@@ -28,6 +28,8 @@ import time
 import numpy as np
 
 from benchmarks.console import log
+from benchmarks.isolation import cpu_name
+from benchmarks.report import machine_text
 
 RESULT_NAME = "op_profile"
 VARIANTS = (("tflite_float", "float32"), ("tflite_int8", "PTQ int8"), ("tflite_int8_qat", "QAT int8"))
@@ -190,6 +192,7 @@ def run(config):
     return {
         "config": dataclasses.asdict(config),
         "versions": library_versions(),
+        "machine": cpu_name(),
         "load_average_end": os.getloadavg()[0],
         "widths": widths,
     }
@@ -233,7 +236,8 @@ def markdown(result):
         "# Where the time goes, op by op (TFLite, XNNPACK)",
         f"- {size}x{size}, batch {config['batch']}, {config['threads']} threads, random weights; each operator cut "
         f"out into its own model and timed alone (median of up to {config['max_runs']} invokes, at least "
-        f"{config['min_seconds']} s); 1-minute load average at the end {result['load_average_end']:.2f}.",
+        f"{config['min_seconds']} s); 1-minute load average at the end {result['load_average_end']:.2f}"
+        f"{machine_text(result)}.",
         "- The sum of the operators exceeds the whole model where a whole graph keeps data in cache and "
         "XNNPACK fuses across operators; it is the per-operator picture, not a second latency figure.",
     ]

@@ -171,7 +171,12 @@ def onnx2tf_convert(model, batch, precision, calibration, directory):
     options = {}
     if precision == "int8":
         calibration_path = os.path.join(directory, "calibration.npy")
-        np.save(calibration_path, np.ascontiguousarray(calibration.transpose(0, 2, 3, 1)))
+        # onnx2tf feeds the file in slices of the model's (static) batch; a
+        # short last slice fails its conversion. Each image is repeated to a
+        # whole batch, as this package's converter does, so every batch size
+        # sees the same ranges: [N, 3, H, W] -> [N * batch, H, W, 3].
+        repeated = np.repeat(calibration, batch, axis=0).transpose(0, 2, 3, 1)
+        np.save(calibration_path, np.ascontiguousarray(repeated))
         zeros, ones = np.zeros((1, 1, 1, 3), np.float32), np.ones((1, 1, 1, 3), np.float32)
         options = dict(
             output_integer_quantized_tflite=True,
@@ -183,7 +188,11 @@ def onnx2tf_convert(model, batch, precision, calibration, directory):
         onnx2tf.convert(input_onnx_file_path=onnx_path, output_folder_path=output_folder, non_verbose=True, **options)
     # Float I/O with int8 inside is "_integer_quant"; int8 I/O is "_full_integer_quant".
     suffix = "float32" if precision == "float32" else "full_integer_quant"
-    with open(os.path.join(output_folder, f"model_{suffix}.tflite"), "rb") as f:
+    path = os.path.join(output_folder, f"model_{suffix}.tflite")
+    if not os.path.exists(path):
+        # onnx2tf logs a failed conversion as a warning and returns normally.
+        raise RuntimeError(f"onnx2tf wrote no model_{suffix}.tflite (its conversion failed; its warning is in the log)")
+    with open(path, "rb") as f:
         return f.read()
 
 

@@ -19,6 +19,8 @@ import sys
 import numpy as np
 
 from benchmarks.console import log
+from benchmarks.isolation import cpu_name
+from benchmarks.report import machine_text
 from benchmarks.report import print_and_write
 from benchmarks.report import table
 
@@ -85,7 +87,7 @@ def markdown(result):
             f"# QAT int8 graph against PTQ int8 and float TFLite ({result['image_size']}x{result['image_size']})",
             "",
             f"Median ms per batch, the four models of a row timed in turn; {result['threads']} threads, XNNPACK; "
-            f"random weights; {result['cpus']} CPUs. Command: `{result['command']}`.",
+            f"random weights; {result['cpus']} CPUs{machine_text(result)}. Command: `{result['command']}`.",
             "",
             table(header, rows),
             "",
@@ -108,6 +110,7 @@ def main(argv=None):
         "image_size": args.image_size,
         "threads": args.threads,
         "cpus": os.cpu_count(),
+        "machine": cpu_name(),
         "command": "python -m benchmarks.qat_graph " + " ".join(argv if argv is not None else sys.argv[1:]),
         "cells": cells,
     }

@@ -98,6 +98,12 @@ def timing_text(timing, busy):
     return text
 
 
+def machine_text(result):
+    """ ", <processor>" for a result that names the machine it ran on (older
+    committed results do not)."""
+    return f", {result['machine']}" if result.get("machine") else ""
+
+
 def busy_note(environment):
     return (
         f"† measured while the 1-minute load average exceeded {busy_load(environment):g} (other processes "
