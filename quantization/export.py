@@ -208,6 +208,13 @@ def main(argv=None):
     parser.add_argument("--num_images", type=int, default=128, help="Representative / sample images.")
     parser.add_argument("--allow_float", action="store_true", help="Accept float tensors in an int8 model.")
     parser.add_argument(
+        "--min_top1_agreement",
+        type=float,
+        default=None,
+        help="--mode: least fraction of the sample images on which TFLite and Keras predict the same "
+        "class (default: the mode's minimum, MIN_TOP1_AGREEMENT); 0 turns the check off.",
+    )
+    parser.add_argument(
         "--allow_cpu_fallback",
         action="store_true",
         help="edgetpu: write the model even when some ops would run on the CPU; android: "
@@ -249,6 +256,7 @@ def main(argv=None):
                 representative_images=images,
                 sample_images=images[:64],
                 allow_float=args.allow_float,
+                min_top1_agreement=args.min_top1_agreement,
             )
     except ValueError as error:  # includes the targets' TargetError
         print(f"error: {error}", file=sys.stderr)

@@ -47,6 +47,15 @@ def define_qat_flags():
         lower_bound=0.0,
         upper_bound=1.0,
     )
+    flags.DEFINE_float(
+        "min_top1_agreement",
+        None,
+        "The export's audit: least fraction of 64 sample images on which the int8 TFLite model and the "
+        "QAT Keras model predict the same class (default: the qat_int8 minimum, 0.80); 0 turns it off. "
+        "The QAT Keras model (model.keras) is kept either way.",
+        lower_bound=0.0,
+        upper_bound=1.0,
+    )
 
 
 def sample_images(source, config, count, split="train", seed=1234, with_labels=False):
@@ -432,17 +441,21 @@ def run_qat(
     tpu_address="",
     batch_statistics_steps=0,
     distillation=0.0,
+    min_top1_agreement=None,
 ):
     """QAT fine-tuning + int8 export. Returns (summary, audit report).
     `batch_statistics_steps`: see `quantize_model` (0: BatchNorm folded).
-    `distillation`: the float model's share of the targets (see `qat_model_fn`)."""
+    `distillation`: the float model's share of the targets (see `qat_model_fn`).
+    `min_top1_agreement`: the export audit's bar (see `export_tflite`)."""
     import dataclasses
 
     import keras
 
     import quantization  # noqa: F401  (registers the QAT layers)
+    from quantization.tflite_export import check_min_top1_agreement
     from quantization.tflite_export import export_tflite
 
+    check_min_top1_agreement(min_top1_agreement)  # before the fine-tune, not after it
     if config.mixed_precision != "float32":
         raise ValueError("QAT runs in float32 (fake quantization); drop --mixed_precision.")
     if not config.init_weights:
@@ -484,6 +497,7 @@ def run_qat(
         representative_images=representative,
         sample_images=samples,
         verbose=verbose,
+        min_top1_agreement=min_top1_agreement,
     )
     return summary, report
 
@@ -499,6 +513,7 @@ def main(argv):
             tpu_address=flags.FLAGS.tpu,
             batch_statistics_steps=flags.FLAGS.batch_statistics_steps,
             distillation=flags.FLAGS.distillation,
+            min_top1_agreement=flags.FLAGS.min_top1_agreement,
         )
     )
 

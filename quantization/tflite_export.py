@@ -210,6 +210,7 @@ def export_tflite(
     """
     if not str(path).endswith(".tflite"):
         raise ValueError(f"path must end in .tflite; got {path!r}")
+    check_min_top1_agreement(min_top1_agreement)
     if io_type is None:
         io_type = "int8" if mode in ("ptq_int8", "qat_int8") else "float32"
     flatbuffer = convert(model, mode, io_type, representative_images, batch_size)
@@ -229,6 +230,14 @@ def export_tflite(
     return report
 
 
+def check_min_top1_agreement(value, name="min_top1_agreement"):
+    """Raises on a minimum agreement that is not a fraction (None: the mode's)."""
+    if value is not None and not 0.0 <= float(value) <= 1.0:
+        raise ValueError(
+            f"{name} is a fraction of the sample images, in [0, 1] (or None for the mode's); got {value!r}"
+        )
+
+
 def _check_agreement(report, mode, minimum):
     """Records the minimum top-1 agreement in the audit and adds an error
     when the measured agreement is below it (no sample images: no check)."""
@@ -241,7 +250,7 @@ def _check_agreement(report, mode, minimum):
         report["errors"].append(
             f"top-1 agreement with Keras {agreement['top1_agreement']:.3f} on {agreement['samples']} sample images "
             f"is below the {mode} minimum {minimum:.2f} (the TFLite model predicts other classes than Keras; "
-            "check the calibration images, or pass min_top1_agreement= to accept it)"
+            "check the calibration images, or pass min_top1_agreement= (--min_top1_agreement) to accept it)"
         )
 
 

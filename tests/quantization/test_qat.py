@@ -187,6 +187,12 @@ def test_float_islands_fail_the_audit_and_write_nothing(images, tmp_path):
     assert report["float_tensors_inside"]  # allowed, but still reported
 
 
+def _assert_within_int8_noise(agreement):
+    # measured: a mean difference of 1.2 and 0.7 output steps (1/256)
+    assert agreement["min_top1_agreement"] == 0.0
+    assert agreement["mean_abs_error"] <= 2 * agreement["output_quantization_step"], agreement
+
+
 def test_qat_fine_tuning_with_the_trainer(float_model, tmp_path):
     from quantization.qat import run_qat
     from training import TrainConfig
@@ -214,12 +220,21 @@ def test_qat_fine_tuning_with_the_trainer(float_model, tmp_path):
         max_eval_images=32,
         init_weights=weights,
     )
-    summary, report = run_qat(config, calibration_images=32, verbose=False)
+    with pytest.raises(ValueError, match=r"min_top1_agreement is a fraction .* in \[0, 1\].*got 80"):
+        run_qat(config, verbose=False, min_top1_agreement=80)  # refused before any training
+    assert not (tmp_path / "qat").exists()
+    # This random model's 10 softmax outputs lie within a few int8 steps of
+    # one another, so which class is top-1 in TFLite is decided by rounding
+    # (measured: agreement 0.59 for the distilled run below, with a mean
+    # difference of 0.7 steps): its fidelity is asserted in output steps, and
+    # the audit's top-1 bar is turned off as a user would (--min_top1_agreement).
+    summary, report = run_qat(config, calibration_images=32, verbose=False, min_top1_agreement=0.0)
     assert summary["final_step"] == 3
     # the safeguard compared the fine-tuned model with its calibrated start
     assert summary["selection"]["chosen"] in ("start", "fine-tuned")
     assert (tmp_path / "qat" / "qat_selection.json").exists()
     assert report["errors"] == [] and report["float_tensors_inside"] == []
+    _assert_within_int8_noise(report["agreement"])
     assert (tmp_path / "qat" / "mobilevitv2_050_qat_int8.tflite").exists()
     # Run again into the same directory with another recipe: refused, not the
     # finished run's model handed back as if fine-tuned with it.
@@ -231,8 +246,9 @@ def test_qat_fine_tuning_with_the_trainer(float_model, tmp_path):
         run_qat(TrainConfig(model_dir=str(tmp_path / "other")), verbose=False)
     # Distillation is another run: its setting is recorded and kept.
     distilled = dataclasses.replace(config, model_dir=str(tmp_path / "distilled"), steps=2)
-    summary, report = run_qat(distilled, calibration_images=32, verbose=False, distillation=0.5)
+    summary, report = run_qat(distilled, calibration_images=32, verbose=False, distillation=0.5, min_top1_agreement=0)
     assert summary["final_step"] == 2 and report["errors"] == []
+    _assert_within_int8_noise(report["agreement"])
     assert json.loads((tmp_path / "distilled" / "run_config.json").read_text())["qat_distillation"] == 0.5
     with pytest.raises(ValueError, match="holds a different run.*qat_distillation: 0.5 there, 0.0 now"):
         run_qat(distilled, calibration_images=32, verbose=False)
