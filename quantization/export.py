@@ -234,6 +234,11 @@ def main(argv=None):
         parser.error("--mode needs --output")
     if args.target and not args.output_dir:
         parser.error("--target needs --output_dir")
+    if args.min_top1_agreement is not None:
+        if args.target:
+            parser.error("--min_top1_agreement is the audit bar of a --mode export; the targets have their own checks")
+        if not 0.0 <= args.min_top1_agreement <= 1.0:
+            parser.error(f"--min_top1_agreement is a fraction, in [0, 1]; got {args.min_top1_agreement:g}")
 
     import keras_mobilevitv2  # noqa: F401  (registers the layers)
     import quantization  # noqa: F401

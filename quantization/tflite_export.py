@@ -7,6 +7,7 @@ JSON beside the model, and a model that fails it is not written.
 import collections
 import hashlib
 import json
+import numbers
 import os
 import tempfile
 
@@ -230,11 +231,13 @@ def export_tflite(
     return report
 
 
-def check_min_top1_agreement(value, name="min_top1_agreement"):
+def check_min_top1_agreement(value):
     """Raises on a minimum agreement that is not a fraction (None: the mode's)."""
-    if value is not None and not 0.0 <= float(value) <= 1.0:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
         raise ValueError(
-            f"{name} is a fraction of the sample images, in [0, 1] (or None for the mode's); got {value!r}"
+            f"min_top1_agreement is a fraction of the sample images, in [0, 1] (or None for the mode's); got {value!r}"
         )
 
 

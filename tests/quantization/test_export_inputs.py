@@ -5,6 +5,7 @@ a conversion is reused only for the same model and settings."""
 
 import json
 import os
+import re
 
 import keras
 import numpy as np
@@ -174,6 +175,23 @@ def test_cli_hands_allow_cpu_fallback_to_the_android_export(saved, tmp_path, cap
     assert code == 0
     [(name, _, kwargs)] = no_export
     assert name == "android" and kwargs["allow_cpu_fallback"] is True
+
+
+def test_cli_hands_min_top1_agreement_to_the_mode_export_only(saved, tmp_path, capsys, no_export):
+    mode = ("--model", saved["float"], "--mode", "float32", "--output", tmp_path / "m.tflite", "--data", "embedded")
+    code, _, _ = _cli(capsys, *mode, "--num_images", 4, "--min_top1_agreement", 0.5)
+    assert code == 0
+    [(name, _, kwargs)] = no_export
+    assert name == "export_tflite" and kwargs["min_top1_agreement"] == 0.5
+    target = ("--model", saved["float"], "--target", "onnx", "--output_dir", tmp_path)
+    for argv, expected in (
+        ((*mode, "--min_top1_agreement", 80), r"--min_top1_agreement is a fraction, in \[0, 1\]; got 80"),
+        ((*target, "--min_top1_agreement", 0.5), "--min_top1_agreement is the audit bar of a --mode export"),
+    ):
+        with pytest.raises(SystemExit):  # argparse's usage error, before the model is loaded
+            _cli(capsys, *argv)
+        assert re.search(expected, capsys.readouterr().err)
+    assert len(no_export) == 1
 
 
 def test_api_refuses_an_io_type_the_target_cannot_give(float_model, qat_model, images, tmp_path):
