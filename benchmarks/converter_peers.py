@@ -224,9 +224,33 @@ def _attempt_key(entry):
 # --- what is inside a model, and whether it computes timm's logits ------------------------------------------------
 
 
+SELF_DIFFERENCE_OPS = ("SUB", "SQUARED_DIFFERENCE")
+
+
+def self_differences(flatbuffer):
+    """Operators that subtract a tensor from itself: always 0. A converter
+    that lost a norm's mean leaves one per norm (x - x)."""
+    from quantization.tflite_graph import read_graph
+
+    return sum(
+        1
+        for operator in read_graph(flatbuffer).operators
+        if operator.name in SELF_DIFFERENCE_OPS and len(set(operator.present_inputs)) == 1
+    )
+
+
+def structure_warning(structure):
+    """What is wrong with a model by construction, or ""."""
+    count = (structure or {}).get("self_differences", 0)
+    if not count:
+        return ""
+    return f"{count} SUB/SQUARED_DIFFERENCE ops subtract a tensor from itself (always 0: x - x where x - mean belongs)"
+
+
 def structure_summary(flatbuffer):
     """Ops, float tensors inside (not the model's inputs/outputs), the largest
-    tensor rank, custom ops, and the input's layout and dtype."""
+    tensor rank, custom ops, operators that subtract a tensor from itself,
+    and the input's layout and dtype."""
     from benchmarks.tflite_export import float_tensors_inside
     from quantization.audit import read_structure
 
@@ -240,6 +264,7 @@ def structure_summary(flatbuffer):
         "float_tensors_inside": float_tensors_inside(flatbuffer),
         "max_rank": max((len(tensor["shape"]) for tensor in structure["tensors"]), default=0),
         "custom_ops": sorted({name for name in names if name.startswith("CUSTOM") or name == "FLEX"}),
+        "self_differences": self_differences(flatbuffer),
         "input_shape": input_tensor["shape"],
         "input_dtype": input_tensor["dtype"],
     }
@@ -358,6 +383,9 @@ def judge_peer_rows(rows, judge):
             row["structure"] = _structure_of_file(row["path"])
         if row["agreement"] and row["agreement"]["verdict"]:
             row.update(status="wrong", reason=row["agreement"]["verdict"])
+        warning = structure_warning(row["structure"])
+        if warning and row["status"] != "pending":
+            row["reason"] = f"{row['reason']}; {warning}"
         log(f"  {row['status']}: {row['reason']}" if row["reason"] else "  agrees")
     return rows
 

@@ -37,6 +37,7 @@ from benchmarks.latency_common import SEED
 from benchmarks.latency_common import random_images
 from benchmarks.report import busy_load
 from benchmarks.report import busy_note
+from benchmarks.report import cpus_text
 from benchmarks.report import machine_text
 from benchmarks.report import print_and_write
 from benchmarks.report import table
@@ -141,6 +142,7 @@ def run(config, widths, mobilenet_size):
         "config": dataclasses.asdict(config),
         "versions": library_versions(),
         "machine": cpu_name(),
+        "cpus": os.cpu_count(),
         "load_average_end": os.getloadavg()[0],
         "target_fraction": TARGET_FRACTION,
         "mobilenet_v2": dict(
@@ -153,12 +155,12 @@ def run(config, widths, mobilenet_size):
 # ---------------------------------------------------------------- report
 
 
-def _ms(timing):
+def _ms(timing, busy):
     """`median [p25-p75]` with the latency section's flags (report.timing_text:
     † busy machine, ‡ wide spread): a rate from a flagged cell is not stable."""
     if not (timing or {}).get("median_ms"):
         return f"n/a ({(timing or {}).get('reason', 'not timed')})"
-    return timing_text(timing, busy_load({"cpus": os.cpu_count()}))
+    return timing_text(timing, busy)
 
 
 def _rate_text(value):
@@ -169,7 +171,8 @@ def _fraction_text(value):
     return "-" if value is None else f"{100 * value:.0f}%"
 
 
-def rate_table(rows):
+def rate_table(result):
+    rows, busy = result["rows"], busy_load(result)
     names = [VARIANT_NAMES[variant] for variant in OURS_VARIANTS]
     header = ["width", "GMACs"] + [f"{name} ms" for name in names] + ["MobileNetV2 ms (same rounds)"]
     header += [f"{name} GMAC/s" for name in names] + ["MobileNetV2 GMAC/s"]
@@ -178,8 +181,8 @@ def rate_table(rows):
     for row in rows:
         body.append(
             [width_text(row["width"]), f"{row['macs'] / 1e9:.3f}"]
-            + [_ms(row[variant]["timing"]) for variant in OURS_VARIANTS]
-            + [_ms(row["mobilenet_v2"]["timing"])]
+            + [_ms(row[variant]["timing"], busy) for variant in OURS_VARIANTS]
+            + [_ms(row["mobilenet_v2"]["timing"], busy)]
             + [_rate_text(row[variant]["gmacs_per_s"]) for variant in OURS_VARIANTS]
             + [_rate_text(row["mobilenet_v2"]["gmacs_per_s"])]
             + [_fraction_text(row[variant]["fraction_of_mobilenet"]) for variant in OURS_VARIANTS]
@@ -228,7 +231,7 @@ def markdown(result):
         f"batch 1, LiteRT interpreter (XNNPACK), {config['threads']} threads, random weights; median of up to "
         f"{config['repeats']} rounds, each width's models timed in turn with MobileNetV2 "
         f"(1-minute load average at the end {result['load_average_end']:.2f}, "
-        f"on {os.cpu_count()} CPUs{machine_text(result)})",
+        f"on {cpus_text(result)}{machine_text(result)})",
         "- GMACs: counted from the Keras graph (Conv2D, depthwise, matmuls; `benchmarks/macs.py`); GMAC/s = "
         "GMACs / median time. The exporters merge three pairs of linear 1x1 convolutions, so the TFLite models "
         "run somewhat fewer MACs than counted.",
@@ -241,9 +244,9 @@ def markdown(result):
         "",
         "## Latency (ms), MAC rate and share of MobileNetV2's rate",
         "",
-        rate_table(result["rows"]),
+        rate_table(result),
         "",
-        busy_note({"cpus": os.cpu_count()}),
+        busy_note(result),
     ]
     parts += ["", f"Target: {result['target_fraction']:.0%} of MobileNetV2's int8 GMAC/s.", ""]
     parts += [

@@ -43,7 +43,7 @@ class Config:
     threads: int = 2
     min_seconds: float = 0.05  # timed per operator, at least
     max_runs: int = 200
-    whole_seconds: float = 3.0  # the whole model, timed
+    whole_seconds: float = 8.0  # each whole model, timed in turn with the others
     tiny: bool = False
 
 
@@ -61,7 +61,6 @@ def has_data(model, tensor):
 def single_operator_model(model, index):
     """The flatbuffer of a model that runs operator `index` of `model`'s first
     subgraph (a schema ModelT) alone."""
-    import flatbuffers
     from tensorflow.lite.python import schema_py_generated as schema
 
     subgraph = model.subgraphs[0]
@@ -89,9 +88,48 @@ def single_operator_model(model, index):
     ]
     graph.outputs = [remap[i] for i in operator.outputs]
     cut.subgraphs = [graph]
+    return pack(cut)
+
+
+def pack(model):
+    """The flatbuffer of a schema ModelT."""
+    import flatbuffers
+
     builder = flatbuffers.Builder(1024)
-    builder.Finish(cut.Pack(builder), file_identifier=b"TFL3")
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
+
+
+INTEGER_TYPES = (2, 3, 9)  # schema TensorType INT32, UINT8, INT8
+
+
+def with_copies_for(model, indices):
+    """The flatbuffer of `model` (a schema ModelT, changed in place) with the
+    operators `indices` replaced by a QUANTIZE of their first runtime input
+    into their output: a requantizing copy, which XNNPACK takes. It times what
+    the graph would cost if XNNPACK ran those operators as cheaply as a copy
+    (its outputs are wrong). None when an operator has no integer input of
+    its output's shape to copy."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    tensors = model.subgraphs[0].tensors
+    code = schema.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.QUANTIZE
+    code.version = 1
+    model.operatorCodes.append(code)
+    for index in indices:
+        operator = model.subgraphs[0].operators[index]
+        output = tensors[operator.outputs[0]]
+        sources = [i for i in operator.inputs if i >= 0 and not has_data(model, tensors[i])]
+        if len(operator.outputs) != 1 or not sources or output.type not in INTEGER_TYPES:
+            return None
+        source = tensors[sources[0]]
+        if list(source.shape) != list(output.shape) or source.type not in INTEGER_TYPES:
+            return None
+        operator.opcodeIndex = len(model.operatorCodes) - 1
+        operator.inputs, operator.intermediates = [sources[0]], None
+        operator.builtinOptionsType, operator.builtinOptions = 0, None
+    return pack(model)
 
 
 def load_model(flatbuffer):
@@ -116,8 +154,16 @@ def _random_inputs(interpreter, rng):
     return inputs
 
 
+def xnnpack_partitions(interpreter):
+    """How many pieces of the graph XNNPACK runs: the DELEGATE nodes the
+    interpreter added to its node list. Every operator XNNPACK refuses runs on
+    TFLite's own kernel between two of them."""
+    return sum(1 for node in interpreter._get_ops_details() if node["op_name"] == "DELEGATE")
+
+
 def time_invoke(flatbuffer, threads, min_seconds, max_runs, seed=0):
-    """Median ms of `invoke()` on random inputs (set once): the operator's own time."""
+    """(median ms of `invoke()` on random inputs (set once): the operator's own
+    time, XNNPACK partitions of the model)."""
     from benchmarks.runtimes import make_tflite_interpreter
 
     interpreter = make_tflite_interpreter(flatbuffer, threads)
@@ -130,22 +176,79 @@ def time_invoke(flatbuffer, threads, min_seconds, max_runs, seed=0):
         interpreter.invoke()
         times.append(time.perf_counter() - start)
         spent += times[-1]
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(times), xnnpack_partitions(interpreter)
+
+
+def _invoker(flatbuffer, threads, seed=0):
+    from benchmarks.runtimes import make_tflite_interpreter
+
+    interpreter = make_tflite_interpreter(flatbuffer, threads)
+    for index, value in _random_inputs(interpreter, np.random.RandomState(seed)):
+        interpreter.set_tensor(index, value)
+    return interpreter.invoke
+
+
+def time_whole_in_turn(models, threads, seconds):
+    """{name: median ms of `invoke()`} of whole models timed in turn
+    (`timing.time_interleaved`), so the machine's drift falls on all alike."""
+    from benchmarks.timing import time_interleaved
+
+    runs = {name: _invoker(flatbuffer, threads) for name, flatbuffer in models.items()}
+    timings = time_interleaved(runs, warmup=3, repeats=100_000, max_seconds=seconds)
+    return {name: timing.median_ms for name, timing in timings.items()}
 
 
 def profile_model(flatbuffer, config):
-    """{whole_ms, operators: [{index, name, ms, output_shape}]}."""
+    """({xnnpack_partitions, all_delegated_partitions, operators: [{index,
+    name, ms, output_shape, delegated}]}, the all-delegated flatbuffer or
+    None). `delegated`: XNNPACK takes the operator (cut out alone); the
+    all-delegated model has the operators it refuses replaced by copies
+    (`with_copies_for`; None when nothing is refused or no copy fits). The
+    whole models are timed by `run`, in turn."""
     from quantization.tflite_graph import read_graph
 
     graph, model = read_graph(flatbuffer), load_model(flatbuffer)
     operators = []
     for operator in graph.operators:
         cut = single_operator_model(model, operator.index)
-        ms = time_invoke(cut, config.threads, config.min_seconds, config.max_runs)
+        ms, partitions = time_invoke(cut, config.threads, config.min_seconds, config.max_runs)
         shape = list(graph.tensors[operator.outputs[0]].shape)
-        operators.append({"index": operator.index, "name": operator.name, "ms": ms, "output_shape": shape})
-    whole = time_invoke(flatbuffer, config.threads, config.whole_seconds, 10_000)
-    return {"whole_ms": whole, "operators": operators}
+        operators.append(
+            {
+                "index": operator.index,
+                "name": operator.name,
+                "ms": ms,
+                "output_shape": shape,
+                "delegated": partitions > 0,
+            }
+        )
+    refused = [operator["index"] for operator in operators if not operator["delegated"]]
+    copies = with_copies_for(load_model(flatbuffer), refused) if refused else None
+    profile = {
+        "xnnpack_partitions": time_invoke(flatbuffer, config.threads, 0.0, 1)[1],
+        "all_delegated_partitions": None if copies is None else time_invoke(copies, config.threads, 0.0, 1)[1],
+        "operators": operators,
+    }
+    return profile, copies
+
+
+def time_wholes(profiles, models, copies, config):
+    """Fills each profile's `whole_ms` and `all_delegated_ms` (None without
+    copies): every whole model of the width, timed in turn."""
+    wholes = dict(models)
+    wholes.update({f"{variant} all delegated": flatbuffer for variant, flatbuffer in copies.items() if flatbuffer})
+    timed = time_whole_in_turn(wholes, config.threads, config.whole_seconds)
+    for variant, profile in profiles.items():
+        profile["whole_ms"] = timed[variant]
+        profile["all_delegated_ms"] = timed.get(f"{variant} all delegated")
+
+
+def not_delegated(profile):
+    """[(op name, count)] of the operators XNNPACK leaves to TFLite's kernels,
+    most frequent first; None for a profile recorded before this was measured."""
+    if any("delegated" not in operator for operator in profile["operators"]):
+        return None
+    return collections.Counter(op["name"] for op in profile["operators"] if not op["delegated"]).most_common()
 
 
 def by_kind(operators):
@@ -181,13 +284,16 @@ def run(config):
     for width in config.widths:
         log(f"width {width:g}: exporting float32, PTQ int8 and QAT int8 at {config.image_size}x{config.image_size}")
         models = export_models(width, config)
-        profiles = {}
+        profiles, copies = {}, {}
         for variant, label in VARIANTS:
             count = len(load_model(models[variant]).subgraphs[0].operators)
-            log(f"width {width:g} {label}: timing {count} operators one by one, then the whole model")
-            profiles[variant] = profile_model(models[variant], config)
+            log(f"width {width:g} {label}: timing {count} operators one by one")
+            profiles[variant], copies[variant] = profile_model(models[variant], config)
+        log(f"width {width:g}: timing the whole models in turn ({config.whole_seconds:g} s each)")
+        time_wholes(profiles, models, copies, config)
+        for variant, label in VARIANTS:
             parts = sum(op["ms"] for op in profiles[variant]["operators"])
-            log(f"  whole {profiles[variant]['whole_ms']:.2f} ms, sum of the operators {parts:.2f} ms")
+            log(f"  {label}: whole {profiles[variant]['whole_ms']:.2f} ms, sum of the operators {parts:.2f} ms")
         widths.append({"width": width, "profiles": profiles})
     return {
         "config": dataclasses.asdict(config),
@@ -229,6 +335,35 @@ def slowest_table(profiles, variant, top=8):
     return table(("#", "op", "output shape", "ms"), rows, align="rllr")
 
 
+DELEGATION_INTRO = (
+    "Delegation (an operator XNNPACK refuses splits the graph: the interpreter leaves XNNPACK to run it on "
+    "TFLite's own kernel and enters again after it):"
+)
+
+
+def delegation_lines(profiles):
+    """One line per model: XNNPACK's partitions and the operators it leaves out."""
+    lines = []
+    for variant, label in VARIANTS:
+        profile, left = profiles[variant], not_delegated(profiles[variant])
+        if left is None or "xnnpack_partitions" not in profile:
+            continue
+        names = ", ".join(f"{name} {count}" for name, count in left) or "none"
+        line = (
+            f"- {label}: {len(profile['operators'])} operators, XNNPACK runs the graph in "
+            f"{profile['xnnpack_partitions']} partition(s); left to TFLite's own kernels: {names}"
+        )
+        if profile.get("all_delegated_ms"):
+            whole, copies = profile["whole_ms"], profile["all_delegated_ms"]
+            line += (
+                f". With those replaced by copies XNNPACK takes ({profile['all_delegated_partitions']} partition(s); "
+                f"wrong outputs, timed only): {copies:.2f} ms against {whole:.2f} ms "
+                f"({copies / whole:.2f}x)"
+            )
+        lines.append(line)
+    return lines
+
+
 def markdown(result):
     config = result["config"]
     size = config["image_size"]
@@ -238,6 +373,8 @@ def markdown(result):
         f"out into its own model and timed alone (median of up to {config['max_runs']} invokes, at least "
         f"{config['min_seconds']} s); 1-minute load average at the end {result['load_average_end']:.2f}"
         f"{machine_text(result)}.",
+        f"- The whole models of a width (and their all-delegated forms) timed in turn, {config['whole_seconds']:g} s "
+        "each (`timing.time_interleaved`), so the machine's drift falls on all alike.",
         "- The sum of the operators exceeds the whole model where a whole graph keeps data in cache and "
         "XNNPACK fuses across operators; it is the per-operator picture, not a second latency figure.",
     ]
@@ -245,6 +382,9 @@ def markdown(result):
         parts.append("- **--tiny configuration: a smoke run, not a measurement.**")
     for entry in result["widths"]:
         parts += ["", f"## Width {entry['width']:g}", "", kind_table(entry["profiles"])]
+        delegation = delegation_lines(entry["profiles"])
+        if delegation:
+            parts += ["", DELEGATION_INTRO, "", *delegation]
         for variant, label in VARIANTS[1:]:
             parts += ["", f"Slowest operators, {label}:", "", slowest_table(entry["profiles"], variant)]
     return "\n".join(parts) + "\n"

@@ -137,15 +137,20 @@ def _tables_after(text, heading):
 def v1_v2_block(results):
     from benchmarks import v1_v2
 
-    return _tables_after(v1_v2.markdown(results["v1_v2"]), "## Latency (ms) and v1 / v2")
+    section = v1_v2.in_run(results["v1_v2"], results["environment"])
+    return _tables_after(v1_v2.markdown(section), "## Latency (ms) and v1 / v2")
 
 
 def op_profile_block(result):
     from benchmarks import op_profile
 
-    return "\n\n".join(
-        f"Width {entry['width']:g}:\n\n{op_profile.kind_table(entry['profiles'], top=8)}" for entry in result["widths"]
-    )
+    blocks = []
+    for entry in result["widths"]:
+        blocks.append(f"Width {entry['width']:g}:\n\n{op_profile.kind_table(entry['profiles'], top=8)}")
+        delegation = op_profile.delegation_lines(entry["profiles"])
+        if delegation:
+            blocks.append("\n".join(delegation))
+    return "\n\n".join(blocks)
 
 
 def qat_fidelity_block(result):
@@ -163,7 +168,7 @@ def qat_graph_block(result):
 def int8_efficiency_block(result):
     from benchmarks import int8_efficiency
 
-    return int8_efficiency.rate_table(result["rows"])
+    return int8_efficiency.rate_table(result)
 
 
 def _first_table(text):

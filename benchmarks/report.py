@@ -82,8 +82,17 @@ def _width_text(width):
 def busy_load(environment):
     """Load average above which other processes competed for the CPUs: the
     benchmark alone keeps it at or below the CPU count (PyTorch's OpenMP
-    threads already slow down several-fold when one other process runs)."""
-    return environment["cpus"] + 0.5
+    threads already slow down several-fold when one other process runs).
+    Infinite for a result that did not record its CPU count: the machine
+    that renders it is not the one that ran it, so nothing is flagged."""
+    cpus = environment.get("cpus")
+    return float("inf") if cpus is None else cpus + 0.5
+
+
+def cpus_text(environment):
+    """ "N CPUs", as recorded by the run."""
+    cpus = environment.get("cpus")
+    return "an unrecorded number of CPUs" if cpus is None else f"{cpus} CPUs"
 
 
 def timing_text(timing, busy):
@@ -105,6 +114,12 @@ def machine_text(result):
 
 
 def busy_note(environment):
+    if environment.get("cpus") is None:
+        return (
+            "† not judged: this run did not record its CPU count. ‡ the interquartile range exceeds "
+            f"{UNSTABLE_SPREAD:.0%} of the median (e.g. timings switching between two levels): re-measure before "
+            "drawing conclusions from that cell."
+        )
     return (
         f"† measured while the 1-minute load average exceeded {busy_load(environment):g} (other processes "
         f"competed for the CPUs): that figure is inflated. ‡ the interquartile range exceeds "

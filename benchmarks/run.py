@@ -76,7 +76,7 @@ def section_text(name, section, environment):
     if name == "converters":
         return converter_peers.section_text(section, environment)
     if name == "v1_v2":
-        return v1_v2.section_text(section)
+        return v1_v2.section_text(section, environment)
     return report.section_text(name, section, environment)
 
 

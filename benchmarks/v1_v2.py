@@ -40,6 +40,7 @@ from benchmarks.latency_common import SEED
 from benchmarks.latency_common import random_images
 from benchmarks.report import busy_load
 from benchmarks.report import busy_note
+from benchmarks.report import cpus_text
 from benchmarks.report import print_and_write
 from benchmarks.report import table
 from benchmarks.report import timing_text
@@ -329,6 +330,7 @@ def run(config):
     return {
         "config": dataclasses.asdict(config),
         "versions": library_versions(),
+        "cpus": os.cpu_count(),
         "load_average_end": os.getloadavg()[0],
         "pairs": pairs,
         "rows": rows,
@@ -355,13 +357,13 @@ def _share(record, kind):
     return record["macs_by_kind"].get(kind, 0) / record["macs"] if record["macs"] else 0.0
 
 
-def _timing_cell(record, variant):
+def _timing_cell(record, variant, busy):
     """`median [p25-p75]`, flagged as the latency section flags its cells
     (report.timing_text: † busy machine, ‡ wide spread)."""
     timing = (record["tflite"].get(variant) or {}).get("timing") or {}
     if timing.get("median_ms") is None:
         return f"n/a ({timing.get('reason', 'not timed')})"
-    return timing_text(timing, busy_load({"cpus": os.cpu_count()}))
+    return timing_text(timing, busy)
 
 
 def _ratio_cell(value):
@@ -373,9 +375,10 @@ def speed_table(result):
     body = []
     for pair, rows in zip(result["pairs"], _rows_by_pair(result)):
         for (_, v1_variant, v2_variant), row in zip(PRECISIONS, rows):
-            v1_cell, v2_cell = _timing_cell(pair["v1"], v1_variant), _timing_cell(pair["v2"], v2_variant)
+            v1_cell = _timing_cell(pair["v1"], v1_variant, busy_load(result))
+            v2_cell = _timing_cell(pair["v2"], v2_variant, busy_load(result))
             body.append([row["pair"], row["precision"], v1_cell, v2_cell, _ratio_cell(row["v1_over_v2"]), "3.2x"])
-    return table(header, body) + "\n\n" + busy_note({"cpus": os.cpu_count()})
+    return table(header, body) + "\n\n" + busy_note(result)
 
 
 def _op_count(info, names):
@@ -415,7 +418,7 @@ def explanation(result):
     """Why the measured ratio is not the paper's: only measured figures and the paper's own words."""
     lines = [
         f"The paper's {PAPER_SPEEDUP}x was measured with Core ML on an iPhone 12, whose neural engine / GPU run "
-        f"the models; here a {os.cpu_count()}-core x86 CPU runs them through XNNPACK with "
+        f"the models; here an x86 CPU ({cpus_text(result)}) runs them through XNNPACK with "
         f"{result['config']['threads']} threads. The paper names v1's bottleneck: multi-head self-attention, "
         "O(k^2) in the number of tokens k, with batch-wise matrix multiplications that are costly on "
         "resource-constrained devices. What this run measured for each pair:"
@@ -473,11 +476,17 @@ def _rows_by_pair(result):
 SECTION_TITLE = "MobileViT (v1) vs MobileViTv2 at matched accuracy, TFLite CPU"
 
 
-def section_text(section):
+def section_text(section, environment):
     """The section of `benchmarks.run`'s report: its table, or why it is missing."""
     if "error" in section:
         return f"## 6. {SECTION_TITLE}\n\nn/a ({section['error']})"
-    return markdown(section, title=f"## 6. {SECTION_TITLE}", level="###")
+    return markdown(in_run(section, environment), title=f"## 6. {SECTION_TITLE}", level="###")
+
+
+def in_run(section, environment):
+    """The section with the CPU count of the run that measured it (sections
+    of runs before the count was recorded per section)."""
+    return dict(section, cpus=section.get("cpus", environment.get("cpus")))
 
 
 def markdown(result, title=f"# {SECTION_TITLE}", level="##"):
@@ -487,7 +496,7 @@ def markdown(result, title=f"# {SECTION_TITLE}", level="##"):
         title,
         f"- {size}x{size}, batch 1, LiteRT interpreter (XNNPACK), {config['threads']} threads, random weights; "
         f"median of up to {config['repeats']} rounds, all TFLite models of a pair timed in turn "
-        f"(1-minute load average at the end {result['load_average_end']:.2f}, on {os.cpu_count()} CPUs)",
+        f"(1-minute load average at the end {result['load_average_end']:.2f}, on {cpus_text(result)})",
         "- v1: keras-cv-attention-models MobileViT (tf_keras), post-training int8 with the shared converter "
         "settings; v2: this package, `quantization.tflite_export.convert` (PTQ int8), and its QAT int8 "
         "(calibrated, not trained)",

@@ -21,6 +21,7 @@ from quantization.audit import audit as audit_flatbuffer
 from quantization.audit import format_report
 from quantization.fake_quant import ActivationQuantizer
 from quantization.merge_pointwise import merge_linear_pointwise_pairs
+from quantization.xnnpack_ranges import widen_narrow_means
 
 MODES = ("float32", "float16", "dynamic", "ptq_int8", "qat_int8")
 IO_TYPES = ("int8", "uint8", "float32")
@@ -169,6 +170,9 @@ def _convert_uncached(model, mode, io_type, representative_images, batch_size):
     if mode == "float32":
         # Linear 1x1 conv pairs across block boundaries become one conv.
         flatbuffer, _ = merge_linear_pointwise_pairs(flatbuffer)
+    if integer:
+        # A norm's mean calibrated too narrow sends its SUB off XNNPACK.
+        flatbuffer, _ = widen_narrow_means(flatbuffer)
     return flatbuffer
 
 

@@ -111,6 +111,43 @@ def test_refused_model_is_not_available_in_a_worker(samples_nchw, tmp_path):
     assert row["status"] == "n/a" and row["reason"].startswith("LiteRT refuses the model")
 
 
+def _lost_mean_model():
+    """A float model whose SUB reads one tensor twice: a norm whose mean a
+    converter dropped (x - x where x - mean belongs)."""
+    from benchmarks import op_profile
+    from quantization.tflite_graph import read_graph
+
+    inputs = keras.Input((SIZE, SIZE, 3), batch_size=1)
+    x = keras.layers.Conv2D(8, 1)(inputs)
+    centred = keras.layers.Subtract()([x, keras.layers.Conv2D(8, 1)(x)])
+    model = keras.Model(inputs, keras.layers.Dense(5)(keras.layers.GlobalAveragePooling2D()(centred)))
+    flatbuffer = tflite(model)
+    index = next(op.index for op in read_graph(flatbuffer).operators if op.name == "SUB")
+    schema_model = op_profile.load_model(flatbuffer)
+    operator = schema_model.subgraphs[0].operators[index]
+    operator.inputs = [operator.inputs[0], operator.inputs[0]]
+    return flatbuffer, op_profile.pack(schema_model)
+
+
+def test_a_model_that_subtracts_a_tensor_from_itself_says_so(tmp_path):
+    intact, lost_mean = _lost_mean_model()
+    assert converter_peers.structure_summary(intact)["self_differences"] == 0
+    assert converter_peers.structure_summary(lost_mean)["self_differences"] == 1
+    path = tmp_path / "lost_mean.tflite"
+    path.write_bytes(lost_mean)
+    row = converter_peers.make_row("onnx2tf", "onnx2tf", "stock", "int8", 0.5, 1, path=str(path))
+
+    def crashing_judge(row):
+        raise WorkerError("worker killed by signal 6")
+
+    converter_peers.judge_peer_rows([row], crashing_judge)
+    assert row["status"] == "n/a"
+    assert row["reason"] == (
+        "LiteRT crashes on the model (worker killed by signal 6); 1 SUB/SQUARED_DIFFERENCE ops subtract a tensor "
+        "from itself (always 0: x - x where x - mean belongs)"
+    )
+
+
 def test_judge_worker_agrees_in_process(reference, samples_nchw, tmp_path):
     model, expected = reference
     np.savez(tmp_path / "inputs.npz", samples=samples_nchw)

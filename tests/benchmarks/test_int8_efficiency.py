@@ -65,6 +65,30 @@ def test_rates_and_fractions_are_quotients():
     assert "- PTQ int8: at or above 90% of MobileNetV2's rate: no width; below: 0.5 (67%)" in text
 
 
+def _result_with_load(load_average, **recorded):
+    timings = _timings((10.0, 8.0, 16.0), 5.0)
+    for timing in timings.values():
+        timing["load_average"] = load_average
+    return dict(
+        recorded,
+        config={"image_size": 256, "threads": 2, "repeats": 20, "tiny": False},
+        load_average_end=load_average,
+        target_fraction=0.9,
+        mobilenet_v2=dict(MOBILENET, label="MobileNetV2", tflite=_info()),
+        rows=[width_row(0.5, OURS, MOBILENET, timings)],
+    )
+
+
+def test_busy_cells_are_judged_by_the_cpus_of_the_run_not_of_the_reader():
+    # A load of 3 is busy for the 2 CPUs that ran it, whatever machine renders the report.
+    assert "10.0 [10.0-10.0]†" in markdown(_result_with_load(3.0, cpus=2))
+    on_16 = markdown(_result_with_load(3.0, cpus=16))
+    assert "†" not in on_16.split("\n\n† ")[0] and "on 16 CPUs" in on_16
+    unrecorded = markdown(_result_with_load(3.0))
+    assert "10.0 [10.0-10.0] |" in unrecorded and "not judged: this run did not record its CPU count" in unrecorded
+    assert "on an unrecorded number of CPUs" in unrecorded
+
+
 def test_an_untimed_model_has_no_rate():
     timings = _timings((10.0, 8.0, 16.0), 5.0)
     timings[("ours", "qat_int8")] = {"reason": "RuntimeError: refused"}
