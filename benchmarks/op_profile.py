@@ -88,16 +88,9 @@ def single_operator_model(model, index):
     ]
     graph.outputs = [remap[i] for i in operator.outputs]
     cut.subgraphs = [graph]
-    return pack(cut)
+    from quantization.tflite_graph import pack_object_model
 
-
-def pack(model):
-    """The flatbuffer of a schema ModelT."""
-    import flatbuffers
-
-    builder = flatbuffers.Builder(1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return pack_object_model(cut)
 
 
 INTEGER_TYPES = (2, 3, 9)  # schema TensorType INT32, UINT8, INT8
@@ -129,13 +122,9 @@ def with_copies_for(model, indices):
         operator.opcodeIndex = len(model.operatorCodes) - 1
         operator.inputs, operator.intermediates = [sources[0]], None
         operator.builtinOptionsType, operator.builtinOptions = 0, None
-    return pack(model)
+    from quantization.tflite_graph import pack_object_model
 
-
-def load_model(flatbuffer):
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    return schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flatbuffer, 0))
+    return pack_object_model(model)
 
 
 # --- timing --------------------------------------------------------------------------------------------------------
@@ -205,9 +194,10 @@ def profile_model(flatbuffer, config):
     all-delegated model has the operators it refuses replaced by copies
     (`with_copies_for`; None when nothing is refused or no copy fits). The
     whole models are timed by `run`, in turn."""
+    from quantization.tflite_graph import load_object_model
     from quantization.tflite_graph import read_graph
 
-    graph, model = read_graph(flatbuffer), load_model(flatbuffer)
+    graph, model = read_graph(flatbuffer), load_object_model(flatbuffer)
     operators = []
     for operator in graph.operators:
         cut = single_operator_model(model, operator.index)
@@ -223,7 +213,7 @@ def profile_model(flatbuffer, config):
             }
         )
     refused = [operator["index"] for operator in operators if not operator["delegated"]]
-    copies = with_copies_for(load_model(flatbuffer), refused) if refused else None
+    copies = with_copies_for(load_object_model(flatbuffer), refused) if refused else None
     profile = {
         "xnnpack_partitions": time_invoke(flatbuffer, config.threads, 0.0, 1)[1],
         "all_delegated_partitions": None if copies is None else time_invoke(copies, config.threads, 0.0, 1)[1],
@@ -279,6 +269,7 @@ def export_models(width, config):
 
 def run(config):
     from benchmarks.competitors import library_versions
+    from quantization.tflite_graph import load_object_model
 
     widths = []
     for width in config.widths:
@@ -286,7 +277,7 @@ def run(config):
         models = export_models(width, config)
         profiles, copies = {}, {}
         for variant, label in VARIANTS:
-            count = len(load_model(models[variant]).subgraphs[0].operators)
+            count = len(load_object_model(models[variant]).subgraphs[0].operators)
             log(f"width {width:g} {label}: timing {count} operators one by one")
             profiles[variant], copies[variant] = profile_model(models[variant], config)
         log(f"width {width:g}: timing the whole models in turn ({config.whole_seconds:g} s each)")

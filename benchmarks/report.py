@@ -114,17 +114,15 @@ def machine_text(result):
 
 
 def busy_note(environment):
-    if environment.get("cpus") is None:
-        return (
-            "† not judged: this run did not record its CPU count. ‡ the interquartile range exceeds "
-            f"{UNSTABLE_SPREAD:.0%} of the median (e.g. timings switching between two levels): re-measure before "
-            "drawing conclusions from that cell."
-        )
+    busy = (
+        "† not judged: this run did not record its CPU count."
+        if environment.get("cpus") is None
+        else f"† measured while the 1-minute load average exceeded {busy_load(environment):g} (other processes "
+        "competed for the CPUs): that figure is inflated."
+    )
     return (
-        f"† measured while the 1-minute load average exceeded {busy_load(environment):g} (other processes "
-        f"competed for the CPUs): that figure is inflated. ‡ the interquartile range exceeds "
-        f"{UNSTABLE_SPREAD:.0%} of the median (e.g. timings switching between two levels): re-measure before "
-        "drawing conclusions from that cell."
+        f"{busy} ‡ the interquartile range exceeds {UNSTABLE_SPREAD:.0%} of the median (e.g. timings switching "
+        "between two levels): re-measure before drawing conclusions from that cell."
     )
 
 

@@ -372,11 +372,10 @@ def _ratio_cell(value):
 
 def speed_table(result):
     header = ["pair", "precision", "v1 ms", "v2 ms", "v1 / v2", "paper v1 / v2 (Core ML, iPhone 12)"]
-    body = []
+    body, busy = [], busy_load(result)
     for pair, rows in zip(result["pairs"], _rows_by_pair(result)):
         for (_, v1_variant, v2_variant), row in zip(PRECISIONS, rows):
-            v1_cell = _timing_cell(pair["v1"], v1_variant, busy_load(result))
-            v2_cell = _timing_cell(pair["v2"], v2_variant, busy_load(result))
+            v1_cell, v2_cell = _timing_cell(pair["v1"], v1_variant, busy), _timing_cell(pair["v2"], v2_variant, busy)
             body.append([row["pair"], row["precision"], v1_cell, v2_cell, _ratio_cell(row["v1_over_v2"]), "3.2x"])
     return table(header, body) + "\n\n" + busy_note(result)
 

@@ -13,17 +13,17 @@ the model is.
 import dataclasses
 import tempfile
 
-import flatbuffers
 import keras
 import numpy as np
 import tensorflow as tf
-from tensorflow.lite.python import schema_py_generated as schema
 
 from keras_mobilevitv2.layers.folding import fold_norm_affines
 from quantization.tflite_export import check_images
 from quantization.tflite_export import is_qat
 from quantization.tflite_export import static_input_shape
 from quantization.tflite_graph import DETECTION_POSTPROCESS
+from quantization.tflite_graph import load_object_model
+from quantization.tflite_graph import pack_object_model
 from quantization.tflite_graph import postprocessing_ops
 from quantization.tflite_graph import read_graph
 
@@ -186,7 +186,7 @@ def _postprocessing_last(flatbuffer):
     graph = read_graph(flatbuffer)
     (op,) = [op for op in graph.operators if op.name == DETECTION_POSTPROCESS]
     tail = postprocessing_ops(graph)
-    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flatbuffer, 0))
+    model = load_object_model(flatbuffer)
     subgraph = model.subgraphs[0]
     if sorted(subgraph.outputs) != sorted(op.outputs):
         raise ValueError(f"The converted detector's outputs are not the outputs of {POSTPROCESS_OP}.")
@@ -195,9 +195,7 @@ def _postprocessing_last(flatbuffer):
     subgraph.outputs = list(op.outputs)
     for signature in model.signatureDefs or []:
         signature.outputs.sort(key=lambda entry: list(op.outputs).index(entry.tensorIndex))
-    builder = flatbuffers.Builder(len(flatbuffer) + 1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return pack_object_model(model, len(flatbuffer) + 1024)
 
 
 def audit_detector(flatbuffer, mode):

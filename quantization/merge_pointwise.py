@@ -19,10 +19,11 @@ DEQUANTIZE ops. What to merge is decided on the `quantization.tflite_graph`
 records; the rewrite goes through the schema's object API.
 """
 
-import flatbuffers
 import numpy as np
 from tensorflow.lite.python import schema_py_generated as schema
 
+from quantization.tflite_graph import load_object_model
+from quantization.tflite_graph import pack_object_model
 from quantization.tflite_graph import read_graph
 
 _NO_ACTIVATION = schema.ActivationFunctionType.NONE
@@ -139,7 +140,7 @@ def merge_linear_pointwise_pairs(flatbuffer):
     A model stored with external buffers (over 2 GB, `offset` set) is
     returned unchanged.
     """
-    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flatbuffer, 0))
+    model = load_object_model(flatbuffer)
     if any(getattr(buffer, "offset", 0) for buffer in model.buffers):
         return flatbuffer, 0
     merged = sum(
@@ -149,6 +150,4 @@ def merge_linear_pointwise_pairs(flatbuffer):
     if not merged:
         return flatbuffer, 0
     _drop_unused_buffers(model)
-    builder = flatbuffers.Builder(len(flatbuffer) + 1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output()), merged
+    return pack_object_model(model, len(flatbuffer) + 1024), merged

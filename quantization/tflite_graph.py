@@ -289,6 +289,22 @@ def read_graph(flatbuffer, subgraph=0):
     return _read(bytes(flatbuffer), int(subgraph))
 
 
+def load_object_model(flatbuffer):
+    """The model as the schema's object API tree (a mutable `ModelT`), for the
+    passes that rewrite a converted model; `pack_object_model` writes it back."""
+    return schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(bytes(flatbuffer), 0))
+
+
+def pack_object_model(model, size_hint=1024):
+    """The .tflite bytes of a schema `ModelT`; `size_hint`: the builder's
+    starting size (the original model's length saves regrowing)."""
+    import flatbuffers
+
+    builder = flatbuffers.Builder(size_hint)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
 # TFLite's detection post-processing (decoding + NMS), a custom op every
 # runtime registers (TFLite, TFLite Micro, the Task library, pycoral).
 DETECTION_POSTPROCESS = "CUSTOM:TFLite_Detection_PostProcess"

@@ -20,11 +20,11 @@ gives it, so the graph stays consistent. Decided on the
 object API.
 """
 
-import flatbuffers
 import numpy as np
-from tensorflow.lite.python import schema_py_generated as schema
 
 from quantization.layers import MEAN_RANGE_FLOOR
+from quantization.tflite_graph import load_object_model
+from quantization.tflite_graph import pack_object_model
 from quantization.tflite_graph import read_graph
 
 __all__ = ["widen_narrow_means"]
@@ -65,16 +65,16 @@ def widen_narrow_means(flatbuffer):
     SUBs read, with a scale under 2^-10 of their output's, widened to 2^-9
     (see the module docstring). The model is returned unchanged when there
     is none, or when it is stored with external buffers (over 2 GB)."""
-    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flatbuffer, 0))
+    # Decided on the records first: most models need nothing, and unpacking
+    # the object tree copies every weight.
+    subgraphs = read_graph(flatbuffer).subgraph_count
+    narrow = [_narrow_means(read_graph(flatbuffer, index)) for index in range(subgraphs)]
+    if not any(narrow):
+        return flatbuffer, 0
+    model = load_object_model(flatbuffer)
     if any(getattr(buffer, "offset", 0) for buffer in model.buffers):
         return flatbuffer, 0
-    widened = 0
-    for subgraph_index, subgraph in enumerate(model.subgraphs):
-        for index, scale in _narrow_means(read_graph(flatbuffer, subgraph_index)).items():
+    for subgraph, scales in zip(model.subgraphs, narrow):
+        for index, scale in scales.items():
             subgraph.tensors[index].quantization.scale = np.asarray([scale], np.float32)
-            widened += 1
-    if not widened:
-        return flatbuffer, 0
-    builder = flatbuffers.Builder(len(flatbuffer) + 1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output()), widened
+    return pack_object_model(model, len(flatbuffer) + 1024), sum(map(len, narrow))

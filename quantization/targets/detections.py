@@ -10,13 +10,14 @@ xmax, normalised), classes [1, D] (0-based, background removed), scores
 over N images stack them: [N, D, 4], [N, D], [N, D], [N].
 """
 
-import flatbuffers
 import numpy as np
 from flatbuffers import flexbuffers
 from tensorflow.lite.python import schema_py_generated as schema
 
 from quantization.audit import make_interpreter
 from quantization.tflite_graph import DETECTION_POSTPROCESS
+from quantization.tflite_graph import load_object_model
+from quantization.tflite_graph import pack_object_model
 from quantization.tflite_graph import read_graph
 
 # Matching tolerances between two runtimes: box corners in normalised
@@ -84,12 +85,10 @@ def micro_scratch_bytes(num_boxes, num_class_columns, num_classes, max_detection
 def _edited(flatbuffer, edit):
     """`flatbuffer` after `edit(subgraph)` on its main subgraph. The
     signatures are dropped: they would name the old inputs and outputs."""
-    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(bytes(flatbuffer), 0))
+    model = load_object_model(flatbuffer)
     edit(model.subgraphs[0])
     model.signatureDefs = []
-    builder = flatbuffers.Builder(len(flatbuffer) + 1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return pack_object_model(model, len(flatbuffer) + 1024)
 
 
 def _postprocess_op(flatbuffer):

@@ -114,7 +114,8 @@ def test_refused_model_is_not_available_in_a_worker(samples_nchw, tmp_path):
 def _lost_mean_model():
     """A float model whose SUB reads one tensor twice: a norm whose mean a
     converter dropped (x - x where x - mean belongs)."""
-    from benchmarks import op_profile
+    from quantization.tflite_graph import load_object_model
+    from quantization.tflite_graph import pack_object_model
     from quantization.tflite_graph import read_graph
 
     inputs = keras.Input((SIZE, SIZE, 3), batch_size=1)
@@ -123,10 +124,10 @@ def _lost_mean_model():
     model = keras.Model(inputs, keras.layers.Dense(5)(keras.layers.GlobalAveragePooling2D()(centred)))
     flatbuffer = tflite(model)
     index = next(op.index for op in read_graph(flatbuffer).operators if op.name == "SUB")
-    schema_model = op_profile.load_model(flatbuffer)
+    schema_model = load_object_model(flatbuffer)
     operator = schema_model.subgraphs[0].operators[index]
     operator.inputs = [operator.inputs[0], operator.inputs[0]]
-    return flatbuffer, op_profile.pack(schema_model)
+    return flatbuffer, pack_object_model(schema_model)
 
 
 def test_a_model_that_subtracts_a_tensor_from_itself_says_so(tmp_path):

@@ -5,6 +5,7 @@ import numpy as np
 import tensorflow as tf
 
 from benchmarks import op_profile
+from quantization.tflite_graph import load_object_model
 
 
 def _small_tflite():
@@ -26,7 +27,7 @@ def test_cut_out_operators_compute_their_tensors_of_the_whole_model():
     image = np.random.RandomState(0).rand(1, 8, 8, 3).astype("float32")
     whole.set_tensor(whole.get_input_details()[0]["index"], image)
     whole.invoke()
-    model = op_profile.load_model(flatbuffer)
+    model = load_object_model(flatbuffer)
     operators = model.subgraphs[0].operators
     assert len(operators) >= 4
     for index, operator in enumerate(operators):
@@ -49,7 +50,7 @@ def test_profile_has_every_operator_and_the_report_sums_them():
     profile, copies = op_profile.profile_model(flatbuffer, config)
     assert copies is None  # float: XNNPACK takes every operator
     op_profile.time_wholes({"tflite_float": profile}, {"tflite_float": flatbuffer}, {"tflite_float": copies}, config)
-    assert len(profile["operators"]) == len(op_profile.load_model(flatbuffer).subgraphs[0].operators)
+    assert len(profile["operators"]) == len(load_object_model(flatbuffer).subgraphs[0].operators)
     assert profile["whole_ms"] > 0 and all(op["ms"] > 0 for op in profile["operators"])
     kinds = op_profile.by_kind(profile["operators"])
     assert sum(count for _, count, _ in kinds) == len(profile["operators"])
@@ -111,7 +112,7 @@ def test_the_copies_replace_only_the_refused_operators():
     _, int8_model = _int8_with_softmax()
     before = [operator.name for operator in read_graph(int8_model).operators]
     index = before.index("SOFTMAX")
-    copies = op_profile.with_copies_for(op_profile.load_model(int8_model), [index])
+    copies = op_profile.with_copies_for(load_object_model(int8_model), [index])
     after = [operator.name for operator in read_graph(copies).operators]
     assert after[index] == "QUANTIZE" and "SOFTMAX" not in after
     assert after[:index] + after[index + 1 :] == before[:index] + before[index + 1 :]
