@@ -185,6 +185,7 @@ class _Run:
     accumulators: list = None
     state: dict = None  # the loop position as variables: what a resume restores
     checkpoint: tf.train.Checkpoint = None
+    checkpoint_parts: dict = None  # what the checkpoint holds besides the weights list
     checkpoint_dir: str = None
     manager: tf.train.CheckpointManager = None
     latest: str = None  # the checkpoint resumed from
@@ -459,9 +460,14 @@ class Trainer:
         # a resume draws the masks that the uninterrupted run draws.
         weights = {id(w) for w in run.model.weights}
         seeds = [v for v in run.model.variables if id(v) not in weights]
-        run.checkpoint = tf.train.Checkpoint(
-            model=run.model, optimizer=run.optimizer, ema=run.ema, state=run.state, seeds=seeds
-        )
+        run.checkpoint_parts = dict(model=run.model, optimizer=run.optimizer, ema=run.ema, state=run.state, seeds=seeds)
+        # Keras 3 keeps layers held in a list or dict (MobileViTv2's transformer
+        # blocks, a QAT norm's quantizers) out of TF's object graph, so `model`
+        # alone reaches only some weights (the optimizer reaches the other
+        # trainable ones; their non-trainable ones, QAT ranges among them, no
+        # path). `weights` lists every one, in order; a variable reached
+        # twice is stored once.
+        run.checkpoint = tf.train.Checkpoint(weights=list(run.model.weights), **run.checkpoint_parts)
         run.checkpoint_dir = os.path.join(config.model_dir, "checkpoints")
         if not run.chief:
             # Saving is collective, so every worker writes; a non-chief writes
@@ -501,7 +507,7 @@ class Trainer:
             ],
         )
         if latest:
-            run.checkpoint.restore(latest).assert_existing_objects_matched()
+            self._restore_checkpoint(run, latest)
             self._log(f"Resumed from {latest} at step {int(run.state['step'].numpy())}.")
         else:
             if run.resuming:
@@ -509,6 +515,25 @@ class Trainer:
             for average, weight in zip(run.ema, run.model.weights):
                 average.assign(weight.value)
         self._accept_changed_settings(run)
+
+    def _restore_checkpoint(self, run, path):
+        if any(name.startswith("weights/") for name, _ in tf.train.list_variables(path)):
+            run.checkpoint.restore(path).assert_existing_objects_matched()
+            return
+        # Written before checkpoints listed every weight: it resumes exactly
+        # only where its object graph reaches them all (a float run's, whose
+        # listed layers hold trainable weights only).
+        legacy = tf.train.Checkpoint(**run.checkpoint_parts)
+        reached = {id(item) for item in tf.train.TrackableView(legacy).descendants()}
+        missing = [weight.path for weight in run.model.weights if id(weight) not in reached]
+        if missing:
+            raise ValueError(
+                f"The checkpoint {path} was written before checkpoints held every model weight: "
+                f"{len(missing)} of the model's {len(run.model.weights)} weights are not in it "
+                f"(e.g. {', '.join(missing[:3])}), so resuming from it would not continue the run it "
+                "saved. Start this run in a new --model_dir."
+            )
+        legacy.restore(path).assert_existing_objects_matched()
 
     # ------------------------------------------------------- train step
 

@@ -162,3 +162,25 @@ def test_killed_process_resumes_to_the_same_weights(tmp_path, noise_data, straig
     actual = np.load(tmp_path / "resumed.npz")
     _assert_same_weights(expected, [actual[name] for name in actual.files])
     assert json.loads((tmp_path / "killed" / "summary.json").read_text())["final_step"] == 14
+
+
+def test_a_checkpoint_missing_weights_is_refused_and_kept(tmp_path, noise_data, monkeypatch):
+    """A checkpoint written before checkpoints listed every weight (here: the
+    BN statistics held in a list, which TF's object graph does not reach)
+    cannot continue its run: the resume says so and leaves it in place."""
+    checkpoint_class = tf.train.Checkpoint
+
+    def without_weights_list(**parts):
+        parts.pop("weights", None)
+        return checkpoint_class(**parts)
+
+    config = _config(tmp_path / "legacy", noise_data, steps=4, checkpoint_every=2)
+    monkeypatch.setattr(tf.train, "Checkpoint", without_weights_list)
+    Trainer(config, verbose=False, model_fn=tiny_model_fn).run()
+    monkeypatch.setattr(tf.train, "Checkpoint", checkpoint_class)
+    saved = sorted(os.listdir(tmp_path / "legacy" / "checkpoints"))
+
+    resume = Trainer(_config(tmp_path / "legacy", noise_data, steps=8), verbose=False, model_fn=tiny_model_fn)
+    with pytest.raises(ValueError, match=r"written before checkpoints held every model weight: 2 of .*bn/moving_mean"):
+        resume.run()
+    assert sorted(os.listdir(tmp_path / "legacy" / "checkpoints")) == saved
