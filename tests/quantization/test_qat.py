@@ -16,6 +16,7 @@ from quantization import quantize_model
 from quantization.audit import make_interpreter
 from quantization.audit import run_tflite
 from quantization.quantize import quantizers
+from quantization.quantize import uncalibrated_quantizers
 from quantization.tflite_export import convert
 from quantization.tflite_graph import read_graph
 
@@ -236,6 +237,13 @@ def test_qat_fine_tuning_with_the_trainer(float_model, tmp_path):
     assert report["errors"] == [] and report["float_tensors_inside"] == []
     _assert_within_int8_noise(report["agreement"])
     assert (tmp_path / "qat" / "mobilevitv2_050_qat_int8.tflite").exists()
+    # A resume builds the QAT model uncalibrated and restores the checkpoint:
+    # every quantizer's range must come back, the transformer blocks' too
+    # (held in lists, which TF's object graph does not reach).
+    resumed = quantize_model(MobileViTv2_050(weights=None, input_shape=(SIZE, SIZE, 3), classes=10))
+    latest = tf.train.latest_checkpoint(str(tmp_path / "qat" / "checkpoints"))
+    tf.train.Checkpoint(weights=list(resumed.weights)).restore(latest).expect_partial()
+    assert uncalibrated_quantizers(resumed) == []
     # Run again into the same directory with another recipe: refused, not the
     # finished run's model handed back as if fine-tuned with it.
     with pytest.raises(ValueError, match=r"holds a finished run.*lr: 0.0001 there, 0.0005 now"):
