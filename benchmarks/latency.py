@@ -12,8 +12,9 @@ reason instead of stopping the run.
 TFLite models are exported first and timed last, all models of one width and
 batch size in turn (`time_pending_tflite`): the TFLite comparisons between
 implementations are the closest, closer than the machine's drift over a run.
-This package's graph mode and timm are also timed in turn, each in its own
-process (`in_turn.py`; rows "graph_in_turn" and "torch_in_turn").
+This package's graph mode, kimm's, kecam's and timm are also timed in turn,
+each in its own process (`in_turn.py`; rows "graph_in_turn" and
+"torch_in_turn").
 
 Also a worker for the implementations that need their own process:
 
@@ -233,8 +234,9 @@ def run_section(settings):
             else:
                 rows += measure_implementation(implementation, settings)
         rows = time_pending_tflite(rows, settings)
-    if {in_turn.OURS, in_turn.REFERENCE} <= {implementation.key for implementation in selected}:
-        rows += in_turn.time_in_turn(settings)
+    timed_in_turn = in_turn.participants({implementation.key for implementation in selected})
+    if timed_in_turn:
+        rows += in_turn.time_in_turn(settings, timed_in_turn)
     return rows
 
 

@@ -20,8 +20,8 @@ RUNTIME_COLUMNS = (
     ("tflite_float", "TFLite float"),
     ("tflite_int8", "TFLite int8"),
     ("tflite_int8_qat", "TFLite int8 (QAT)"),
-    ("graph_in_turn", "graph, in turn with timm"),
-    ("torch_in_turn", "PyTorch, in turn with ours"),
+    ("graph_in_turn", "graph, timed in turn"),
+    ("torch_in_turn", "PyTorch, timed in turn"),
 )
 RUNTIME_NAMES = dict(RUNTIME_COLUMNS)
 CELL_REASON = 70
@@ -337,6 +337,9 @@ def latency_text(rows, environment):
             "round trip through a pipe, about 0.1 ms added to both), so the machine's drift falls on both alike.",
             reference_ratio_table(rows),
             "### This package / the fastest other Keras MobileViTv2 (kimm, kecam)",
+            'Per runtime, the figures of the phases above; the rows "graph, timed in turn" time the graph '
+            "modes of this package, kimm and kecam (and timm) in turn, each in its own process, as in the last "
+            "column of the table above.",
             other_keras_table(rows),
             "### int8 / float TFLite",
             int8_table(rows),

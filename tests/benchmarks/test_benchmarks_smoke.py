@@ -94,20 +94,23 @@ def test_other_implementations_measured_or_na(tiny_run, implementation, module, 
         assert row["status"] == "n/a" and row["reason"]
 
 
-def test_graph_and_timm_are_timed_in_turn(tiny_run):
-    rows = [row for row in tiny_run["results"]["latency"] if row["runtime"].endswith("_in_turn")]
-    assert {(row["implementation"], row["runtime"]) for row in rows} == {
-        ("keras_mobilevitv2", "graph_in_turn"),
-        ("timm", "torch_in_turn"),
-    }
-    for row in rows:
-        if installed("timm"):
+def test_graph_modes_and_timm_are_timed_in_turn(tiny_run):
+    rows = {row["implementation"]: row for row in tiny_run["results"]["latency"] if row["runtime"].endswith("_in_turn")}
+    expected = {"keras_mobilevitv2": "graph_in_turn", "kimm": "graph_in_turn", "kecam": "graph_in_turn"}
+    expected["timm"] = "torch_in_turn"
+    assert {key: row["runtime"] for key, row in rows.items()} == expected
+    modules = {"keras_mobilevitv2": "keras", "kimm": "kimm", "kecam": "keras_cv_attention_models", "timm": "timm"}
+    for key, row in rows.items():
+        if installed(modules[key]):
             assert row["status"] == "ok", row["reason"]
             assert row["timing"]["runs"] >= 1
-        else:  # one worker failed: both rows say why
+        else:  # that worker failed to start: its row says why, the others are timed
             assert row["status"] == "n/a" and row["reason"]
     if installed("timm"):
         assert " = " in tiny_run["markdown"].split("graph / timm, timed in turn (ms)")[1].split("###")[0]
+    if installed("kimm"):
+        other_keras = tiny_run["markdown"].split("### This package / the fastest other Keras")[1].split("###")[0]
+        assert "| graph, timed in turn |" in other_keras
 
 
 def test_kecam_under_keras3_is_reported(tiny_run):
