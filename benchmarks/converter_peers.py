@@ -548,13 +548,17 @@ def run_section(settings, reuse=False):
     """The "converters" section of `benchmarks.run`: {rows, versions}."""
     envs_dir = settings.peer_envs_dir or DEFAULT_ENVS_DIR
     if settings.peer_work_dir:
+        reuse = reuse or settings.peer_reuse
         rows, versions = measure(settings, envs_dir, settings.peer_work_dir, reuse=reuse)
     else:
         with tempfile.TemporaryDirectory(prefix="benchmark_peers_") as work_dir:
             rows, versions = measure(settings, envs_dir, work_dir)
     for row in rows:
         row.pop("path", None)  # a temporary file
-    return {"rows": rows, "versions": versions, "envs_dir": envs_dir}
+    section = {"rows": rows, "versions": versions, "envs_dir": envs_dir}
+    if settings.peer_work_dir and reuse:
+        section["reused_conversions_from"] = settings.peer_work_dir
+    return section
 
 
 # --- the report ------------------------------------------------------------------------------------------------------
@@ -642,6 +646,13 @@ def section_text(section, environment=None):
         "",
         table(HEADER, [table_row(rows, row) for row in rows]),
     ]
+    if section.get("reused_conversions_from"):
+        lines[-1:-1] = [
+            f"The peers' conversions are an earlier run's, kept in `{section['reused_conversions_from']}` "
+            "(`--peer_reuse`; same seeded weights and converter environments); their judging and every timing "
+            "are this run's.",
+            "",
+        ]
     failed = [row for row in rows if row["status"] in ("n/a", "wrong") and len(row["reason"]) > 70]
     if failed:
         lines += ["", "Full reasons:"]

@@ -44,6 +44,9 @@ class Settings:
     # are kept (empty: a temporary directory).
     peer_envs_dir: str = ""
     peer_work_dir: str = ""
+    # Keep the conversions an earlier run left in peer_work_dir (the same
+    # seeded timm weights): the conversions took 50 of the section's 65 min.
+    peer_reuse: bool = False
     tiny: bool = False
 
     def to_json(self):
@@ -94,6 +97,12 @@ def parse_settings(argv=None, description="Benchmarks of keras_mobilevitv2."):
     parser.add_argument("--size_widths", type=float, nargs="+", help="Size section widths (default: all 7).")
     parser.add_argument("--peer_envs_dir", help="Converters section: the converters' virtual environments.")
     parser.add_argument("--peer_work_dir", help="Converters section: keep its models and logs here.")
+    parser.add_argument(
+        "--peer_reuse",
+        action="store_true",
+        default=None,
+        help="Converters section: keep the conversions an earlier run left in --peer_work_dir.",
+    )
     parser.add_argument("--tiny", action="store_true", help="Tiny smoke configuration (not a benchmark).")
     args = parser.parse_args(argv)
 
@@ -105,4 +114,6 @@ def parse_settings(argv=None, description="Benchmarks of keras_mobilevitv2."):
     settings = Settings(**values)
     if settings.threads < 1 or settings.repeats < 1:
         parser.error("--threads and --repeats must be at least 1")
+    if settings.peer_reuse and not settings.peer_work_dir:
+        parser.error("--peer_reuse needs --peer_work_dir (the directory of the earlier run's conversions)")
     return settings, args.output_dir

@@ -259,3 +259,20 @@ def test_run_renders_the_section_and_keeps_it_opt_in():
     row = converter_peers.make_row("litert_torch", "litert-torch", "stock", "float32", 0.5, 1, status="n/a", reason="x")
     text = run.section_text("converters", {"rows": [row], "versions": {}, "envs_dir": "/envs"}, {})
     assert converter_peers.TITLE in text and "n/a (x)" in text
+
+
+def test_peer_reuse_keeps_an_earlier_runs_conversions_and_says_so(monkeypatch, tmp_path):
+    from benchmarks import run
+
+    with pytest.raises(SystemExit):  # nothing to reuse without the earlier run's directory
+        run.parse_settings(["--sections", "converters", "--peer_reuse"])
+    settings, _ = run.parse_settings(["--peer_reuse", "--peer_work_dir", str(tmp_path)])
+    assert settings.peer_reuse and not run.parse_settings([])[0].peer_reuse
+    calls = []
+    monkeypatch.setattr(converter_peers, "measure", lambda *args, reuse: calls.append(reuse) or ([], {}))
+    section = converter_peers.run_section(settings)
+    assert calls == [True] and section["reused_conversions_from"] == str(tmp_path)
+    assert f"an earlier run's, kept in `{tmp_path}`" in converter_peers.section_text(section)
+    fresh = converter_peers.run_section(Settings(peer_work_dir=str(tmp_path)))
+    assert calls == [True, False] and "reused_conversions_from" not in fresh
+    assert "earlier run" not in converter_peers.section_text(fresh)
