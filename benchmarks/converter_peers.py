@@ -544,19 +544,18 @@ def reused_worker(python, task, work_dir, settings):
         return json.load(f)
 
 
-def run_section(settings, reuse=False):
+def run_section(settings):
     """The "converters" section of `benchmarks.run`: {rows, versions}."""
     envs_dir = settings.peer_envs_dir or DEFAULT_ENVS_DIR
     if settings.peer_work_dir:
-        reuse = reuse or settings.peer_reuse
-        rows, versions = measure(settings, envs_dir, settings.peer_work_dir, reuse=reuse)
+        rows, versions = measure(settings, envs_dir, settings.peer_work_dir, reuse=settings.peer_reuse)
     else:
         with tempfile.TemporaryDirectory(prefix="benchmark_peers_") as work_dir:
             rows, versions = measure(settings, envs_dir, work_dir)
     for row in rows:
         row.pop("path", None)  # a temporary file
     section = {"rows": rows, "versions": versions, "envs_dir": envs_dir}
-    if settings.peer_work_dir and reuse:
+    if settings.peer_work_dir and settings.peer_reuse:
         section["reused_conversions_from"] = settings.peer_work_dir
     return section
 
@@ -693,14 +692,16 @@ def main(argv=None):
                 log(f"{peer.key}: n/a ({short_reason(error)})")
         return 0
     settings, _ = parse_settings(rest + ["--sections", "converters"])
-    settings = dataclasses.replace(settings, peer_envs_dir=args.envs_dir, peer_work_dir=args.work_dir)
     if args.reuse and not args.work_dir:
         parser.error("--reuse needs --work_dir")
+    settings = dataclasses.replace(
+        settings, peer_envs_dir=args.envs_dir, peer_work_dir=args.work_dir, peer_reuse=args.reuse
+    )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from benchmarks.runtimes import configure_tensorflow_threads
 
     configure_tensorflow_threads(settings.threads)
-    section = run_section(settings, reuse=args.reuse)
+    section = run_section(settings)
     text = section_text(section)
     print(text)
     if args.output:
